@@ -1,0 +1,83 @@
+"""The only module that knows which Airflow it runs on.
+
+Names come from ``airflow.providers.common.compat.sdk`` (``airflow.sdk`` on 3.x, the old homes on
+2.11) and triggers from ``airflow.triggers.base``. Features newer than 2.11 are detected here, once.
+Everything imported at module top is cheap: DAG files import the provider at every parse.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from airflow import __version__ as _airflow_version
+from airflow.providers.common.compat.sdk import (
+    AirflowException,
+    AirflowFailException,
+    AirflowSkipException,
+    BaseHook,
+    BaseOperator,
+    BaseOperatorLink,
+    BaseSensorOperator,
+    PokeReturnValue,
+    conf,
+    mask_secret,
+)
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+from packaging.version import Version
+
+if TYPE_CHECKING:
+    from airflow.providers.common.compat.sdk import Connection, Context
+
+_AIRFLOW = Version(Version(_airflow_version).base_version)
+if Version("2.11") > _AIRFLOW:
+    raise RuntimeError(
+        f"airflow-provider-modelroute needs Apache Airflow 2.11 or newer, not {_airflow_version}: "
+        "upgrade Airflow, or pin an older provider."
+    )
+
+AIRFLOW_V_3_0_PLUS = Version("3.0") <= _AIRFLOW
+AIRFLOW_V_3_3_PLUS = Version("3.3") <= _AIRFLOW
+
+#: Airflow 3.3 calls ``BaseTrigger.on_kill`` when a deferred task is killed or times out.
+TRIGGER_ON_KILL_SUPPORTED = hasattr(BaseTrigger, "on_kill")
+
+
+async def aget_connection(conn_id: str) -> Connection:
+    """Look a connection up without blocking the triggerer's event loop (2.11 and 3.x)."""
+    from airflow.providers.common.compat.connection import get_async_connection
+
+    return await get_async_connection(conn_id)
+
+
+def task_state_store(context: Context) -> Any | None:
+    """The retry-durable per-task store of Airflow 3.3+ (None where Airflow has none)."""
+    return context.get("task_state_store")
+
+
+def object_storage_path(url: str, conn_id: str | None = None) -> Any:
+    """An ``ObjectStoragePath`` (imported on first use: it is only needed when a task runs)."""
+    from airflow.providers.common.compat.sdk import ObjectStoragePath
+
+    return ObjectStoragePath(url, conn_id=conn_id)
+
+
+__all__ = [
+    "AIRFLOW_V_3_0_PLUS",
+    "AIRFLOW_V_3_3_PLUS",
+    "TRIGGER_ON_KILL_SUPPORTED",
+    "AirflowException",
+    "AirflowFailException",
+    "AirflowSkipException",
+    "BaseHook",
+    "BaseOperator",
+    "BaseOperatorLink",
+    "BaseSensorOperator",
+    "BaseTrigger",
+    "PokeReturnValue",
+    "TriggerEvent",
+    "aget_connection",
+    "conf",
+    "mask_secret",
+    "object_storage_path",
+    "task_state_store",
+]

@@ -1,0 +1,107 @@
+"""What Airflow's ProvidersManager reads about this provider (entry point ``apache_airflow_provider``).
+
+Imports nothing from Airflow: ProvidersManager loads it in every Airflow process. The connection
+form is declared once here; Airflow 3.2+ reads ``conn-fields``/``ui-field-behaviour`` from provider
+info, and Airflow 2.11 gets the same definitions through the hook's classmethods.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_provider_modelroute import __version__
+
+CONN_TYPE = "modelroute"
+_PKG = "airflow_provider_modelroute"
+
+_UI_FIELD_BEHAVIOUR: dict[str, Any] = {
+    "hidden-fields": ["schema", "login", "port"],
+    "relabeling": {"password": "API key", "host": "Base URL"},
+    "placeholders": {
+        "host": "https://api.modelroute.ai (default)",
+        "password": "sk_<64 hex>_<8 hex>",
+    },
+}
+
+_CONN_FIELDS: dict[str, dict[str, Any]] = {
+    "timeout": {
+        "label": "Read timeout (seconds)",
+        "description": "How long one HTTP response may take.",
+        "schema": {"type": ["number", "null"], "default": 30},
+    },
+    "connect_timeout": {
+        "label": "Connect timeout (seconds)",
+        "schema": {"type": ["number", "null"], "default": 10},
+    },
+    "max_retries": {
+        "label": "Max retries",
+        "description": "Retries of one request on connection errors, 429 and retryable 5xx.",
+        "schema": {"type": ["integer", "null"], "default": 5},
+    },
+    "retry_deadline": {
+        "label": "Retry deadline (seconds)",
+        "description": "Total time one request may spend retrying.",
+        "schema": {"type": ["number", "null"], "default": 120},
+    },
+    "dashboard_url": {
+        "label": "Dashboard URL",
+        "description": "Where the 'ModelRoute execution' link points.",
+        "schema": {"type": ["string", "null"], "default": "https://app.modelroute.ai"},
+    },
+    "allow_insecure_storage_urls": {
+        "label": "Allow http/loopback storage URLs (local testing only)",
+        "description": "Lets the local ModelRoute test server's http://127.0.0.1 file URLs through.",
+        "schema": {"type": ["boolean", "null"], "default": False},
+    },
+}
+
+
+def ui_field_behaviour() -> dict[str, Any]:
+    """The connection form's field behaviour in the hook classmethod's (Airflow 2) shape."""
+    return {
+        "hidden_fields": list(_UI_FIELD_BEHAVIOUR["hidden-fields"]),
+        "relabeling": dict(_UI_FIELD_BEHAVIOUR["relabeling"]),
+        "placeholders": dict(_UI_FIELD_BEHAVIOUR["placeholders"]),
+    }
+
+
+def connection_form_widgets() -> dict[str, Any]:
+    """The extra fields as Airflow 2 form widgets (wtforms and FAB exist only in Airflow 2's web server)."""
+    from flask_appbuilder.fieldwidgets import BS3TextFieldWidget
+    from flask_babel import lazy_gettext
+    from wtforms import BooleanField, StringField
+
+    widgets: dict[str, Any] = {}
+    for name, spec in _CONN_FIELDS.items():
+        label = lazy_gettext(spec["label"])
+        if "boolean" in spec["schema"]["type"]:
+            widgets[name] = BooleanField(label, default=spec["schema"]["default"])
+        else:
+            widgets[name] = StringField(label, widget=BS3TextFieldWidget())
+    return widgets
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-provider-modelroute",
+        "name": "ModelRoute",
+        "description": "`ModelRoute <https://docs.modelroute.ai>`__: run AI executions, store their files.",
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "ModelRoute",
+                "external-doc-url": "https://docs.modelroute.ai",
+                "tags": ["software"],
+            }
+        ],
+        "hooks": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.hooks.modelroute"]}],
+        "connection-types": [
+            {
+                "hook-class-name": f"{_PKG}.hooks.modelroute.ModelRouteHook",
+                "hook-name": "ModelRoute",
+                "connection-type": CONN_TYPE,
+                "ui-field-behaviour": _UI_FIELD_BEHAVIOUR,
+                "conn-fields": _CONN_FIELDS,
+            }
+        ],
+    }

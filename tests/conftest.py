@@ -1,0 +1,53 @@
+"""Shared fixtures: an isolated Airflow home, the local ModelRoute server, and connections to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+# Airflow reads its configuration at import time: isolate it before anything imports airflow.
+_HOME = Path(tempfile.mkdtemp(prefix="modelroute-airflow-home-"))
+REPO = Path(__file__).resolve().parent.parent
+os.environ["AIRFLOW_HOME"] = str(_HOME)
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "example_dags")
+os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
+
+import pytest  # noqa: E402
+
+from airflow_provider_modelroute.testing import ModelRouteServer  # noqa: E402
+
+#: Retry quickly in tests; the policy is the same, only the waits are shorter.
+FAST_RETRY_EXTRAS = {"retry_base_wait": 0.01, "retry_max_wait": 0.2, "max_retries": 4, "timeout": 5}
+
+
+def connection_json(server: ModelRouteServer, **extra: object) -> str:
+    """The ``AIRFLOW_CONN_*`` JSON for a connection to the local server."""
+    conn = server.airflow_connection()
+    conn["extra"] = {**conn.get("extra", {}), **FAST_RETRY_EXTRAS, **extra}
+    return json.dumps(conn)
+
+
+@pytest.fixture(scope="session")
+def modelroute_server() -> Iterator[ModelRouteServer]:
+    with ModelRouteServer(pending_seconds=0.05, processing_seconds=0.1) as server:
+        yield server
+
+
+@pytest.fixture
+def server(modelroute_server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch) -> ModelRouteServer:
+    """The local server, reset, with ``modelroute_default`` pointing at it."""
+    modelroute_server.reset()
+    monkeypatch.setenv("AIRFLOW_CONN_MODELROUTE_DEFAULT", connection_json(modelroute_server))
+    return modelroute_server
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """Create Airflow's metadata DB once per session (only tests that run DAGs need it)."""
+    from airflow.utils import db
+
+    db.resetdb()
