@@ -1,0 +1,329 @@
+"""The local ModelRoute server speaks the documented API: checked with plain HTTP, not our hook."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import requests
+
+from airflow_provider_modelroute import api
+from airflow_provider_modelroute.testing import ModelRouteServer, RemoteModelRouteServer
+
+
+@pytest.fixture
+def http(server: ModelRouteServer) -> Iterator[requests.Session]:
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {server.api_key}"
+    yield session
+    session.close()
+
+
+def create(server: ModelRouteServer, http: requests.Session, input: dict, **body: object) -> dict:
+    response = http.post(
+        f"{server.base_url}/v1/executions", json={"model": "test-image", "input": input, **body}
+    )
+    assert response.status_code == 202, response.text
+    return dict(response.json())
+
+
+def poll_statuses(server: ModelRouteServer, http: requests.Session, execution_id: str) -> list[str]:
+    seen: list[str] = []
+    for _ in range(400):
+        status = http.get(f"{server.base_url}/v1/executions/{execution_id}").json()["status"]
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        if api.is_terminal(status):
+            return seen
+        time.sleep(0.01)
+    raise AssertionError(f"never finished: {seen}")
+
+
+def test_auth_and_error_body(server: ModelRouteServer) -> None:
+    url = f"{server.base_url}/v1/executions/exec_x"
+    for headers in ({}, {"Authorization": f"Bearer {api.make_api_key()}"}, {"Authorization": server.api_key}):
+        response = requests.get(url, headers=headers)
+        assert response.status_code == 401
+        error = response.json()["error"]
+        assert error["code"] == "UNAUTHORIZED" and error["retryable"] is False
+        assert response.headers["X-Request-Id"].startswith("req_") == error["request_id"].startswith("req_")
+
+
+def test_status_progression_result_and_terminal_states(
+    modelroute_server: ModelRouteServer, http: requests.Session, server: ModelRouteServer
+) -> None:
+    server.awaiting_webhook_seconds = 0.1
+    try:
+        created = create(server, http, {"prompt": "fox"}, metadata={"a": "b"})
+        assert created["status"] == "PENDING" and created["id"].startswith("exec_")
+        assert {"hold_amount", "estimated_cost", "expires_at", "created_at"} <= set(created)
+        early = http.get(f"{server.base_url}/v1/executions/{created['id']}/result")
+        assert early.status_code == 409
+        assert poll_statuses(server, http, created["id"]) == [
+            "PENDING", "PROCESSING", "AWAITING_WEBHOOK", "COMPLETED"
+        ]  # fmt: skip
+    finally:
+        server.awaiting_webhook_seconds = 0.0
+    done = http.get(f"{server.base_url}/v1/executions/{created['id']}").json()
+    assert done["result"]["content_type"] == "image/png" and done["metadata"] == {"a": "b"}
+    result = http.get(f"{server.base_url}/v1/executions/{created['id']}/result").json()
+    assert result["output"]["images"][0]["file_id"] == done["result"]["file_id"]
+    cancel = http.post(f"{server.base_url}/v1/executions/{created['id']}/cancel")
+    assert cancel.status_code == 409  # a terminal state never changes
+    assert http.get(f"{server.base_url}/v1/executions/{created['id']}").json()["status"] == "COMPLETED"
+
+
+@pytest.mark.parametrize(
+    ("simulate", "status", "code"),
+    [
+        ({"outcome": "FAILED", "error_code": "GENERATION_FAILED"}, "FAILED", "GENERATION_FAILED"),
+        ({"outcome": "EXPIRED"}, "EXPIRED", "EXPIRED"),
+        ({"outcome": "CANCELLED"}, "CANCELLED", None),
+    ],
+)
+def test_simulated_outcomes(
+    server: ModelRouteServer, http: requests.Session, simulate: dict, status: str, code: str | None
+) -> None:
+    created = create(server, http, {"prompt": "p", "_simulate": simulate})
+    assert poll_statuses(server, http, created["id"])[-1] == status
+    doc = http.get(f"{server.base_url}/v1/executions/{created['id']}").json()
+    assert (doc.get("error") or {}).get("code") == code
+
+
+def test_outcome_fault_and_cancel(server: ModelRouteServer, http: requests.Session) -> None:
+    server.add_fault("POST /v1/executions", "outcome", outcome="FAILED", error_code="MODEL_UNAVAILABLE")
+    failed = create(server, http, {"prompt": "p"})
+    assert poll_statuses(server, http, failed["id"])[-1] == "FAILED"
+    slow = create(server, http, {"prompt": "p", "_simulate": {"seconds": 60}})
+    cancelled = http.post(f"{server.base_url}/v1/executions/{slow['id']}/cancel").json()
+    assert cancelled["status"] == "CANCELLED"
+    assert server.stats()["cancels"] == {slow["id"]: 1}
+
+
+def test_execution_ttl_expires_long_runs() -> None:
+    with ModelRouteServer(pending_seconds=0, processing_seconds=5, execution_ttl=0.2) as server:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {server.api_key}"
+        created = create(server, session, {"prompt": "p"})
+        assert poll_statuses(server, session, created["id"])[-1] == "EXPIRED"
+
+
+def test_validation_and_moderation_errors(server: ModelRouteServer, http: requests.Session) -> None:
+    cases = [
+        ({"model": "nope", "input": {"prompt": "p"}}, "INPUT_VALIDATION_ERROR", "model"),
+        ({"model": "test-image"}, "INPUT_VALIDATION_ERROR", "input"),
+        ({"model": "test-file", "input": {"size_bytes": api.MAX_FILE_SIZE + 1}}, None, "input.size_bytes"),
+        ({"model": "test-image", "input": {"prompt": "forbidden"}}, "CONTENT_MODERATION_REJECTED", None),
+        (
+            {"model": "test-image", "input": {"prompt": "p", "image": "file_nope"}},
+            "FILE_NOT_FOUND",
+            "input.image",
+        ),
+    ]
+    for body, code, field in cases:
+        response = http.post(f"{server.base_url}/v1/executions", json=body)
+        error = response.json()["error"]
+        assert response.status_code == 400, body
+        assert error["code"] == (code or "INPUT_VALIDATION_ERROR")
+        if field:
+            assert error["details"][0]["field"] == field
+    assert server.stats()["executions_created"] == 0
+
+
+def test_idempotency_key(server: ModelRouteServer, http: requests.Session) -> None:
+    headers = {"Idempotency-Key": "k1"}
+    body = {"model": "test-image", "input": {"prompt": "p"}}
+    first = http.post(f"{server.base_url}/v1/executions", json=body, headers=headers).json()
+    again = http.post(f"{server.base_url}/v1/executions", json=body, headers=headers).json()
+    assert first["id"] == again["id"]
+    conflict = http.post(
+        f"{server.base_url}/v1/executions", json={**body, "input": {"prompt": "q"}}, headers=headers
+    )
+    assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "IDEMPOTENCY_CONFLICT"
+    stats = server.stats()
+    assert stats["executions_created"] == 1 and stats["idempotent_replays"] == 1
+    assert stats["idempotency_keys"] == {"k1": 1}
+
+
+def _large_file(server: ModelRouteServer, http: requests.Session, size: int) -> str:
+    created = http.post(
+        f"{server.base_url}/v1/executions", json={"model": "test-file", "input": {"size_bytes": size}}
+    ).json()
+    poll_statuses(server, http, created["id"])
+    return str(http.get(f"{server.base_url}/v1/executions/{created['id']}").json()["result"]["file_id"])
+
+
+def test_both_download_endpoints_range_and_storage_rules(
+    server: ModelRouteServer, http: requests.Session
+) -> None:
+    size = 3 * 1024 * 1024 + 5
+    file_id = _large_file(server, http, size)
+    info = server.file_info(file_id)
+    doc = http.get(f"{server.base_url}/v1/files/{file_id}/url").json()
+    assert doc["size_bytes"] == size and doc["content_type"] == "application/octet-stream"
+    assert doc["url"].startswith(server.storage_url) and "X-Amz-Signature=" in doc["url"]
+
+    # /download redirects to the presigned URL; following it gives the same bytes
+    redirect = http.get(f"{server.base_url}/v1/files/{file_id}/download", allow_redirects=False)
+    assert redirect.status_code == 302
+    body = requests.get(redirect.headers["Location"]).content
+    assert hashlib.sha256(body).hexdigest() == info["sha256"]
+
+    ranged = requests.get(doc["url"], headers={"Range": f"bytes={size - 10}-"})
+    assert ranged.status_code == 206 and ranged.content == body[-10:]
+    assert ranged.headers["Content-Range"] == f"bytes {size - 10}-{size - 1}/{size}"
+
+    with_auth = requests.get(doc["url"], headers={"Authorization": f"Bearer {server.api_key}"})
+    assert with_auth.status_code == 400
+    assert server.stats()["storage_requests_with_authorization"] == 1
+    tampered = requests.get(doc["url"].replace("Signature=", "Signature=0"))
+    assert tampered.status_code == 403
+    assert http.get(f"{server.base_url}/v1/files/file_nope/url").json()["error"]["code"] == "FILE_NOT_FOUND"
+
+
+def test_presigned_urls_expire() -> None:
+    with ModelRouteServer(pending_seconds=0, processing_seconds=0, url_ttl=1) as server:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {server.api_key}"
+        file_id = _large_file(server, session, 100)
+        url = session.get(f"{server.base_url}/v1/files/{file_id}/url").json()["url"]
+        assert requests.get(url).status_code == 200
+        time.sleep(2.1)  # expiry is in whole seconds
+        expired = requests.get(url)
+        assert expired.status_code == 403 and b"expired" in expired.content
+
+
+def test_largest_file_streams_exactly(server: ModelRouteServer, http: requests.Session) -> None:
+    file_id = _large_file(server, http, api.MAX_FILE_SIZE)
+    url = http.get(f"{server.base_url}/v1/files/{file_id}/url").json()["url"]
+    digest, total = hashlib.sha256(), 0
+    with requests.get(url, stream=True) as response:
+        for chunk in response.iter_content(1024 * 1024):
+            digest.update(chunk)
+            total += len(chunk)
+    assert total == api.MAX_FILE_SIZE
+    assert digest.hexdigest() == server.file_info(file_id)["sha256"]
+
+
+def test_upload_flow_with_confirm() -> None:
+    with ModelRouteServer(pending_seconds=0, processing_seconds=0, require_confirm=True) as server:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {server.api_key}"
+        png = b"\x89PNG\r\n\x1a\n" + b"0" * 100
+        slot = session.post(
+            f"{server.base_url}/v1/files/upload",
+            json={"filename": "a.bin", "content_type": "application/octet-stream", "size_bytes": len(png)},
+        ).json()
+        assert requests.put(slot["upload_url"], data=png).status_code == 200
+        body = {"model": "test-image", "input": {"prompt": "p", "image": slot["file_id"]}}
+        unconfirmed = session.post(f"{server.base_url}/v1/executions", json=body)
+        assert unconfirmed.json()["error"]["code"] == "FILE_NOT_FOUND"
+        confirmed = session.post(
+            f"{server.base_url}/v1/files/confirm", json={"file_id": slot["file_id"]}
+        ).json()
+        assert confirmed["content_type"] == "image/png"  # sniffed from the magic bytes
+        assert confirmed["size_bytes"] == len(png)
+        assert session.post(f"{server.base_url}/v1/executions", json=body).status_code == 202
+
+
+def test_rate_limit_headers_and_429() -> None:
+    with ModelRouteServer(rate_limit=2, rate_window=30) as server:
+        headers = {"Authorization": f"Bearer {server.api_key}"}
+        url = f"{server.base_url}/v1/executions/exec_x"
+        responses = [requests.get(url, headers=headers) for _ in range(3)]
+        assert [r.status_code for r in responses] == [404, 404, 429]
+        assert [r.headers["X-RateLimit-Remaining"] for r in responses] == ["1", "0", "0"]
+        assert responses[0].headers["X-RateLimit-Limit"] == "2"
+        assert int(responses[0].headers["X-RateLimit-Reset"]) >= time.time()
+        assert 1 <= int(responses[2].headers["Retry-After"]) <= 31
+        assert responses[2].json()["error"]["code"] == "RATE_LIMITED"
+        assert server.stats()["rate_limited"] == 1
+
+
+def test_faults(server: ModelRouteServer, http: requests.Session) -> None:
+    server.add_fault("*", "error", count=1, code="SERVICE_UNAVAILABLE")
+    response = http.get(f"{server.base_url}/v1/executions/exec_x")
+    assert response.status_code == 503 and response.json()["error"]["retryable"] is True
+
+    server.add_fault("POST /v1/executions", "drop")
+    with pytest.raises(requests.ConnectionError):
+        create(server, http, {"prompt": "dropped"})
+    assert server.stats()["executions_created"] == 1  # dropped after the execution was created
+
+    server.add_fault("GET /v1/executions/{id}", "slow", seconds=0.3)
+    started = time.monotonic()
+    http.get(f"{server.base_url}/v1/executions/exec_x")
+    assert time.monotonic() - started >= 0.3
+
+    file_id = _large_file(server, http, 1_000_000)
+    url = http.get(f"{server.base_url}/v1/files/{file_id}/url").json()["url"]
+    server.add_fault("GET /files/{file_id}", "truncate", after_bytes=1000)
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        requests.get(url).content  # noqa: B018
+    server.add_fault("GET /files/{file_id}", "expire_url")
+    assert requests.get(url).status_code == 403
+    assert requests.get(url).status_code == 200  # count=1: the fault is spent
+    assert server.stats()["faults_fired"] == 5
+    with pytest.raises(ValueError, match="unknown fault kind"):
+        server.add_fault("*", "meteor")
+
+
+def test_thousands_of_concurrent_polls(server: ModelRouteServer, http: requests.Session) -> None:
+    execution_id = create(server, http, {"prompt": "p"})["id"]
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    tls = ssl.create_default_context()  # shared: building one per client costs ~25 ms
+
+    async def waiter() -> list[int]:  # like a trigger: its own client, one poll at a time
+        async with httpx.AsyncClient(
+            base_url=server.base_url, headers=headers, timeout=30, verify=tls
+        ) as client:
+            return [(await client.get(f"/v1/executions/{execution_id}")).status_code for _ in range(4)]
+
+    async def wait_all() -> set[int]:
+        results = await asyncio.gather(*(waiter() for _ in range(500)))
+        return {status for statuses in results for status in statuses}
+
+    assert asyncio.run(wait_all()) == {200}
+    assert server.stats()["requests"]["GET /v1/executions/{id}"] == 2000
+
+
+def test_standalone_process_and_remote_control() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "airflow_provider_modelroute.testing", "--processing-seconds", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        info = json.loads(process.stdout.readline())
+        conn = json.loads(info["airflow_conn"])
+        assert conn["conn_type"] == "modelroute" and conn["password"] == info["api_key"]
+        remote = RemoteModelRouteServer(info["admin_url"])
+        remote.add_fault("GET /v1/executions/{id}", "error", code="MODEL_OVERLOADED")
+        headers = {"Authorization": f"Bearer {info['api_key']}"}
+        created = requests.post(
+            f"{info['base_url']}/v1/executions",
+            json={"model": "test-image", "input": {"prompt": "p"}},
+            headers=headers,
+        ).json()
+        assert (
+            requests.get(f"{info['base_url']}/v1/executions/{created['id']}", headers=headers).status_code
+            == 503
+        )
+        assert remote.stats()["faults_fired"] == 1
+        assert remote.execution_ids() == [created["id"]]
+        assert remote.set_execution_status(created["id"], "FAILED", "GENERATION_FAILED")["status"] == "FAILED"
+        assert remote.execution(created["id"])["error"]["code"] == "GENERATION_FAILED"
+        remote.reset()
+        assert remote.stats()["executions_created"] == 0
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
