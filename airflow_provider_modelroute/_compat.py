@@ -13,6 +13,7 @@ from airflow import __version__ as _airflow_version
 from airflow.providers.common.compat.sdk import (
     AirflowException,
     AirflowFailException,
+    AirflowSensorTimeout,
     AirflowSkipException,
     BaseHook,
     BaseOperator,
@@ -27,6 +28,7 @@ from packaging.version import Version
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Connection, Context
+    from airflow.sdk.types import TaskInstanceKey  # type-checked against Airflow 3
 
 _AIRFLOW = Version(Version(_airflow_version).base_version)
 if Version("2.11") > _AIRFLOW:
@@ -54,6 +56,13 @@ def task_state_store(context: Context) -> Any | None:
     return context.get("task_state_store")
 
 
+def xcom_value(ti_key: TaskInstanceKey, key: str) -> Any:
+    """Read an XCom value for an operator extra link (2.11 and 3.x)."""
+    from airflow.providers.common.compat.sdk import XCom
+
+    return XCom.get_value(ti_key=ti_key, key=key)
+
+
 def object_storage_path(url: str, conn_id: str | None = None) -> Any:
     """An ``ObjectStoragePath`` (imported on first use: it is only needed when a task runs)."""
     from airflow.providers.common.compat.sdk import ObjectStoragePath
@@ -67,6 +76,7 @@ __all__ = [
     "TRIGGER_ON_KILL_SUPPORTED",
     "AirflowException",
     "AirflowFailException",
+    "AirflowSensorTimeout",
     "AirflowSkipException",
     "BaseHook",
     "BaseOperator",
@@ -80,4 +90,5 @@ __all__ = [
     "mask_secret",
     "object_storage_path",
     "task_state_store",
+    "xcom_value",
 ]

@@ -210,3 +210,27 @@ def redact_url(url: str) -> str:
         return "<unparseable URL>"
     query = "<redacted>" if parts.query else ""
     return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+
+
+# --- Execution summaries ------------------------------------------------------------------
+
+_SUMMARY_FIELDS = (
+    "id",
+    "status",
+    "model",
+    "created_at",
+    "expires_at",
+    "hold_amount",
+    "estimated_cost",
+    "cost",
+    "metadata",
+    "result",
+    "error",
+)
+
+
+def execution_summary(document: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-safe record of an execution that tasks return: its fields plus ``files``."""
+    summary = {name: document[name] for name in _SUMMARY_FIELDS if name in document}
+    summary["files"] = result_files(document)
+    return summary

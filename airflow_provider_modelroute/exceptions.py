@@ -167,3 +167,11 @@ EXECUTION_ERRORS: dict[str, type[ModelRouteExecutionError]] = {
     "CANCELLED": ModelRouteExecutionCancelled,
     "EXPIRED": ModelRouteExecutionExpired,
 }
+
+
+def raise_for_execution(execution: dict[str, Any]) -> None:
+    """Raise the error matching a FAILED / CANCELLED / EXPIRED execution (no-op otherwise)."""
+    cls = EXECUTION_ERRORS.get(str(execution.get("status")))
+    if cls is not None:
+        error = execution.get("error") or {}
+        raise cls(str(execution.get("id")), error.get("code"), error.get("message"))

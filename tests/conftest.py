@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # Airflow reads its configuration at import time: isolate it before anything imports airflow.
 _HOME = Path(tempfile.mkdtemp(prefix="modelroute-airflow-home-"))
@@ -18,6 +19,7 @@ os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
 
 import pytest  # noqa: E402
 
+from airflow_provider_modelroute._compat import AIRFLOW_V_3_0_PLUS  # noqa: E402
 from airflow_provider_modelroute.testing import ModelRouteServer  # noqa: E402
 
 #: Retry quickly in tests; the policy is the same, only the waits are shorter.
@@ -51,3 +53,52 @@ def airflow_db() -> None:
     from airflow.utils import db
 
     db.resetdb()
+    if AIRFLOW_V_3_0_PLUS:
+        from airflow.dag_processing.bundles.manager import DagBundlesManager
+
+        DagBundlesManager().sync_bundles_to_db()
+
+
+def run_dag(dag: Any, **kwargs: Any) -> Any:
+    """Run a DAG in-process with ``dag.test()`` and return its DagRun (whatever the outcome)."""
+    if AIRFLOW_V_3_0_PLUS:  # a DAG built in a test must be serialized before dag.test() on 3.x
+        from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+
+        bag = DagBag(dag_folder=os.devnull)
+        bag.bag_dag(dag)
+        sync_bag_to_db(bag, "dags-folder", None)
+    return dag.test(**kwargs)
+
+
+def task_states(dag_run: Any) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+
+
+def xcom(dag_run: Any, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
+    """Read one XCom value of a finished DagRun from the metadata DB."""
+    from airflow.utils.session import create_session
+
+    if AIRFLOW_V_3_0_PLUS:
+        from airflow.models.xcom import XComModel
+
+        with create_session() as session:
+            query = XComModel.get_many(
+                run_id=dag_run.run_id,
+                dag_ids=dag_run.dag_id,
+                task_ids=task_id,
+                key=key,
+                map_indexes=map_index,
+            )
+            row = session.scalars(query).first()
+            return XComModel.deserialize_value(row) if row is not None else None
+    from airflow.models.xcom import XCom
+
+    with create_session() as session:
+        return XCom.get_one(
+            run_id=dag_run.run_id,
+            dag_id=dag_run.dag_id,
+            task_id=task_id,
+            key=key,
+            map_index=map_index,
+            session=session,
+        )

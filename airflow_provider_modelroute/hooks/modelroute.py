@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http
 import ipaddress
 import json
+import logging
 import random
 import re
 import socket
+import ssl
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -43,8 +47,6 @@ from airflow_provider_modelroute.exceptions import (
 from airflow_provider_modelroute.provider_info import CONN_TYPE, connection_form_widgets, ui_field_behaviour
 
 if TYPE_CHECKING:
-    import logging
-
     from airflow_provider_modelroute._compat import Connection
 
 _EXECUTION_ID_RE = re.compile(r"exec_[A-Za-z0-9_-]{1,128}")
@@ -149,6 +151,68 @@ class RateLimit:
     reset: float | None = None
 
 
+class RateBudget:
+    """Paces the async requests of all clients of one connection in one event loop (one triggerer).
+
+    It learns the window from the ``X-RateLimit-*`` headers: it hands out the requests that remain,
+    then holds everyone until the window resets, so thousands of triggers do not storm the API
+    into 429s. Until the first response only one request is in flight; a server that sends no
+    rate-limit headers is not paced at all.
+    """
+
+    def __init__(self) -> None:
+        self.limit: int | None = None
+        self.remaining: int | None = None
+        self.reset: float | None = None
+        self.unpaced = False
+        self._probing = False
+
+    async def acquire(self) -> None:
+        while not self.unpaced:
+            now = time.time()
+            if self.remaining is None:
+                if not self._probing:
+                    self._probing = True
+                    return
+                await asyncio.sleep(0.05)
+                continue
+            if self.reset is not None and now >= self.reset:
+                self.remaining, self.reset = self.limit, None
+            if self.remaining is not None and self.remaining > 0:
+                self.remaining -= 1
+                return
+            # Spread the wake-ups a little so a new window does not open with a thundering herd.
+            await asyncio.sleep(max(self.reset - now, 0.0) if self.reset else 0.05)
+            await asyncio.sleep(random.uniform(0, 0.05))
+
+    def observe(self, seen: RateLimit | None) -> None:
+        """Learn from a response's rate-limit headers (None: the request got no response)."""
+        self._probing = False
+        if seen is None:
+            return
+        if seen.remaining is None:
+            self.unpaced = self.remaining is None
+            return
+        if self.remaining is not None and seen.reset is not None and seen.reset <= time.time():
+            return  # a late answer from a window that has already closed
+        self.limit = seen.limit
+        if seen.reset != self.reset or self.remaining is None:
+            self.remaining, self.reset = seen.remaining, seen.reset
+        else:
+            self.remaining = min(self.remaining, seen.remaining)
+
+
+_BUDGETS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, RateBudget]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def shared_rate_budget(key: str) -> RateBudget:
+    """The one budget of a connection in the running event loop."""
+    per_loop = _BUDGETS.setdefault(asyncio.get_running_loop(), {})
+    return per_loop.setdefault(key, RateBudget())
+
+
 def execution_path(execution_id: str, suffix: str = "") -> str:
     if not isinstance(execution_id, str) or not _EXECUTION_ID_RE.fullmatch(execution_id):
         raise ModelRouteConfigError(f"execution_id must look like 'exec_<uuid>', got {execution_id!r}")
@@ -195,7 +259,7 @@ class ApiCore:
         rl = self.rate_limit
         if rl.remaining is None or rl.remaining > 0 or rl.reset is None:
             return 0.0
-        return max(0.0, min(rl.reset - time.time(), self.settings.retry_max_wait))
+        return max(0.0, min(rl.reset - time.time(), self.settings.retry_deadline))
 
     # -- responses --------------------------------------------------------------------------
 
@@ -361,6 +425,27 @@ class ApiCore:
         return url
 
 
+_SIGNED_QUERY_RE = re.compile(r"\?[^\s\"']*Signature=[^\s\"']*")
+
+
+class _PresignedQueryFilter(logging.Filter):
+    """Redacts presigned query strings from urllib3's debug lines, which quote the request URL."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any("Signature=" in str(arg) for arg in record.args):
+            record.args = tuple(
+                _SIGNED_QUERY_RE.sub("?<redacted>", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        return True
+
+
+def _redact_urllib3_debug_lines() -> None:
+    logger = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, _PresignedQueryFilter) for f in logger.filters):
+        logger.addFilter(_PresignedQueryFilter())
+
+
 def _strip_authorization(request: requests.PreparedRequest) -> requests.PreparedRequest:
     """requests ``auth`` hook for the storage session: no credential ever reaches the storage host.
 
@@ -433,6 +518,7 @@ class ModelRouteHook(BaseHook):
     @cached_property
     def storage_session(self) -> requests.Session:
         """A session without the API key, for presigned storage URLs."""
+        _redact_urllib3_debug_lines()
         session = requests.Session()
         session.auth = _strip_authorization
         session.headers["User-Agent"] = _USER_AGENT
@@ -666,7 +752,8 @@ class ModelRouteHook(BaseHook):
     async def async_client(self) -> AsyncIterator[ModelRouteAsyncClient]:
         """An async client for triggers: looks the connection up without blocking the event loop."""
         settings = ConnectionSettings.from_connection(await aget_connection(self.modelroute_conn_id))
-        client = ModelRouteAsyncClient(ApiCore(settings, self.log))
+        budget = shared_rate_budget(f"{self.modelroute_conn_id}|{settings.base_url}")
+        client = ModelRouteAsyncClient(ApiCore(settings, self.log), budget)
         try:
             yield client
         finally:
@@ -688,28 +775,42 @@ class _UrlExpired(Exception):
         return "presigned URL expired (HTTP 403)"
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context for all async clients: building one loads the CA bundle (~25 ms, blocking)."""
+    import certifi
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 class ModelRouteAsyncClient:
     """The async read paths (status, result, cancel) on one ``httpx.AsyncClient`` (connection reuse)."""
 
-    def __init__(self, core: ApiCore) -> None:
+    def __init__(self, core: ApiCore, budget: RateBudget | None = None) -> None:
         self.core = core
+        self.budget = budget or RateBudget()
         settings = core.settings
         self._http = httpx.AsyncClient(
             headers=core.headers,
+            verify=_tls_context(),
             timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
             follow_redirects=False,
         )
 
     async def _request_once(self, method: str, path: str, tolerate: frozenset[str]) -> Any:
-        await asyncio.sleep(self.core.delay_before_request())
+        await self.budget.acquire()
         url = self.core.url(path)
         try:
             response = await self._http.request(method, url)
         except httpx.HTTPError as exc:
+            self.budget.observe(None)
             raise self.core.transport_error(exc, method, url) from None
-        return self.core.parse(
-            method, path, response.status_code, response.headers, response.content, tolerate
-        )
+        try:
+            return self.core.parse(
+                method, path, response.status_code, response.headers, response.content, tolerate
+            )
+        finally:
+            self.budget.observe(self.core.rate_limit)
 
     async def _request(self, method: str, path: str, tolerate: frozenset[str] = frozenset()) -> Any:
         retrying = tenacity.AsyncRetrying(**self.core.retry_kwargs())
