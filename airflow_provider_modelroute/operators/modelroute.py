@@ -1,0 +1,310 @@
+"""ModelRouteExecuteOperator: submit an execution, re-attach to it on retry, and wait for it.
+
+Cheap to import (DAG files import it at every parse): the hook and trigger modules, which pull in
+the HTTP clients, are imported only when a task runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_modelroute import api
+from airflow_provider_modelroute._compat import (
+    BaseOperator,
+    BaseOperatorLink,
+    conf,
+    task_state_store,
+    xcom_value,
+)
+from airflow_provider_modelroute.exceptions import (
+    ModelRouteConfigError,
+    ModelRouteError,
+    ModelRouteExecutionError,
+    raise_for_execution,
+)
+
+if TYPE_CHECKING:
+    from airflow_provider_modelroute._compat import Context, TaskInstanceKey
+    from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+    from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
+
+#: Where the operator keeps its execution across tries (Airflow 3.3+ task state store).
+STATE_KEY = "modelroute_execution"
+#: How many failed executions a task may leave behind before it stops starting new ones.
+MAX_GENERATIONS = 100
+#: The framework's deferral timeout fires this long after our own deadline, never first.
+DEFER_GRACE = timedelta(minutes=2)
+#: With ``execution_timeout`` set, our deadline falls this long (at most 20 % of it) before it,
+#: to leave time to cancel.
+TIMEOUT_MARGIN = 30.0
+
+
+class ModelRouteExecutionLink(BaseOperatorLink):
+    """Opens the task's execution in the ModelRoute dashboard."""
+
+    name = "ModelRoute execution"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        return str(xcom_value(ti_key, "execution_url") or "")
+
+
+def _seconds(value: float | timedelta | None, name: str) -> float | None:
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds <= 0:
+        raise ModelRouteConfigError(f"{name} must be positive, got {value!r}")
+    return seconds
+
+
+class ModelRouteExecuteOperator(BaseOperator):
+    """
+    Submit a ModelRoute execution and (by default) wait for it, deferrably if asked.
+
+    A retry never pays twice: the ``Idempotency-Key`` derives from the task instance (dag, run,
+    task, map index) and the request, not the try number, so a retry after a crash re-attaches to
+    the execution the earlier try started. A COMPLETED execution is returned at once; a FAILED,
+    CANCELLED or EXPIRED one fails this try, and the next try starts a new execution. On Airflow
+    3.3+ the execution id is also kept in the task state store.
+
+    The execution id is pushed to XCom (key ``execution_id``) as soon as it is known; the return
+    value is the execution's summary: ``id``, ``status``, ``result``, ``files``, cost fields.
+
+    :param model: The model slug, e.g. ``flux-1.1-pro``. (templated)
+    :param input: The model's input object; file inputs are ``file_...`` references. (templated)
+    :param metadata: Key-value metadata stored with the execution. (templated)
+    :param webhook_url: Optional URL ModelRoute calls when the execution ends. (templated)
+    :param modelroute_conn_id: The Airflow connection to ModelRoute.
+    :param wait_for_completion: Wait for the execution to end (default) or return once submitted.
+    :param deferrable: Wait in the triggerer instead of holding a worker slot.
+    :param poll_interval: Seconds between status polls while waiting.
+    :param timeout: Longest wait (seconds or timedelta); then the execution is cancelled and the
+        task fails. Default: no limit of our own (ModelRoute expires executions that never end).
+        With ``execution_timeout`` set, the wait also ends in time to cancel before it.
+    :param cancel_on_kill: Cancel the execution when the task is killed, times out or gives up.
+    :param force_new_execution: Start a new execution even if an earlier try started one.
+    """
+
+    template_fields: Sequence[str] = ("model", "input", "metadata", "webhook_url")
+    template_fields_renderers = {"input": "json", "metadata": "json"}
+    operator_extra_links = (ModelRouteExecutionLink(),)
+    ui_color = "#e3ecfa"
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        input: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+        webhook_url: str | None = None,
+        modelroute_conn_id: str = "modelroute_default",
+        wait_for_completion: bool = True,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = 5.0,
+        timeout: float | timedelta | None = None,
+        cancel_on_kill: bool = True,
+        force_new_execution: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.input = input
+        self.metadata = metadata
+        self.webhook_url = webhook_url
+        self.modelroute_conn_id = modelroute_conn_id
+        self.wait_for_completion = wait_for_completion
+        self.deferrable = deferrable
+        self.poll_interval = _seconds(poll_interval, "poll_interval") or 5.0
+        self.timeout = _seconds(timeout, "timeout")
+        self.cancel_on_kill = cancel_on_kill
+        self.force_new_execution = force_new_execution
+        self.execution_id: str | None = None
+
+    @cached_property
+    def hook(self) -> ModelRouteHook:
+        from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+
+        return ModelRouteHook(self.modelroute_conn_id)
+
+    # -- submit / re-attach ---------------------------------------------------------------------
+
+    def _request_body(self) -> dict[str, Any]:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ModelRouteConfigError("model must be a non-empty model slug, e.g. model='flux-1.1-pro'")
+        if not isinstance(self.input, dict):
+            raise ModelRouteConfigError(
+                f"input must be a dict (the model's input object), got {type(self.input).__name__}"
+            )
+        return {
+            "model": self.model,
+            "input": self.input,
+            "metadata": self.metadata,
+            "webhook": self.webhook_url,
+        }
+
+    def _key_base(self, context: Context) -> str:
+        """Same task instance + same request = same key base, on every try."""
+        ti = context["ti"]
+        identity = {
+            "dag_id": ti.dag_id,
+            "run_id": ti.run_id,
+            "task_id": ti.task_id,
+            "map_index": getattr(ti, "map_index", -1),
+            "request": self._request_body(),
+        }
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+        return f"airflow-{digest[:40]}"
+
+    def _create(self, key: str) -> dict[str, Any]:
+        return self.hook.create_execution(
+            self.model,
+            self.input,
+            idempotency_key=key,
+            metadata=self.metadata,
+            webhook_url=self.webhook_url,
+        )
+
+    def _remember(self, context: Context, execution: dict[str, Any], base: str, generation: int) -> None:
+        """Make the execution id known at once: log, XCom, extra link, and the durable task store."""
+        self.execution_id = execution_id = str(execution["id"])
+        url = self.hook.execution_url(execution_id)
+        self.log.info("ModelRoute execution %s is %s (%s)", execution_id, execution.get("status"), url)
+        context["ti"].xcom_push(key="execution_id", value=execution_id)
+        context["ti"].xcom_push(key="execution_url", value=url)
+        store = task_state_store(context)
+        if store is not None:
+            store.set(STATE_KEY, {"base": base, "generation": generation, "execution_id": execution_id})
+
+    def _advance_generation(self, context: Context, execution_id: str) -> None:
+        """After this execution failed, the next try must start a new one rather than replay it."""
+        store = task_state_store(context)
+        state = store.get(STATE_KEY) if store is not None else None
+        if store is not None and isinstance(state, dict) and state.get("execution_id") == execution_id:
+            store.set(STATE_KEY, {**state, "generation": int(state["generation"]) + 1})
+
+    def submit(self, context: Context) -> dict[str, Any]:
+        """Start the execution, or find the one an earlier try of this task instance started."""
+        self._request_body()  # validates model and input before any request
+        if self.force_new_execution:
+            base, first = f"airflow-{uuid.uuid4()}", 0
+        else:
+            base, first = self._key_base(context), 0
+            store = task_state_store(context)
+            state = store.get(STATE_KEY) if store is not None else None
+            if isinstance(state, dict) and state.get("base") == base:
+                first = int(state.get("generation", 0))
+        for generation in range(first, MAX_GENERATIONS):
+            execution = self._create(f"{base}-g{generation}")
+            self._remember(context, execution, base, generation)
+            if str(execution.get("status")) not in api.FAILED_STATUSES:
+                return execution
+            # The key replayed an execution an earlier try started, and it has failed since.
+            if task_state_store(context) is not None:
+                self._advance_generation(context, str(execution["id"]))
+                raise_for_execution(execution)
+            self.log.warning(
+                "Execution %s from an earlier try ended %s; starting a new one",
+                execution["id"],
+                execution.get("status"),
+            )
+        raise ModelRouteError(
+            f"This task instance already has {MAX_GENERATIONS} failed executions; not starting another. "
+            "Fix the cause, then clear the task or set force_new_execution=True."
+        )
+
+    # -- wait ------------------------------------------------------------------------------------
+
+    def _deadline(self, context: Context) -> float | None:
+        """Absolute time our wait ends: ``timeout`` from now, and before ``execution_timeout`` strikes."""
+        deadline = time.time() + self.timeout if self.timeout else None
+        start = getattr(context["ti"], "start_date", None)
+        if self.execution_timeout and start is not None:
+            budget = self.execution_timeout.total_seconds()
+            limit = start.timestamp() + budget - min(TIMEOUT_MARGIN, 0.2 * budget)
+            deadline = min(deadline, limit) if deadline else limit
+        return deadline
+
+    def _trigger(self, execution_id: str, deadline: float | None) -> ModelRouteExecutionTrigger:
+        from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
+
+        return ModelRouteExecutionTrigger(
+            execution_id=execution_id,
+            modelroute_conn_id=self.modelroute_conn_id,
+            poll_interval=self.poll_interval,
+            deadline=deadline,
+            cancel_on_kill=self.cancel_on_kill,
+        )
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        execution = self.submit(context)
+        execution_id = str(execution["id"])
+        if not self.wait_for_completion or api.is_terminal(str(execution.get("status"))):
+            raise_for_execution(execution)
+            return api.execution_summary(execution)
+        trigger = self._trigger(execution_id, self._deadline(context))
+        if self.deferrable:
+            timeout = None
+            if trigger.deadline is not None:
+                timeout = timedelta(seconds=max(trigger.deadline - time.time(), 0)) + DEFER_GRACE
+            self.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)
+        from airflow_provider_modelroute.triggers.modelroute import wait_in_worker
+
+        try:
+            event = wait_in_worker(trigger)
+        except BaseException:
+            # Killed or timed out by Airflow while waiting here: don't leave the execution running.
+            self._cancel(execution_id, "the task was interrupted")
+            raise
+        return self.execute_complete(context, event)
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """Turn the trigger's event into the task's result; cancel what we stop waiting for."""
+        from airflow_provider_modelroute.triggers.modelroute import execution_from_event
+
+        execution_id = str(event.get("execution_id")) if isinstance(event, dict) else None
+        self.execution_id = execution_id
+        try:
+            return execution_from_event(event)
+        except ModelRouteExecutionError as exc:
+            if exc.status not in api.FAILED_STATUSES:  # our own deadline, not the execution's end
+                self._cancel(exc.execution_id, "the wait timed out")
+            self._advance_generation(context, exc.execution_id)
+            raise
+        except ModelRouteError:
+            ti = context["ti"]
+            if ti.try_number <= ti.max_tries:
+                self.log.warning(
+                    "Waiting failed; execution %s is left running for the retry to re-attach to", execution_id
+                )
+            else:
+                self._cancel(execution_id, "the wait failed on the last try")
+            raise
+
+    def _cancel(self, execution_id: str | None, reason: str) -> None:
+        """Best-effort cancel that says honestly what happened."""
+        if not (self.cancel_on_kill and execution_id):
+            return
+        try:
+            result = self.hook.cancel_execution(execution_id)
+        except Exception as exc:
+            self.log.warning(
+                "Could not cancel ModelRoute execution %s after %s (%s): it may still be running.",
+                execution_id,
+                reason,
+                exc,
+            )
+            return
+        if result is None:
+            self.log.info("ModelRoute execution %s had already finished when %s", execution_id, reason)
+        else:
+            self.log.info("Cancelled ModelRoute execution %s because %s", execution_id, reason)
+
+    def on_kill(self) -> None:
+        self._cancel(self.execution_id, "the task was killed")

@@ -1,0 +1,102 @@
+"""ModelRouteExecutionSensor: wait for an execution someone else started to be COMPLETED."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_modelroute import api
+from airflow_provider_modelroute._compat import (
+    AirflowSensorTimeout,
+    AirflowSkipException,
+    BaseSensorOperator,
+    PokeReturnValue,
+    conf,
+)
+from airflow_provider_modelroute.exceptions import ModelRouteExecutionTimeout, raise_for_execution
+
+if TYPE_CHECKING:
+    from airflow_provider_modelroute._compat import Context
+    from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+
+#: The framework's deferral timeout fires this long after the sensor's own deadline, never first.
+DEFER_GRACE = timedelta(minutes=2)
+
+
+class ModelRouteExecutionSensor(BaseSensorOperator):
+    """
+    Wait until a ModelRoute execution is COMPLETED; fail at once if it ends FAILED, CANCELLED or EXPIRED.
+
+    Works in ``poke``, ``reschedule`` and deferrable mode; ``timeout`` and ``soft_fail`` behave as
+    for any Airflow sensor in all three. Returns (XCom) the execution's summary. The sensor never
+    cancels the execution: it did not start it.
+
+    :param execution_id: The execution to wait for, e.g. from
+        ``ModelRouteExecuteOperator``'s XCom ``execution_id``. (templated)
+    :param modelroute_conn_id: The Airflow connection to ModelRoute.
+    :param deferrable: Wait in the triggerer instead of holding a worker slot.
+    """
+
+    template_fields: Sequence[str] = ("execution_id",)
+    ui_color = "#e3ecfa"
+
+    def __init__(
+        self,
+        *,
+        execution_id: str,
+        modelroute_conn_id: str = "modelroute_default",
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.execution_id = execution_id
+        self.modelroute_conn_id = modelroute_conn_id
+        self.deferrable = deferrable
+
+    @cached_property
+    def hook(self) -> ModelRouteHook:
+        from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+
+        return ModelRouteHook(self.modelroute_conn_id)
+
+    def poke(self, context: Context) -> PokeReturnValue:
+        execution = self.hook.get_execution(self.execution_id)
+        status = str(execution.get("status"))
+        self.log.info("ModelRoute execution %s is %s", self.execution_id, status)
+        if not api.is_terminal(status):
+            return PokeReturnValue(is_done=False)
+        raise_for_execution(execution)
+        return PokeReturnValue(is_done=True, xcom_value=api.execution_summary(execution))
+
+    def execute(self, context: Context) -> Any:
+        if not self.deferrable:
+            return super().execute(context)
+        first = self.poke(context)  # an execution that is already done needs no deferral
+        if first.is_done:
+            return first.xcom_value
+        from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
+
+        timeout = float(self.timeout) if self.timeout else None
+        self.defer(
+            trigger=ModelRouteExecutionTrigger(
+                execution_id=self.execution_id,
+                modelroute_conn_id=self.modelroute_conn_id,
+                poll_interval=float(self.poke_interval),
+                deadline=time.time() + timeout if timeout else None,
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=timeout) + DEFER_GRACE if timeout else None,
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        from airflow_provider_modelroute.triggers.modelroute import execution_from_event
+
+        try:
+            return execution_from_event(event, self.execution_id)
+        except ModelRouteExecutionTimeout as exc:
+            if self.soft_fail:
+                raise AirflowSkipException(f"Skipping (soft_fail): {exc}") from exc
+            raise AirflowSensorTimeout(f"Sensor timed out: {exc}") from exc

@@ -1,0 +1,199 @@
+"""ModelRouteExecutionTrigger: wait for an execution without holding a worker slot.
+
+The same trigger also serves non-deferrable waits (run in a private event loop on the worker), so
+there is exactly one polling loop in the provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow_provider_modelroute import api
+from airflow_provider_modelroute._compat import BaseTrigger, TriggerEvent
+from airflow_provider_modelroute.exceptions import (
+    ModelRouteApiError,
+    ModelRouteError,
+    ModelRouteExecutionTimeout,
+    api_error,
+    raise_for_execution,
+)
+from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+
+#: How long the trigger's on_kill may spend cancelling the execution.
+CANCEL_TIMEOUT = 15.0
+
+
+class ModelRouteExecutionTrigger(BaseTrigger):
+    """
+    Poll a ModelRoute execution until it ends, its deadline passes, or polling keeps failing.
+
+    Yields exactly one event: ``{"status": "done", "execution": <summary>}`` once the execution is
+    terminal (COMPLETED or not), ``{"status": "timeout"}`` at the deadline, or
+    ``{"status": "error", "error": {...}}``. Every event carries ``execution_id``. All triggers of
+    one connection in one triggerer share one rate budget (see ``RateBudget``).
+
+    :param execution_id: The execution to wait for (``exec_...``).
+    :param modelroute_conn_id: The Airflow connection to ModelRoute.
+    :param poll_interval: Seconds between polls (each jittered by ±10 % to spread the load).
+    :param deadline: Absolute unix time of the timeout event; None waits until the execution ends
+        (ModelRoute itself expires executions that never finish).
+    :param cancel_on_kill: Cancel the execution when a user kills the deferred task (Airflow 3.3+).
+    :param max_consecutive_failures: Polls that may fail in a row, each after its own HTTP retries,
+        before the wait gives up: one failed poll never ends a long wait.
+    """
+
+    def __init__(
+        self,
+        execution_id: str,
+        modelroute_conn_id: str = ModelRouteHook.default_conn_name,
+        poll_interval: float = 5.0,
+        deadline: float | None = None,
+        cancel_on_kill: bool = False,
+        max_consecutive_failures: int = 5,
+    ) -> None:
+        super().__init__()
+        self.execution_id = execution_id
+        self.modelroute_conn_id = modelroute_conn_id
+        self.poll_interval = float(poll_interval)
+        self.deadline = float(deadline) if deadline is not None else None
+        self.cancel_on_kill = bool(cancel_on_kill)
+        self.max_consecutive_failures = int(max_consecutive_failures)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "execution_id": self.execution_id,
+                "modelroute_conn_id": self.modelroute_conn_id,
+                "poll_interval": self.poll_interval,
+                "deadline": self.deadline,
+                "cancel_on_kill": self.cancel_on_kill,
+                "max_consecutive_failures": self.max_consecutive_failures,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        try:
+            event = await self._wait()
+        except ModelRouteApiError as exc:
+            event = self._error_event(exc)
+        except Exception as exc:
+            event = {"status": "error", "error": {"code": type(exc).__name__, "message": str(exc)}}
+        event["execution_id"] = self.execution_id
+        yield TriggerEvent(event)
+
+    @staticmethod
+    def _error_event(exc: ModelRouteApiError) -> dict[str, Any]:
+        error = {
+            "code": exc.code,
+            "message": exc.message,
+            "http_status": exc.http_status,
+            "retryable": exc.retryable,
+            "request_id": exc.request_id,
+        }
+        return {"status": "error", "error": error}
+
+    def _seconds_left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.time()
+
+    async def _sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, min(seconds, self._seconds_left())))
+
+    async def _wait(self) -> dict[str, Any]:
+        failures = 0
+        reported_unknown: set[str] = set()
+        async with ModelRouteHook(self.modelroute_conn_id).async_client() as client:
+            while self._seconds_left() > 0:
+                try:
+                    execution = await client.get_execution(self.execution_id)
+                except ModelRouteError as exc:
+                    if not getattr(exc, "retryable", False):
+                        raise
+                    failures += 1
+                    if failures >= self.max_consecutive_failures:
+                        raise
+                    self.log.warning(
+                        "Polling ModelRoute execution %s failed (%d of %d in a row): %s",
+                        self.execution_id,
+                        failures,
+                        self.max_consecutive_failures,
+                        exc,
+                    )
+                    await self._sleep(max(client.core.backoff(failures), self.poll_interval))
+                    continue
+                failures = 0
+                status = str(execution.get("status"))
+                if api.is_terminal(status):
+                    self.log.info("ModelRoute execution %s is %s", self.execution_id, status)
+                    return {"status": "done", "execution": api.execution_summary(execution)}
+                if not api.is_known_status(status) and status not in reported_unknown:
+                    reported_unknown.add(status)
+                    self.log.warning(
+                        "ModelRoute execution %s has unknown status %r; waiting", self.execution_id, status
+                    )
+                await self._sleep(self.poll_interval * random.uniform(0.9, 1.1))
+        return {"status": "timeout"}
+
+    async def on_kill(self) -> None:
+        """Cancel the execution when a user kills the deferred task (called by Airflow 3.3+)."""
+        if not self.cancel_on_kill:
+            return
+        try:
+            async with ModelRouteHook(self.modelroute_conn_id).async_client() as client:
+                result = await asyncio.wait_for(client.cancel_execution(self.execution_id), CANCEL_TIMEOUT)
+        except Exception as exc:
+            self.log.warning(
+                "The task was killed but cancelling ModelRoute execution %s failed (%s): it may still be "
+                "running and billing; cancel it in the ModelRoute dashboard.",
+                self.execution_id,
+                exc,
+            )
+            return
+        if result is None:
+            self.log.info(
+                "The task was killed; ModelRoute execution %s had already finished", self.execution_id
+            )
+        else:
+            self.log.info("The task was killed; cancelled ModelRoute execution %s", self.execution_id)
+
+
+def execution_from_event(event: Any, execution_id: str | None = None) -> dict[str, Any]:
+    """Validate a trigger event: return the COMPLETED execution's summary, or raise what it reports."""
+    if not isinstance(event, dict) or event.get("status") not in ("done", "timeout", "error"):
+        raise ModelRouteError(f"Unexpected event from ModelRouteExecutionTrigger: {event!r}")
+    event_id = str(event.get("execution_id"))
+    if execution_id is not None and event_id != execution_id:
+        raise ModelRouteError(f"Got an event for execution {event_id} while waiting for {execution_id}")
+    if event["status"] == "timeout":
+        raise ModelRouteExecutionTimeout(event_id, message="the wait reached its deadline")
+    if event["status"] == "error":
+        error = event.get("error") or {}
+        if "http_status" in error:
+            raise api_error(
+                str(error.get("code")),
+                str(error.get("message")),
+                http_status=error.get("http_status"),
+                retryable=error.get("retryable"),
+                request_id=error.get("request_id"),
+            )
+        raise ModelRouteError(
+            f"Waiting for ModelRoute execution {event_id} failed: {error.get('code')}: {error.get('message')}"
+        )
+    summary: dict[str, Any] = event["execution"]
+    raise_for_execution(summary)
+    return summary
+
+
+def wait_in_worker(trigger: ModelRouteExecutionTrigger) -> dict[str, Any]:
+    """Run a trigger to its one event here, in a private event loop (the non-deferrable wait)."""
+
+    async def first_event() -> dict[str, Any]:
+        async for event in trigger.run():
+            return dict(event.payload)
+        raise ModelRouteError("ModelRouteExecutionTrigger ended without an event")
+
+    return asyncio.run(first_event())
