@@ -102,3 +102,17 @@ def xcom(dag_run: Any, task_id: str, key: str = "return_value", map_index: int =
             map_index=map_index,
             session=session,
         )
+
+
+def make_dag(dag_id: str, **kwargs: Any) -> Any:
+    """A manually triggered DAG for one test (dag ids must be unique per test: runs are kept)."""
+    from datetime import datetime, timezone
+
+    from airflow.providers.common.compat.sdk import DAG
+
+    safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in dag_id)
+    return DAG(safe_id, schedule=None, start_date=datetime(2026, 1, 1, tzinfo=timezone.utc), **kwargs)
+
+
+def task_instance(dag_run: Any, task_id: str) -> Any:
+    return next(ti for ti in dag_run.get_task_instances() if ti.task_id == task_id)

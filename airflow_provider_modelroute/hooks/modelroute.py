@@ -9,6 +9,7 @@ retry and how long to wait, so the two clients cannot drift apart.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import http
@@ -157,7 +158,9 @@ class RateBudget:
     It learns the window from the ``X-RateLimit-*`` headers: it hands out the requests that remain,
     then holds everyone until the window resets, so thousands of triggers do not storm the API
     into 429s. Until the first response only one request is in flight; a server that sends no
-    rate-limit headers is not paced at all.
+    rate-limit headers is not paced at all. Responses only ever lower the allowance (many are in
+    flight at once, so a response's ``Remaining`` is already stale); it is restored when the window
+    resets.
     """
 
     def __init__(self) -> None:
@@ -166,6 +169,13 @@ class RateBudget:
         self.reset: float | None = None
         self.unpaced = False
         self._probing = False
+        self._recent: collections.deque[float] = collections.deque()
+
+    def _open_window(self, now: float) -> None:
+        # ``Reset`` is in whole seconds, rounded up: the server's window may have turned up to a
+        # second earlier, so what we sent in that second may already count against the new one.
+        carried = sum(1 for sent in self._recent if sent > (self.reset or now) - 1)
+        self.remaining, self.reset = max(0, (self.limit or 1) - carried), None
 
     async def acquire(self) -> None:
         while not self.unpaced:
@@ -177,9 +187,12 @@ class RateBudget:
                 await asyncio.sleep(0.05)
                 continue
             if self.reset is not None and now >= self.reset:
-                self.remaining, self.reset = self.limit, None
-            if self.remaining is not None and self.remaining > 0:
+                self._open_window(now)
+            if self.remaining > 0:
                 self.remaining -= 1
+                self._recent.append(now)
+                while self._recent[0] < now - 2:
+                    self._recent.popleft()
                 return
             # Spread the wake-ups a little so a new window does not open with a thundering herd.
             await asyncio.sleep(max(self.reset - now, 0.0) if self.reset else 0.05)
@@ -193,13 +206,15 @@ class RateBudget:
         if seen.remaining is None:
             self.unpaced = self.remaining is None
             return
-        if self.remaining is not None and seen.reset is not None and seen.reset <= time.time():
-            return  # a late answer from a window that has already closed
-        self.limit = seen.limit
-        if seen.reset != self.reset or self.remaining is None:
+        # Without a Limit header, the most we have seen remaining is the best guess.
+        self.limit = seen.limit if seen.limit is not None else max(self.limit or 0, seen.remaining)
+        if self.remaining is None:  # the first answer
             self.remaining, self.reset = seen.remaining, seen.reset
-        else:
-            self.remaining = min(self.remaining, seen.remaining)
+            return
+        if seen.reset is None or seen.reset <= time.time() or (self.reset and seen.reset < self.reset):
+            return  # a late answer from a window that has already closed
+        self.remaining = min(self.remaining, seen.remaining)
+        self.reset = max(self.reset or 0.0, seen.reset)
 
 
 _BUDGETS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, RateBudget]] = (

@@ -1,0 +1,240 @@
+"""ModelRouteExecuteOperator in real DAG runs (dag.test) against the real local server."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from airflow_provider_modelroute.exceptions import ModelRouteConfigError
+from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
+from airflow_provider_modelroute.testing import ModelRouteServer
+from tests.conftest import make_dag, run_dag, task_instance, task_states, xcom
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+
+@pytest.fixture
+def defer_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Record every deferral (trigger kwargs and timeout) while letting it happen."""
+    calls: list[dict[str, Any]] = []
+    original = ModelRouteExecuteOperator.defer
+
+    def spy(self: ModelRouteExecuteOperator, **kwargs: Any) -> None:
+        calls.append({"trigger": kwargs["trigger"].serialize()[1], "timeout": kwargs.get("timeout")})
+        original(self, **kwargs)
+
+    monkeypatch.setattr(ModelRouteExecuteOperator, "defer", spy)
+    return calls
+
+
+def run_execute(request: pytest.FixtureRequest, **kwargs: Any) -> Any:
+    params: dict[str, Any] = {
+        "model": "test-image",
+        "input": {"prompt": "a red fox"},
+        "poll_interval": 0.05,
+        "retry_delay": timedelta(0),
+        **kwargs,
+    }
+    with make_dag(request.node.name) as dag:
+        ModelRouteExecuteOperator(task_id="generate", **params)
+    return run_dag(dag)
+
+
+def only_key(server: ModelRouteServer) -> str:
+    keys = list(server.stats()["idempotency_keys"])
+    assert len(keys) == 1, keys
+    return keys[0]
+
+
+@pytest.mark.parametrize("deferrable", [False, True], ids=["sync", "deferrable"])
+def test_submit_and_wait(
+    server: ModelRouteServer,
+    request: pytest.FixtureRequest,
+    defer_calls: list[dict[str, Any]],
+    deferrable: bool,
+) -> None:
+    dr = run_execute(request, deferrable=deferrable, metadata={"team": "{{ dag.dag_id }}"})
+    assert dr.state == "success"
+    assert task_states(dr) == {"generate": "success"}
+
+    result = xcom(dr, "generate")
+    execution_id = xcom(dr, "generate", "execution_id")
+    assert result["id"] == execution_id and result["status"] == "COMPLETED"
+    assert result["files"][0]["content_type"] == "image/png"
+    assert result["estimated_cost"] == "0.040"
+    assert execution_id in xcom(dr, "generate", "execution_url")
+    assert server.execution(execution_id)["metadata"] == {"team": dr.dag_id}  # templated
+    assert server.stats()["executions_created"] == 1
+    assert only_key(server).startswith("airflow-") and only_key(server).endswith("-g0")
+    if deferrable:
+        assert len(defer_calls) == 1
+        kwargs = defer_calls[0]["trigger"]
+        assert kwargs["execution_id"] == execution_id and kwargs["cancel_on_kill"] is True
+        assert defer_calls[0]["timeout"] is None  # no timeout asked: ModelRoute expires executions
+    else:
+        assert defer_calls == []
+
+
+def test_submit_without_waiting(server: ModelRouteServer, request: pytest.FixtureRequest) -> None:
+    dr = run_execute(request, wait_for_completion=False, input={"prompt": "p", "_simulate": {"seconds": 30}})
+    assert dr.state == "success"
+    result = xcom(dr, "generate")
+    assert result["status"] == "PENDING"
+    assert xcom(dr, "generate", "execution_id") == result["id"]
+    assert "GET /v1/executions/{id}" not in server.stats()["requests"]
+
+
+@pytest.mark.parametrize("deferrable", [False, True], ids=["sync", "deferrable"])
+@pytest.mark.parametrize(
+    ("outcome", "code"),
+    [("FAILED", "GENERATION_FAILED"), ("CANCELLED", None), ("EXPIRED", "EXPIRED")],
+)
+def test_unsuccessful_executions_fail_the_task(
+    server: ModelRouteServer,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+    deferrable: bool,
+    outcome: str,
+    code: str | None,
+) -> None:
+    simulate = {"outcome": outcome, "error_code": code}
+    dr = run_execute(request, deferrable=deferrable, input={"prompt": "p", "_simulate": simulate})
+    assert dr.state == "failed"
+    assert task_states(dr) == {"generate": "failed"}
+    logs = capsys.readouterr().out
+    assert f"ended {outcome}" in logs
+    if code:
+        assert code in logs
+    assert server.stats()["executions_created"] == 1
+
+
+@pytest.mark.parametrize("deferrable", [False, True], ids=["sync", "deferrable"])
+def test_timeout_cancels_the_remote_execution(
+    server: ModelRouteServer,
+    request: pytest.FixtureRequest,
+    defer_calls: list[dict[str, Any]],
+    deferrable: bool,
+) -> None:
+    dr = run_execute(
+        request, deferrable=deferrable, timeout=0.5, input={"prompt": "p", "_simulate": {"seconds": 60}}
+    )
+    assert dr.state == "failed"
+    execution_id = xcom(dr, "generate", "execution_id")
+    assert server.stats()["cancels"] == {execution_id: 1}
+    assert server.execution(execution_id)["status"] == "CANCELLED"
+    if deferrable:  # the framework's timeout must fire after our own deadline, never first
+        deadline = defer_calls[0]["trigger"]["deadline"]
+        assert deadline is not None
+        assert defer_calls[0]["timeout"] > timedelta(seconds=0.4)
+
+
+def test_execution_timeout_leaves_time_to_cancel(
+    server: ModelRouteServer, request: pytest.FixtureRequest
+) -> None:
+    dr = run_execute(
+        request, execution_timeout=timedelta(seconds=3), input={"prompt": "p", "_simulate": {"seconds": 60}}
+    )
+    assert dr.state == "failed"
+    execution_id = xcom(dr, "generate", "execution_id")
+    assert server.execution(execution_id)["status"] == "CANCELLED"
+
+
+@pytest.mark.parametrize("deferrable", [False, True], ids=["sync", "deferrable"])
+def test_retry_after_failure_mid_wait_reattaches(
+    server: ModelRouteServer, request: pytest.FixtureRequest, deferrable: bool
+) -> None:
+    # INTERNAL_ERROR is not retryable: the first try fails while waiting, the execution runs on.
+    server.add_fault("GET /v1/executions/{id}", "error", count=1, code="INTERNAL_ERROR")
+    dr = run_execute(
+        request, deferrable=deferrable, retries=1, input={"prompt": "p", "_simulate": {"seconds": 1}}
+    )
+    assert dr.state == "success"
+    ti = task_instance(dr, "generate")
+    assert ti.state == "success" and ti.try_number == 2
+    stats = server.stats()
+    assert stats["executions_created"] == 1  # the retry re-attached; it did not pay twice
+    assert stats["idempotent_replays"] == 1
+    assert stats["cancels"] == {}
+    assert xcom(dr, "generate")["id"] == server.execution_ids()[0]
+
+
+def test_failed_execution_is_not_replayed_forever(
+    server: ModelRouteServer, request: pytest.FixtureRequest
+) -> None:
+    server.add_fault(
+        "POST /v1/executions", "outcome", count=1, outcome="FAILED", error_code="GENERATION_FAILED"
+    )
+    dr = run_execute(request, retries=2)
+    assert dr.state == "success"
+    assert task_instance(dr, "generate").try_number == 2
+    stats = server.stats()
+    assert stats["executions_created"] == 2
+    keys = sorted(stats["idempotency_keys"])
+    assert [key[-3:] for key in keys] == ["-g0", "-g1"]
+    assert keys[0][:-3] == keys[1][:-3]  # same task instance, next generation
+
+
+def test_retry_of_a_finished_execution_returns_it_at_once(
+    server: ModelRouteServer, request: pytest.FixtureRequest
+) -> None:
+    # The first try's wait fails; by the retry the execution has completed: it is returned at once.
+    server.add_fault("GET /v1/executions/{id}", "error", count=1, code="INTERNAL_ERROR")
+    dr = run_execute(request, retries=1, input={"prompt": "p", "_simulate": {"seconds": 0}})
+    assert dr.state == "success"
+    stats = server.stats()
+    assert stats["executions_created"] == 1
+    assert stats["requests"]["GET /v1/executions/{id}"] == 1  # only the failed poll: no wait on retry
+    assert xcom(dr, "generate")["status"] == "COMPLETED"
+
+
+def test_force_new_execution(server: ModelRouteServer, request: pytest.FixtureRequest) -> None:
+    server.add_fault("GET /v1/executions/{id}", "error", count=1, code="INTERNAL_ERROR")
+    dr = run_execute(request, retries=1, force_new_execution=True)
+    assert dr.state == "success"
+    assert server.stats()["executions_created"] == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"model": "no-such-model"}, "INPUT_VALIDATION_ERROR"),
+        ({"input": {"prompt": ""}}, "input.prompt"),
+        ({"input": "{{ 'not a dict' }}"}, "input must be a dict"),
+    ],
+)
+def test_bad_input_fails_at_once_without_retrying(
+    server: ModelRouteServer,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+    kwargs: dict[str, Any],
+    message: str,
+) -> None:
+    dr = run_execute(request, retries=3, **kwargs)
+    assert dr.state == "failed"
+    ti = task_instance(dr, "generate")
+    assert ti.state == "failed" and ti.try_number == 1  # no retry loop on bad input
+    assert message in capsys.readouterr().out
+    assert server.stats()["executions_created"] == 0
+
+
+def test_bad_arguments_are_refused_when_the_dag_is_parsed() -> None:
+    with pytest.raises(ModelRouteConfigError, match="poll_interval must be positive"):
+        ModelRouteExecuteOperator(task_id="t", model="m", input={}, poll_interval=0)
+    with pytest.raises(ModelRouteConfigError, match="timeout must be positive"):
+        ModelRouteExecuteOperator(task_id="t", model="m", input={}, timeout=-1)
+
+
+def test_on_kill_cancels(server: ModelRouteServer) -> None:
+    from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+
+    execution = ModelRouteHook().create_execution("test-image", {"prompt": "p", "_simulate": {"seconds": 60}})
+    operator = ModelRouteExecuteOperator(task_id="t", model="test-image", input={"prompt": "p"})
+    operator.execution_id = execution["id"]
+    operator.on_kill()
+    assert server.stats()["cancels"] == {execution["id"]: 1}
+    assert server.execution(execution["id"])["status"] == "CANCELLED"
+    operator.cancel_on_kill = False
+    operator.on_kill()
+    assert server.stats()["cancels"] == {execution["id"]: 1}

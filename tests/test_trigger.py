@@ -1,0 +1,171 @@
+"""ModelRouteExecutionTrigger run in real event loops against the real local server."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import time
+from typing import Any
+
+import pytest
+
+from airflow_provider_modelroute._compat import TRIGGER_ON_KILL_SUPPORTED
+from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+from airflow_provider_modelroute.testing import ModelRouteServer
+from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
+from tests.conftest import connection_json
+
+
+def start_execution(seconds: float = 0.2, **simulate: Any) -> str:
+    execution = ModelRouteHook().create_execution(
+        "test-image", {"prompt": "p", "_simulate": {"seconds": seconds, **simulate}}
+    )
+    return str(execution["id"])
+
+
+async def events_of(trigger: ModelRouteExecutionTrigger) -> list[dict[str, Any]]:
+    return [dict(event.payload) async for event in trigger.run()]
+
+
+def run(trigger: ModelRouteExecutionTrigger) -> list[dict[str, Any]]:
+    return asyncio.run(events_of(trigger))
+
+
+def roundtrip(trigger: ModelRouteExecutionTrigger) -> ModelRouteExecutionTrigger:
+    """What the triggerer does: serialize to JSON in the DB, import the class path, rebuild."""
+    classpath, kwargs = trigger.serialize()
+    kwargs = json.loads(json.dumps(kwargs))  # only JSON primitives survive the database
+    module, _, name = classpath.rpartition(".")
+    rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
+    assert rebuilt.serialize() == (classpath, kwargs)
+    return rebuilt
+
+
+def test_serialize_roundtrip_behaves_the_same(server: ModelRouteServer) -> None:
+    trigger = ModelRouteExecutionTrigger(
+        start_execution(), poll_interval=0.05, deadline=time.time() + 30, cancel_on_kill=True
+    )
+    rebuilt = roundtrip(trigger)
+    assert rebuilt.serialize()[1] == {
+        "execution_id": trigger.execution_id,
+        "modelroute_conn_id": "modelroute_default",
+        "poll_interval": 0.05,
+        "deadline": trigger.deadline,
+        "cancel_on_kill": True,
+        "max_consecutive_failures": 5,
+    }
+    original, copied = run(trigger), run(rebuilt)
+    assert len(original) == len(copied) == 1
+    assert original[0]["status"] == copied[0]["status"] == "done"
+    assert original[0]["execution"] == copied[0]["execution"]
+    assert original[0]["execution"]["status"] == "COMPLETED"
+
+
+def test_faults_do_not_end_the_wait(server: ModelRouteServer) -> None:
+    execution_id = start_execution(0.5)
+    endpoint = "GET /v1/executions/{id}"
+    server.add_fault(endpoint, "rate_limit", count=2, retry_after=0)
+    server.add_fault(endpoint, "error", count=3, code="SERVICE_UNAVAILABLE")
+    server.add_fault(endpoint, "drop", count=2)
+    server.add_fault(endpoint, "error", count=2, code="MODEL_OVERLOADED")
+    events = run(ModelRouteExecutionTrigger(execution_id, poll_interval=0.05))
+    assert [e["status"] for e in events] == ["done"]
+    assert events[0]["execution"]["status"] == "COMPLETED"
+    assert server.stats()["faults_fired"] == 9
+
+
+def test_retry_after_is_respected(server: ModelRouteServer) -> None:
+    execution_id = start_execution(0)
+    server.add_fault("GET /v1/executions/{id}", "rate_limit", count=1, retry_after=1)
+    started = time.monotonic()
+    events = run(ModelRouteExecutionTrigger(execution_id, poll_interval=0.05))
+    assert events[0]["status"] == "done"
+    assert time.monotonic() - started >= 1.0
+
+
+def test_gives_up_after_consecutive_failures_with_one_event(
+    server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_MODELROUTE_DEFAULT", connection_json(server, max_retries=0))
+    execution_id = start_execution(60)
+    server.add_fault("GET /v1/executions/{id}", "error", count=None, code="SERVICE_UNAVAILABLE")
+    events = run(ModelRouteExecutionTrigger(execution_id, poll_interval=0.01, max_consecutive_failures=3))
+    assert len(events) == 1
+    assert events[0]["status"] == "error" and events[0]["execution_id"] == execution_id
+    assert events[0]["error"]["code"] == "SERVICE_UNAVAILABLE"
+    assert events[0]["error"]["request_id"].startswith("req_")
+    assert server.stats()["requests"]["GET /v1/executions/{id}"] == 3
+
+
+def test_non_retryable_error_ends_the_wait_at_once(server: ModelRouteServer) -> None:
+    execution_id = start_execution(60)
+    server.add_fault("GET /v1/executions/{id}", "error", count=None, code="UNAUTHORIZED")
+    events = run(ModelRouteExecutionTrigger(execution_id, poll_interval=0.01))
+    assert [e["status"] for e in events] == ["error"]
+    assert events[0]["error"]["code"] == "UNAUTHORIZED"
+    assert server.stats()["requests"]["GET /v1/executions/{id}"] == 1
+
+
+def test_deadline_yields_timeout(server: ModelRouteServer) -> None:
+    execution_id = start_execution(60)
+    started = time.monotonic()
+    events = run(ModelRouteExecutionTrigger(execution_id, poll_interval=0.1, deadline=time.time() + 0.5))
+    assert events == [{"status": "timeout", "execution_id": execution_id}]
+    assert 0.4 < time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("outcome", ["FAILED", "CANCELLED", "EXPIRED"])
+def test_unsuccessful_end_is_reported(server: ModelRouteServer, outcome: str) -> None:
+    execution_id = start_execution(0.1, outcome=outcome, error_code="GENERATION_FAILED")
+    events = run(ModelRouteExecutionTrigger(execution_id, poll_interval=0.05))
+    assert events[0]["status"] == "done" and events[0]["execution"]["status"] == outcome
+
+
+def test_many_triggers_share_one_rate_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    with ModelRouteServer(pending_seconds=0, processing_seconds=1.5, rate_limit=40, rate_window=1) as server:
+        monkeypatch.setenv("AIRFLOW_CONN_MODELROUTE_DEFAULT", connection_json(server))
+        hook = ModelRouteHook()  # one hook: it paces itself from the rate-limit headers
+        prompt = {"prompt": "p", "_simulate": {"seconds": 1.5}}
+        execution_ids = [str(hook.create_execution("test-image", prompt)["id"]) for _ in range(60)]
+        limited_before = server.stats()["rate_limited"]
+
+        async def wait_all() -> list[list[dict[str, Any]]]:
+            triggers = [ModelRouteExecutionTrigger(e, poll_interval=0.2) for e in execution_ids]
+            return await asyncio.gather(*(events_of(t) for t in triggers))
+
+        results = asyncio.run(wait_all())
+        stats = server.stats()
+    assert all(len(events) == 1 and events[0]["status"] == "done" for events in results)
+    assert {events[0]["execution_id"] for events in results} == set(execution_ids)
+    assert stats["rate_limited"] == limited_before == 0  # paced by the shared budget: no 429 at all
+    assert stats["requests"]["GET /v1/executions/{id}"] >= 60
+
+
+def test_cancelled_run_cleans_up(server: ModelRouteServer) -> None:
+    execution_id = start_execution(60)
+
+    async def cancel_midway() -> None:
+        task = asyncio.ensure_future(events_of(ModelRouteExecutionTrigger(execution_id, poll_interval=0.05)))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert pending == []
+
+    asyncio.run(cancel_midway())
+    assert server.stats()["cancels"] == {}  # a triggerer restart must not cancel the execution
+
+
+@pytest.mark.skipif(not TRIGGER_ON_KILL_SUPPORTED, reason="BaseTrigger.on_kill arrived in Airflow 3.3")
+@pytest.mark.parametrize("cancel_on_kill", [True, False])
+def test_on_kill_cancels_when_asked(server: ModelRouteServer, cancel_on_kill: bool) -> None:
+    execution_id = start_execution(60)
+    trigger = ModelRouteExecutionTrigger(execution_id, poll_interval=0.05, cancel_on_kill=cancel_on_kill)
+    asyncio.run(trigger.on_kill())
+    expected = {execution_id: 1} if cancel_on_kill else {}
+    assert server.stats()["cancels"] == expected
+    assert server.execution(execution_id)["status"] in (
+        {"CANCELLED"} if cancel_on_kill else {"PENDING", "PROCESSING"}
+    )
