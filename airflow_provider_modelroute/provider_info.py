@@ -95,6 +95,22 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "hooks": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.hooks.modelroute"]}],
+        "operators": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.operators.modelroute"]}],
+        "sensors": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.sensors.modelroute"]}],
+        "triggers": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.triggers.modelroute"]}],
+        "transfers": [
+            {
+                "source-integration-name": "ModelRoute",
+                "target-integration-name": "Common IO",
+                "python-module": f"{_PKG}.transfers.modelroute",
+            },
+            {
+                "source-integration-name": "Common IO",
+                "target-integration-name": "ModelRoute",
+                "python-module": f"{_PKG}.transfers.modelroute",
+            },
+        ],
+        "extra-links": [f"{_PKG}.operators.modelroute.ModelRouteExecutionLink"],
         "connection-types": [
             {
                 "hook-class-name": f"{_PKG}.hooks.modelroute.ModelRouteHook",

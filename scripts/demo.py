@@ -1,33 +1,56 @@
-"""`make demo`: start the local ModelRoute server, run one execution through the hook, save the PNG."""
+"""`make demo`: run the example DAG end to end against the local ModelRoute server (no API key).
+
+Starts the local server, points ``modelroute_default`` at it, runs
+``airflow dags test example_modelroute_generate_and_store`` in a throwaway AIRFLOW_HOME, and prints
+where the generated PNG landed.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
 
-from airflow_provider_modelroute import api
-from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.testing import ModelRouteServer
+
+REPO = Path(__file__).resolve().parent.parent
+DAG_ID = "example_modelroute_generate_and_store"
+
+
+def airflow(*args: str, env: dict[str, str], quiet: bool = False) -> None:
+    command = [sys.executable, "-m", "airflow", *args]
+    result = subprocess.run(command, env=env, capture_output=quiet, text=True, check=False)
+    if result.returncode != 0:
+        if quiet:
+            print(result.stdout[-5000:], result.stderr[-5000:], sep="\n")
+        sys.exit(f"`airflow {' '.join(args)}` failed with exit code {result.returncode}")
 
 
 def main() -> None:
-    with ModelRouteServer() as server:
-        os.environ.update(server.airflow_connection_env())
-        hook = ModelRouteHook()
-        execution = hook.create_execution("flux-1.1-pro", {"prompt": "a lighthouse at dawn"})
-        while not api.is_terminal(execution["status"]):
-            time.sleep(0.2)
-            execution = hook.get_execution(execution["id"])
-        file_id = api.result_files(execution)[0]["file_id"]
-        target = Path(tempfile.mkdtemp(prefix="modelroute-demo-")) / f"{file_id}.png"
-        with target.open("wb") as out:
-            for chunk in hook.download_file(file_id):
-                out.write(chunk)
-    print(
-        f"Execution {execution['id']} {execution['status']}: wrote {target} ({target.stat().st_size} bytes)"
-    )
+    work = Path(tempfile.mkdtemp(prefix="modelroute-demo-"))
+    destination = work / "images"
+    with ModelRouteServer(pending_seconds=0.5, processing_seconds=1.5) as server:
+        env = {
+            **os.environ,
+            **server.airflow_connection_env(),
+            "AIRFLOW_HOME": str(work / "airflow-home"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "example_dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        }
+        print(f"Local ModelRoute server at {server.base_url}; Airflow home {env['AIRFLOW_HOME']}")
+        airflow("db", "migrate", env=env, quiet=True)
+        conf = json.dumps({"destination": f"{destination.as_uri()}/"})
+        airflow("dags", "test", DAG_ID, "--conf", conf, env=env)
+        stats = server.stats()
+    images = sorted(destination.glob("*.png"))
+    if len(images) != 1 or not images[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n"):
+        sys.exit(f"Expected one PNG in {destination}, found {[p.name for p in destination.iterdir()]}")
+    print()
+    print(f"The DAG ran: {stats['executions_created']} execution, {stats['bytes_served']} bytes downloaded.")
+    print(f"Output file: {images[0]} ({images[0].stat().st_size} bytes, PNG)")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,15 @@ def airflow_db() -> None:
         DagBundlesManager().sync_bundles_to_db()
 
 
+def dag_bag(folder: str | Path) -> Any:
+    """A DagBag of one folder (LOAD_EXAMPLES is off for the session)."""
+    if AIRFLOW_V_3_0_PLUS:
+        from airflow.dag_processing.dagbag import DagBag
+    else:
+        from airflow.models.dagbag import DagBag
+    return DagBag(dag_folder=str(folder))
+
+
 def run_dag(dag: Any, **kwargs: Any) -> Any:
     """Run a DAG in-process with ``dag.test()`` and return its DagRun (whatever the outcome)."""
     if AIRFLOW_V_3_0_PLUS:  # a DAG built in a test must be serialized before dag.test() on 3.x
@@ -116,3 +125,57 @@ def make_dag(dag_id: str, **kwargs: Any) -> Any:
 
 def task_instance(dag_run: Any, task_id: str) -> Any:
     return next(ti for ti in dag_run.get_task_instances() if ti.task_id == task_id)
+
+
+# --- S3 on loopback (moto), for the transfer tests ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def moto_s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on loopback for the whole session (~2 s to start)."""
+    from moto.server import ThreadedMotoServer
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    yield f"http://{host}:{port}"
+    moto.stop()
+
+
+class S3Bucket:
+    """A fresh bucket on the moto server, its boto3 client, and the Airflow ``aws`` connection to it."""
+
+    def __init__(self, name: str, client: Any, conn_id: str) -> None:
+        self.name, self.client, self.conn_id = name, client, conn_id
+
+    def keys(self, prefix: str = "") -> list[str]:
+        listing = self.client.list_objects_v2(Bucket=self.name, Prefix=prefix)
+        return sorted(item["Key"] for item in listing.get("Contents", []))
+
+    def read(self, key: str) -> bytes:
+        return bytes(self.client.get_object(Bucket=self.name, Key=key)["Body"].read())
+
+    def pending_uploads(self) -> list[str]:
+        listing = self.client.list_multipart_uploads(Bucket=self.name)
+        return [upload["Key"] for upload in listing.get("Uploads", [])]
+
+
+@pytest.fixture
+def s3_bucket(moto_s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
+    """A new bucket per test, reachable from Airflow through the ``aws_moto`` connection."""
+    import uuid
+
+    import boto3
+
+    credentials = {"aws_access_key_id": "testing-key", "aws_secret_access_key": "testing-secret"}
+    conn = {
+        "conn_type": "aws",
+        "login": credentials["aws_access_key_id"],
+        "password": credentials["aws_secret_access_key"],
+        "extra": {"endpoint_url": moto_s3_endpoint, "region_name": "us-east-1"},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_MOTO", json.dumps(conn))
+    client = boto3.client("s3", endpoint_url=moto_s3_endpoint, region_name="us-east-1", **credentials)
+    name = f"modelroute-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    return S3Bucket(name, client, "aws_moto")

@@ -26,6 +26,24 @@ def test_provider_info_matches_airflows_own_schema() -> None:
     assert conn["ui-field-behaviour"]["relabeling"]["password"] == "API key"
 
 
+def test_every_declared_module_and_link_imports() -> None:
+    import importlib
+
+    info = get_provider_info()
+    modules = [
+        m
+        for kind in ("hooks", "operators", "sensors", "triggers")
+        for e in info[kind]
+        for m in e["python-modules"]
+    ]
+    modules += [e["python-module"] for e in info["transfers"]]
+    for module in modules:
+        importlib.import_module(module)
+    for path in info["extra-links"]:
+        module, _, name = path.rpartition(".")
+        assert getattr(importlib.import_module(module), name).name
+
+
 def test_hook_classmethods_match_provider_info() -> None:
     declared = get_provider_info()["connection-types"][0]["ui-field-behaviour"]
     behaviour = ModelRouteHook.get_ui_field_behaviour()

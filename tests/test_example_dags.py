@@ -1,0 +1,96 @@
+"""The example DAGs import cleanly and run to success against the local server."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_provider_modelroute.testing import ModelRouteServer
+from tests.conftest import REPO, dag_bag, run_dag, task_states, xcom
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+EXAMPLES = REPO / "example_dags"
+
+
+@pytest.fixture(scope="module")
+def dagbag() -> Any:
+    return dag_bag(EXAMPLES)
+
+
+def test_examples_import_without_errors(dagbag: Any) -> None:
+    assert dagbag.import_errors == {}
+    assert set(dagbag.dag_ids) == {
+        "example_modelroute_generate_and_store",
+        "example_modelroute_batch",
+        "example_modelroute_image_to_image",
+    }
+
+
+def stored_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def assert_matches_server(server: ModelRouteServer, stored: list[dict], folder: Path) -> None:
+    files = stored_files(folder)
+    assert [Path(item["uri"].removeprefix("file://")).name for item in stored] == [p.name for p in files]
+    for item, path in zip(stored, files, strict=True):
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == item["sha256"]
+        assert item["sha256"] == server.file_info(item["file_id"])["sha256"]
+
+
+def test_generate_and_store(server: ModelRouteServer, dagbag: Any, tmp_path: Path) -> None:
+    dag = dagbag.get_dag("example_modelroute_generate_and_store")
+    dr = run_dag(dag, run_conf={"prompt": "a test lighthouse", "destination": f"{tmp_path.as_uri()}/"})
+    assert dr.state == "success"
+    assert task_states(dr) == {
+        "submit": "success",
+        "wait": "success",
+        "store": "success",
+        "report": "success",
+    }
+    stored = xcom(dr, "store")
+    assert len(stored) == 1 and stored[0]["content_type"] == "image/png"
+    assert_matches_server(server, stored, tmp_path)
+    execution = server.execution(xcom(dr, "submit", "execution_id"))
+    assert execution["input"] == {"prompt": "a test lighthouse"}
+    assert server.stats()["executions_created"] == 1
+
+
+def test_batch_with_mapping_and_pool(server: ModelRouteServer, dagbag: Any, tmp_path: Path) -> None:
+    from airflow.models.pool import Pool
+
+    Pool.create_or_update_pool(
+        "modelroute_api", slots=2, description="ModelRoute API", include_deferred=False
+    )
+    dag = dagbag.get_dag("example_modelroute_batch")
+    prompts = ["one", "two", "three"]
+    dr = run_dag(dag, run_conf={"prompts": prompts, "destination": f"{tmp_path.as_uri()}/"})
+    assert dr.state == "success"
+    states = [(ti.task_id, ti.map_index, str(ti.state)) for ti in dr.get_task_instances()]
+    assert sorted(s for s in states if s[0] != "inputs") == [
+        (task, index, "success") for task in ("generate", "store") for index in range(3)
+    ]
+    assert all(ti.pool == "modelroute_api" for ti in dr.get_task_instances() if ti.task_id != "inputs")
+    assert len(stored_files(tmp_path)) == 3
+    assert server.stats()["executions_created"] == 3
+    inputs = sorted(server.execution(e)["input"]["prompt"] for e in server.execution_ids())
+    assert inputs == sorted(prompts)
+
+
+def test_image_to_image(server: ModelRouteServer, dagbag: Any, tmp_path: Path) -> None:
+    dag = dagbag.get_dag("example_modelroute_image_to_image")
+    source = tmp_path / "in" / "sample.png"
+    out = tmp_path / "out"
+    dr = run_dag(dag, run_conf={"source": source.as_uri(), "destination": f"{out.as_uri()}/"})
+    assert dr.state == "success"
+    assert set(task_states(dr).values()) == {"success"}
+    file_id = xcom(dr, "upload")
+    assert file_id.startswith("file_")
+    assert server.file_info(file_id)["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    execution = server.execution(xcom(dr, "transform", "execution_id"))
+    assert execution["input"]["image"] == file_id
+    assert_matches_server(server, xcom(dr, "store"), out)
