@@ -22,7 +22,7 @@ def test_snippet_runs(index: int, monkeypatch: pytest.MonkeyPatch, tmp_path) -> 
     saved = dict(os.environ)
     namespace: dict = {"__name__": f"readme_snippet_{index}"}
     try:
-        exec(compile(SNIPPETS[index], f"README.md[python #{index}]", "exec"), namespace)  # noqa: S102
+        exec(compile(SNIPPETS[index], f"README.md[python #{index}]", "exec"), namespace)
         tests = [f for name, f in namespace.items() if name.startswith("test_") and callable(f)]
         for test in tests:
             test(**({"tmp_path": tmp_path} if "tmp_path" in inspect.signature(test).parameters else {}))
