@@ -7,8 +7,12 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_modelroute._compat import AIRFLOW_V_3_0_PLUS
 from airflow_provider_modelroute.exceptions import ModelRouteConfigError
-from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
+from airflow_provider_modelroute.operators.modelroute import (
+    ModelRouteExecuteOperator,
+    ModelRouteExecutionLink,
+)
 from airflow_provider_modelroute.testing import ModelRouteServer
 from tests.conftest import make_dag, run_dag, task_instance, task_states, xcom
 
@@ -64,7 +68,10 @@ def test_submit_and_wait(
     assert result["id"] == execution_id and result["status"] == "COMPLETED"
     assert result["files"][0]["content_type"] == "image/png"
     assert result["estimated_cost"] == "0.040"
-    assert execution_id in xcom(dr, "generate", "execution_url")
+    url = xcom(dr, "generate", "execution_url")
+    assert url == f"https://app.modelroute.ai/executions/{execution_id}"
+    if AIRFLOW_V_3_0_PLUS:  # Airflow 3 stores each extra link's target in XCom when the task ends
+        assert xcom(dr, "generate", ModelRouteExecutionLink().xcom_key) == url
     assert server.execution(execution_id)["metadata"] == {"team": dr.dag_id}  # templated
     assert server.stats()["executions_created"] == 1
     assert only_key(server).startswith("airflow-") and only_key(server).endswith("-g0")
