@@ -1,4 +1,6 @@
 # Two commands: `make demo` and `make test`. Both set everything up from nothing but Python 3.10+.
+# `make test-matrix` runs the suite on other Airflow versions, Pythons and dependency versions
+# (scripts/matrix.py: one uv environment per cell under .matrix/; MATRIX_CELLS=... picks cells).
 PYTHON ?= python3
 AIRFLOW_VERSION ?= 3.3.2
 VENV ?= .venv
@@ -6,8 +8,10 @@ UV_HOME := .uv
 UV := $(UV_HOME)/bin/uv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(AIRFLOW_VERSION)
+MATRIX_JOBS ?= 2
+MATRIX_CELLS ?=
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean test-matrix test-matrix-list bench
 
 setup: $(STAMP)
 
@@ -32,5 +36,18 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest
 
+test-matrix: $(UV)
+	UV=$(abspath $(UV)) $(PYTHON) scripts/matrix.py --jobs $(MATRIX_JOBS) $(MATRIX_CELLS)
+
+test-matrix-list:
+	@$(PYTHON) scripts/matrix.py --list
+
+# The benchmarks of BENCHMARKS.md, full mode (~25 min on 2 cores); each prints its Markdown table.
+bench: $(STAMP)
+	$(PY) benchmarks/bench_triggerer.py
+	$(PY) benchmarks/bench_transfer.py
+	$(PY) benchmarks/bench_import.py
+	$(PY) benchmarks/bench_hook.py
+
 clean:
-	rm -rf $(VENV) $(UV_HOME) build dist *.egg-info
+	rm -rf $(VENV) $(UV_HOME) .matrix build dist *.egg-info

@@ -1,0 +1,37 @@
+"""The benchmarks still run: each script's ``--quick`` mode exits 0 and prints its Markdown table.
+
+Smoke tests only: they never assert a speed (figures from a loaded CI machine mean nothing); the
+numbers live in BENCHMARKS.md, from full runs (``make bench``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, needs_airflow_sdk
+
+pytestmark = needs_airflow_sdk("the benchmarks (measured on Airflow 3.3)")
+
+SCRIPTS = ["bench_triggerer.py", "bench_transfer.py", "bench_import.py", "bench_hook.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_quick_mode_prints_its_table(script: str) -> None:
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=240,
+    )
+    output = completed.stdout
+    assert completed.returncode == 0, f"{script} failed:\n{output[-2000:]}\n{completed.stderr[-4000:]}"
+    lines = output.splitlines()
+    assert any(line.startswith("### ") for line in lines), output
+    header = next(i for i, line in enumerate(lines) if line.startswith("| ") and line.endswith(" |"))
+    assert lines[header + 1].startswith("|---"), output
+    assert lines[header + 2].startswith("| "), output  # at least one row
+    assert "Traceback" not in output
