@@ -13,6 +13,7 @@ from airflow import __version__ as _airflow_version
 from airflow.providers.common.compat.sdk import (
     AirflowException,
     AirflowFailException,
+    AirflowNotFoundException,
     AirflowSensorTimeout,
     AirflowSkipException,
     BaseHook,
@@ -21,10 +22,29 @@ from airflow.providers.common.compat.sdk import (
     BaseSensorOperator,
     PokeReturnValue,
     conf,
-    mask_secret,
 )
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from packaging.version import Version
+
+try:
+    from airflow.providers.common.compat.sdk import mask_secret
+except ImportError:  # common-compat < 1.22 (the newest for Python 3.10 is 1.20) does not map it yet
+    import importlib
+
+    def _find_mask_secret() -> Any:
+        # the homes common-compat 1.22+ looks in: Airflow 3.1+, 3.0, 2.11
+        for home in (
+            "airflow.sdk.log",
+            "airflow.sdk.execution_time.secrets_masker",
+            "airflow.utils.log.secrets_masker",
+        ):
+            try:
+                return importlib.import_module(home).mask_secret
+            except (ImportError, AttributeError):
+                continue
+        raise ImportError("mask_secret not found in this Airflow") from None
+
+    mask_secret = _find_mask_secret()
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Connection, Context
@@ -38,6 +58,7 @@ if Version("2.11") > _AIRFLOW:
     )
 
 AIRFLOW_V_3_0_PLUS = Version("3.0") <= _AIRFLOW
+AIRFLOW_V_3_1_PLUS = Version("3.1") <= _AIRFLOW
 AIRFLOW_V_3_3_PLUS = Version("3.3") <= _AIRFLOW
 
 #: Airflow 3.3 calls ``BaseTrigger.on_kill`` when a deferred task is killed or times out.
@@ -72,10 +93,12 @@ def object_storage_path(url: str, conn_id: str | None = None) -> Any:
 
 __all__ = [
     "AIRFLOW_V_3_0_PLUS",
+    "AIRFLOW_V_3_1_PLUS",
     "AIRFLOW_V_3_3_PLUS",
     "TRIGGER_ON_KILL_SUPPORTED",
     "AirflowException",
     "AirflowFailException",
+    "AirflowNotFoundException",
     "AirflowSensorTimeout",
     "AirflowSkipException",
     "BaseHook",

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from airflow_provider_modelroute.testing import ModelRouteServer
-from tests.conftest import REPO, dag_bag, run_dag, task_states, xcom
+from tests.conftest import REPO, dag_bag, needs_airflow_sdk, run_dag, task_states, xcom
 
-pytestmark = pytest.mark.usefixtures("airflow_db")
+pytestmark = [pytest.mark.usefixtures("airflow_db"), needs_airflow_sdk("every example DAG")]
 
 EXAMPLES = REPO / "example_dags"
 

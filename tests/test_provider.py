@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from importlib.resources import files
@@ -74,5 +75,8 @@ def _airflow_cli(*args: str) -> str:
 )
 def test_airflow_cli_lists_provider(command: tuple[str, ...], expected: str) -> None:
     out = _airflow_cli(*command)
-    rows = json.loads(out[out.index("[") :])
+    # the JSON array, after any log lines (Airflow 3.0 may log to stdout: "[2026-...] {...} INFO ...")
+    start = re.search(r"^\[(?=\{|\])", out, flags=re.M)
+    assert start, out[-2000:]
+    rows = json.loads(out[start.start() :])
     assert any(expected in json.dumps(row) for row in rows), out[-2000:]

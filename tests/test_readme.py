@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, needs_airflow_sdk
 
 SNIPPETS = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
 
@@ -17,7 +17,13 @@ def test_readme_has_snippets() -> None:
     assert len(SNIPPETS) >= 2
 
 
-@pytest.mark.parametrize("index", range(len(SNIPPETS)))
+@pytest.mark.parametrize(
+    "index",
+    [
+        pytest.param(i, marks=needs_airflow_sdk(f"README snippet #{i}")) if "airflow.sdk" in s else i
+        for i, s in enumerate(SNIPPETS)
+    ],
+)
 def test_snippet_runs(index: int, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     saved = dict(os.environ)
     namespace: dict = {"__name__": f"readme_snippet_{index}"}
