@@ -361,6 +361,23 @@ def test_malformed_key_fails_before_any_request(
     assert server.stats()["requests"] == {}
 
 
+def test_missing_connection_fails_at_once_naming_it(server: ModelRouteServer) -> None:
+    async def open_async_client() -> None:
+        async with ModelRouteHook("nowhere").async_client():
+            pass
+
+    for attempt in (
+        lambda: ModelRouteHook("nowhere").get_execution("exec_1"),
+        lambda: asyncio.run(open_async_client()),
+    ):
+        with pytest.raises(
+            ModelRouteConfigError, match="connection 'nowhere' does not exist: create it"
+        ) as err:
+            attempt()
+        assert isinstance(err.value, AirflowFailException)  # no retry can create it
+    assert server.stats()["requests"] == {}
+
+
 @pytest.mark.parametrize(
     ("extra", "field"), [({"timeout": "soon"}, "timeout"), ({"max_retries": -1}, "max_retries")]
 )

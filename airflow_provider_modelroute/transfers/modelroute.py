@@ -5,7 +5,7 @@ an expired URL) into the destination while a sha256 is computed; memory does not
 Nothing is published until the byte count matches ``size_bytes``:
 
 * local files (``file://``) are written to a hidden temporary name in the same directory, fsynced,
-  re-read to check size and sha256, and renamed over the final name (``os.replace``; with
+  their size checked, and renamed over the final name (``os.replace``; with
   ``overwrite="fail"`` a hard link, which refuses to clobber), so a reader sees the old file or the
   complete new one;
 * object stores whose writes only appear when the file is committed (S3, GCS) are written directly,
@@ -36,7 +36,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute._compat import AirflowFailException, BaseOperator, object_storage_path
+from airflow_provider_modelroute._compat import (
+    AirflowFailException,
+    AirflowNotFoundException,
+    BaseOperator,
+    object_storage_path,
+)
 from airflow_provider_modelroute.exceptions import ModelRouteConfigError, ModelRouteTransferError
 
 if TYPE_CHECKING:
@@ -45,7 +50,7 @@ if TYPE_CHECKING:
 
 #: What ``overwrite`` accepts.
 OVERWRITE_MODES = ("fail", "replace", "skip_if_identical")
-DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
+DEFAULT_CHUNK_SIZE = 5 * 1024 * 1024
 #: Progress is logged at most this often (and at every quarter of the file).
 PROGRESS_INTERVAL = 5.0
 #: Stores whose written objects only appear when the file is committed (and can be discarded).
@@ -69,6 +74,21 @@ def display_uri(path: Any) -> str:
     parts = urlsplit(str(path))
     netloc = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def open_storage_path(url: str, conn_id: str | None, field: str) -> Any:
+    """The ``ObjectStoragePath`` a task argument names; one Airflow cannot open fails the task at once."""
+    try:
+        path = object_storage_path(url, conn_id or None)
+        path.fs  # noqa: B018 - resolves the filesystem and the connection now, not mid-copy
+    except (ValueError, ImportError, AirflowNotFoundException) as exc:
+        reason = str(exc).replace(url, display_uri(url))  # never the URL's user info
+        raise ModelRouteConfigError(
+            f"{field} {display_uri(url)!r} cannot be opened ({type(exc).__name__}: {reason}): use a URL "
+            f"whose scheme Airflow has a filesystem for (file://, or s3://, gs://... with that "
+            f"provider installed) and check {field}_conn_id"
+        ) from None
+    return path
 
 
 def _is_deferred(value: Any) -> bool:
@@ -131,17 +151,15 @@ class _LocalSink:
     def write(self, chunk: bytes) -> None:
         self.handle.write(chunk)
 
-    def finish(self, size: int, sha256: str, chunk_size: int) -> None:
-        """Flush to disk, then check that what is on disk is what was received."""
+    def finish(self, size: int) -> None:
+        """Flush to disk (the rename must never publish bytes still in the page cache), check the size."""
         self.handle.flush()
         os.fsync(self.handle.fileno())
+        staged_size = os.fstat(self.handle.fileno()).st_size
         self.handle.close()
-        with open(self.temp, "rb") as staged:
-            staged_sha, staged_size = _sha256_of(staged, chunk_size)
-        if (staged_size, staged_sha) != (size, sha256):
+        if staged_size != size:
             raise ModelRouteTransferError(
-                f"The staged copy of {self.final} does not match the bytes received "
-                f"({staged_size} bytes, sha256 {staged_sha}; expected {size} bytes, sha256 {sha256})"
+                f"The staged copy of {self.final} has {staged_size} bytes, not the {size} received"
             )
 
     def publish(self, no_clobber: bool) -> None:
@@ -183,7 +201,7 @@ class _CommitOnCloseSink:
     def write(self, chunk: bytes) -> None:
         self.handle.write(chunk)
 
-    def finish(self, size: int, sha256: str, chunk_size: int) -> None:
+    def finish(self, size: int) -> None:
         """Nothing is readable before the commit: the byte count was checked by the caller."""
 
     def publish(self, no_clobber: bool) -> None:
@@ -213,7 +231,7 @@ class _StagedSink:
     def write(self, chunk: bytes) -> None:
         self.handle.write(chunk)
 
-    def finish(self, size: int, sha256: str, chunk_size: int) -> None:
+    def finish(self, size: int) -> None:
         self.handle.close()
         staged_size = int(self.fs.size(self.temp))
         if staged_size != size:
@@ -348,10 +366,11 @@ class ModelRouteToStorageOperator(BaseOperator):
         """Copy the file(s) and return their records (what ``execute`` does; usable outside a task)."""
         self._check_source()
         self._check_destination()
+        destination = open_storage_path(self.destination, self.destination_conn_id, "destination")
         downloads = [
             self.hook.download_file(file_id, chunk_size=self.chunk_size) for file_id in self._file_ids()
         ]
-        targets = self._targets(downloads)
+        targets = self._targets(destination, downloads)
         self._compare_existing(targets)
         return [self._copy(target) for target in targets]
 
@@ -397,8 +416,7 @@ class ModelRouteToStorageOperator(BaseOperator):
         self.log.info("Execution %s has %d file(s) to copy", execution_id, len(file_ids))
         return file_ids
 
-    def _targets(self, downloads: list[FileDownload]) -> list[_Target]:
-        destination = object_storage_path(self.destination, self.destination_conn_id or None)
+    def _targets(self, destination: Any, downloads: list[FileDownload]) -> list[_Target]:
         fs, root = destination.fs, destination.path
         with contextlib.suppress(Exception):
             fs.invalidate_cache(root)  # a cached listing must not hide objects written since
@@ -500,8 +518,7 @@ class ModelRouteToStorageOperator(BaseOperator):
                 size += len(chunk)
                 progress.add(len(chunk))
             self._check_size(download, size)
-            sha256 = digest.hexdigest()
-            sink.finish(size, sha256, self.chunk_size)
+            sink.finish(size)
             sink.publish(no_clobber=self.overwrite == "fail")
         except BaseException as exc:
             sink.abort()
@@ -516,6 +533,7 @@ class ModelRouteToStorageOperator(BaseOperator):
             raise ModelRouteTransferError(
                 f"{uri} holds {published} bytes after the copy, not {size}: removed it"
             )
+        sha256 = digest.hexdigest()
         self.log.info(
             "Copied file %s to %s: %s; sha256 %s", download.file_id, uri, progress.describe(), sha256
         )
@@ -592,7 +610,7 @@ class StorageToModelRouteOperator(BaseOperator):
 
     def upload(self) -> dict[str, Any]:
         """Upload the file and return its record (what ``execute`` does; usable outside a task)."""
-        source = object_storage_path(self.source, self.source_conn_id or None)
+        source = open_storage_path(self.source, self.source_conn_id, "source")
         shown = display_uri(source)
         try:
             stat = source.stat()
