@@ -44,7 +44,7 @@ def roundtrip(trigger: ModelRouteExecutionTrigger) -> ModelRouteExecutionTrigger
 
 def test_serialize_roundtrip_behaves_the_same(server: ModelRouteServer) -> None:
     trigger = ModelRouteExecutionTrigger(
-        start_execution(), poll_interval=0.05, deadline=time.time() + 30, cancel_on_kill=True
+        start_execution(), poll_interval=0.05, deadline=time.time() + 30, cancel_on_kill=True, try_number=2
     )
     rebuilt = roundtrip(trigger)
     assert rebuilt.serialize()[1] == {
@@ -54,12 +54,14 @@ def test_serialize_roundtrip_behaves_the_same(server: ModelRouteServer) -> None:
         "deadline": trigger.deadline,
         "cancel_on_kill": True,
         "max_consecutive_failures": 5,
+        "try_number": 2,
     }
     original, copied = run(trigger), run(rebuilt)
     assert len(original) == len(copied) == 1
     assert original[0]["status"] == copied[0]["status"] == "done"
     assert original[0]["execution"] == copied[0]["execution"]
     assert original[0]["execution"]["status"] == "COMPLETED"
+    assert original[0]["try_number"] == copied[0]["try_number"] == 2
 
 
 def test_faults_do_not_end_the_wait(server: ModelRouteServer) -> None:

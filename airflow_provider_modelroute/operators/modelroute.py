@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 STATE_KEY = "modelroute_execution"
 #: How many failed executions a task may leave behind before it stops starting new ones.
 MAX_GENERATIONS = 100
-#: The framework's deferral timeout fires this long after our own deadline, never first.
-DEFER_GRACE = timedelta(minutes=2)
 #: With ``execution_timeout`` set, our deadline falls this long (at most 20 % of it) before it,
 #: to leave time to cancel.
 TIMEOUT_MARGIN = 30.0
@@ -249,12 +247,10 @@ class ModelRouteExecuteOperator(BaseOperator):
             raise_for_execution(execution)
             return api.execution_summary(execution)
         trigger = self._trigger(execution_id, self._deadline(context))
+        from airflow_provider_modelroute.triggers.modelroute import defer_to_trigger, wait_in_worker
+
         if self.deferrable:
-            timeout = None
-            if trigger.deadline is not None:
-                timeout = timedelta(seconds=max(trigger.deadline - time.time(), 0)) + DEFER_GRACE
-            self.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)
-        from airflow_provider_modelroute.triggers.modelroute import wait_in_worker
+            defer_to_trigger(self, context, trigger)
 
         try:
             event = wait_in_worker(trigger)
@@ -266,7 +262,11 @@ class ModelRouteExecuteOperator(BaseOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Turn the trigger's event into the task's result; cancel what we stop waiting for."""
-        from airflow_provider_modelroute.triggers.modelroute import execution_from_event
+        from airflow_provider_modelroute.triggers.modelroute import execution_from_event, is_stale_resume
+
+        if is_stale_resume(context, event):
+            self.log.info("Ignoring the event of try %s: this try re-attaches", event["try_number"])
+            return self.execute(context)
 
         execution_id = str(event.get("execution_id")) if isinstance(event, dict) else None
         self.execution_id = execution_id

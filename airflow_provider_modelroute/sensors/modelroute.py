@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -21,9 +20,6 @@ from airflow_provider_modelroute.exceptions import ModelRouteExecutionTimeout, r
 if TYPE_CHECKING:
     from airflow_provider_modelroute._compat import Context
     from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
-
-#: The framework's deferral timeout fires this long after the sensor's own deadline, never first.
-DEFER_GRACE = timedelta(minutes=2)
 
 
 class ModelRouteExecutionSensor(BaseSensorOperator):
@@ -77,22 +73,26 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
         first = self.poke(context)  # an execution that is already done needs no deferral
         if first.is_done:
             return first.xcom_value
-        from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
-
-        timeout = float(self.timeout) if self.timeout else None
-        self.defer(
-            trigger=ModelRouteExecutionTrigger(
-                execution_id=self.execution_id,
-                modelroute_conn_id=self.modelroute_conn_id,
-                poll_interval=float(self.poke_interval),
-                deadline=time.time() + timeout if timeout else None,
-            ),
-            method_name="execute_complete",
-            timeout=timedelta(seconds=timeout) + DEFER_GRACE if timeout else None,
+        from airflow_provider_modelroute.triggers.modelroute import (
+            ModelRouteExecutionTrigger,
+            defer_to_trigger,
         )
 
+        timeout = float(self.timeout) if self.timeout else None
+        trigger = ModelRouteExecutionTrigger(
+            execution_id=self.execution_id,
+            modelroute_conn_id=self.modelroute_conn_id,
+            poll_interval=float(self.poke_interval),
+            deadline=time.time() + timeout if timeout else None,
+        )
+        defer_to_trigger(self, context, trigger)
+
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        from airflow_provider_modelroute.triggers.modelroute import execution_from_event
+        from airflow_provider_modelroute.triggers.modelroute import execution_from_event, is_stale_resume
+
+        if is_stale_resume(context, event):
+            self.log.info("Ignoring the event of try %s: this try pokes from the start", event["try_number"])
+            return self.execute(context)
 
         try:
             return execution_from_event(event, self.execution_id)

@@ -10,7 +10,8 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute._compat import BaseTrigger, TriggerEvent
@@ -23,6 +24,11 @@ from airflow_provider_modelroute.exceptions import (
 )
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 
+if TYPE_CHECKING:
+    from airflow_provider_modelroute._compat import BaseOperator, Context
+
+#: The framework's deferral timeout fires this long after the trigger's own deadline, never first.
+DEFER_GRACE = timedelta(minutes=2)
 #: How long the trigger's on_kill may spend cancelling the execution.
 CANCEL_TIMEOUT = 15.0
 
@@ -33,8 +39,9 @@ class ModelRouteExecutionTrigger(BaseTrigger):
 
     Yields exactly one event: ``{"status": "done", "execution": <summary>}`` once the execution is
     terminal (COMPLETED or not), ``{"status": "timeout"}`` at the deadline, or
-    ``{"status": "error", "error": {...}}``. Every event carries ``execution_id``. All triggers of
-    one connection in one triggerer share one rate budget (see ``RateBudget``).
+    ``{"status": "error", "error": {...}}``. Every event carries ``execution_id`` (and
+    ``try_number``, when given). All triggers of one connection in one triggerer share one rate
+    budget (see ``RateBudget``).
 
     :param execution_id: The execution to wait for (``exec_...``).
     :param modelroute_conn_id: The Airflow connection to ModelRoute.
@@ -44,6 +51,8 @@ class ModelRouteExecutionTrigger(BaseTrigger):
     :param cancel_on_kill: Cancel the execution when a user kills the deferred task (Airflow 3.3+).
     :param max_consecutive_failures: Polls that may fail in a row, each after its own HTTP retries,
         before the wait gives up: one failed poll never ends a long wait.
+    :param try_number: The deferring task's try, echoed in the event so that a later try can tell
+        that an event is not its own (see ``is_stale_resume``).
     """
 
     def __init__(
@@ -54,6 +63,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         deadline: float | None = None,
         cancel_on_kill: bool = False,
         max_consecutive_failures: int = 5,
+        try_number: int | None = None,
     ) -> None:
         super().__init__()
         self.execution_id = execution_id
@@ -62,6 +72,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         self.deadline = float(deadline) if deadline is not None else None
         self.cancel_on_kill = bool(cancel_on_kill)
         self.max_consecutive_failures = int(max_consecutive_failures)
+        self.try_number = try_number
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -73,6 +84,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
                 "deadline": self.deadline,
                 "cancel_on_kill": self.cancel_on_kill,
                 "max_consecutive_failures": self.max_consecutive_failures,
+                "try_number": self.try_number,
             },
         )
 
@@ -84,6 +96,8 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         except Exception as exc:
             event = {"status": "error", "error": {"code": type(exc).__name__, "message": str(exc)}}
         event["execution_id"] = self.execution_id
+        if self.try_number is not None:
+            event["try_number"] = self.try_number
         yield TriggerEvent(event)
 
     @staticmethod
@@ -159,6 +173,26 @@ class ModelRouteExecutionTrigger(BaseTrigger):
             )
         else:
             self.log.info("The task was killed; cancelled ModelRoute execution %s", self.execution_id)
+
+
+def defer_to_trigger(task: BaseOperator, context: Context, trigger: ModelRouteExecutionTrigger) -> NoReturn:
+    """Defer ``task`` to ``trigger``; it resumes in ``execute_complete(context, event)``."""
+    trigger.try_number = context["ti"].try_number
+    timeout = None
+    if trigger.deadline is not None:
+        timeout = timedelta(seconds=max(trigger.deadline - time.time(), 0)) + DEFER_GRACE
+    task.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)
+    raise AssertionError("BaseOperator.defer() returned")  # it always raises TaskDeferred
+
+
+def is_stale_resume(context: Context, event: Any) -> bool:
+    """True when a retry was resumed with an earlier try's event: start it over instead.
+
+    Airflow 3.0 keeps ``next_method`` and the event when a deferred task goes up for retry, so the
+    retry would otherwise re-raise the failure that ended the previous try.
+    """
+    deferred_on = event.get("try_number") if isinstance(event, dict) else None
+    return isinstance(deferred_on, int) and context["ti"].try_number > deferred_on
 
 
 def execution_from_event(event: Any, execution_id: str | None = None) -> dict[str, Any]:
