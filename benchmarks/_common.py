@@ -64,12 +64,17 @@ def local_server(*args: str) -> Iterator[dict[str, Any]]:
         info["pid"] = process.pid
         yield info
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM a server process, and SIGKILL it if it has not exited 15 s later."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def run_child(script: str, config: dict[str, Any], timeout: float = 900) -> dict[str, Any]:

@@ -216,12 +216,7 @@ def moto_server() -> Iterator[str]:
             raise RuntimeError("the moto S3 server did not start")
         yield str(json.loads(line)["endpoint"])
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        common.stop(process)
 
 
 def _make_file(server: dict[str, Any], size: int) -> tuple[str, str]:
