@@ -224,6 +224,14 @@ def assert_no_leftovers(stack: AirflowStack) -> None:
     assert stack.pending_multipart_uploads() == [], stack.pending_multipart_uploads()
 
 
+def assert_nothing_left_or_leaked(stack: AirflowStack, run_ids: list[str]) -> list[str]:
+    """The checks that end every drill: nothing partial at any destination, no secret in the logs."""
+    assert_no_leftovers(stack)
+    secrets = secrets_in(stack, run_ids)
+    assert secrets == [], secrets
+    return secrets
+
+
 # -- the drills -------------------------------------------------------------------------------------
 
 
@@ -239,9 +247,7 @@ def test_drill_1_happy_path(stack: AirflowStack) -> None:
         stats = stack.server.stats()
         assert stats["executions_created"] == 20, stats
         assert stats["storage_requests_with_authorization"] == 0, stats
-        assert_no_leftovers(stack)
-        secrets = secrets_in(stack, list(targets))
-        assert secrets == [], secrets
+        secrets = assert_nothing_left_or_leaked(stack, list(targets))
     RESULTS.append(
         DrillResult(
             "1 happy path",
@@ -301,9 +307,7 @@ def test_drill_2_triggerer_killed(stack: AirflowStack) -> None:
         adopted = [run for run, jobs in trigger_jobs.items() if new_job in jobs]
         resumed = [run for run in polling if len(trigger_jobs[run]) == 2]
         assert adopted, f"the restarted triggerer ran none of the deferred waits: {trigger_jobs}"
-        assert_no_leftovers(stack)
-        secrets = secrets_in(stack, run_ids)
-        assert secrets == [], secrets
+        secrets = assert_nothing_left_or_leaked(stack, run_ids)
     RESULTS.append(
         DrillResult(
             "2 triggerer SIGKILL + restart",
@@ -383,9 +387,7 @@ def test_drill_3_worker_killed_after_submit(stack: AirflowStack) -> None:
                 f"try 1 of {run_id} should never have seen its execution"
             )
             assert execution_id in logs[2], f"try 2 of {run_id} did not re-attach to {execution_id}"
-        assert_no_leftovers(stack)
-        secrets = secrets_in(stack, run_ids)
-        assert secrets == [], secrets
+        secrets = assert_nothing_left_or_leaked(stack, run_ids)
     RESULTS.append(
         DrillResult(
             "3 worker SIGKILL after submit",
@@ -451,9 +453,7 @@ def test_drill_4_api_faults(stack: AirflowStack) -> None:
             if "RATE_LIMITED" in match["error"]
         ]
         assert waits and min(waits) >= 1.0, f"waits after 429: {waits}"
-        assert_no_leftovers(stack)
-        secrets = secrets_in(stack, run_ids)
-        assert secrets == [], secrets
+        secrets = assert_nothing_left_or_leaked(stack, run_ids)
     RESULTS.append(
         DrillResult(
             "4 API faults",
@@ -528,10 +528,7 @@ def test_drill_5_storage_faults(stack: AirflowStack) -> None:
         stats = stack.server.stats()
         assert stats["executions_created"] == 8, stats
         assert stats["storage_requests_with_authorization"] == 0, stats
-        assert_no_leftovers(stack)
-        run_ids = [*targets_a, run_b, run_c]
-        secrets = secrets_in(stack, run_ids)
-        assert secrets == [], secrets
+        secrets = assert_nothing_left_or_leaked(stack, [*targets_a, run_b, run_c])
     RESULTS.append(
         DrillResult(
             "5 storage faults",
