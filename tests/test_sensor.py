@@ -129,3 +129,21 @@ def test_timeout_and_soft_fail(
         assert "timed out" in capsys.readouterr().out.lower()
     assert server.stats()["cancels"] == {}  # the sensor never cancels what it did not start
     assert server.execution(execution_id)["status"] in ("PENDING", "PROCESSING")
+
+
+def test_a_retry_resumed_with_an_earlier_trys_event_pokes_again(server: ModelRouteServer) -> None:
+    # Airflow 3.0 resumes a retried deferred task at execute_complete with the failed try's event.
+    execution_id = start_execution(0)
+    while ModelRouteHook().get_execution(execution_id)["status"] != "COMPLETED":
+        time.sleep(0.02)
+    sensor = ModelRouteExecutionSensor(task_id="wait", execution_id=execution_id, deferrable=True)
+    failed = {"status": "error", "error": {"code": "X", "message": "m"}, "execution_id": execution_id}
+
+    class TaskInstance:
+        try_number = 2
+
+    context: Any = {"ti": TaskInstance()}
+    result = sensor.execute_complete(context, {**failed, "try_number": 1})  # stale: starts over
+    assert result["id"] == execution_id and result["status"] == "COMPLETED"
+    with pytest.raises(Exception, match="X: m"):  # this try's own event is final
+        sensor.execute_complete(context, {**failed, "try_number": 2})
