@@ -247,7 +247,7 @@ class ModelRouteExecuteOperator(BaseOperator):
             raise_for_execution(execution)
             return api.execution_summary(execution)
         trigger = self._trigger(execution_id, self._deadline(context))
-        from airflow_provider_modelroute.triggers.modelroute import defer_to_trigger, wait_in_worker
+        from airflow_provider_modelroute.operators.deferral import defer_to_trigger, wait_in_worker
 
         if self.deferrable:
             defer_to_trigger(self, context, trigger)
@@ -262,7 +262,7 @@ class ModelRouteExecuteOperator(BaseOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Turn the trigger's event into the task's result; cancel what we stop waiting for."""
-        from airflow_provider_modelroute.triggers.modelroute import execution_from_event, is_stale_resume
+        from airflow_provider_modelroute.operators.deferral import execution_from_event, is_stale_resume
 
         if is_stale_resume(context, event):
             self.log.info("Ignoring the event of try %s: this try re-attaches", event["try_number"])

@@ -73,10 +73,8 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
         first = self.poke(context)  # an execution that is already done needs no deferral
         if first.is_done:
             return first.xcom_value
-        from airflow_provider_modelroute.triggers.modelroute import (
-            ModelRouteExecutionTrigger,
-            defer_to_trigger,
-        )
+        from airflow_provider_modelroute.operators.deferral import defer_to_trigger
+        from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
 
         timeout = float(self.timeout) if self.timeout else None
         trigger = ModelRouteExecutionTrigger(
@@ -88,7 +86,7 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
         defer_to_trigger(self, context, trigger)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        from airflow_provider_modelroute.triggers.modelroute import execution_from_event, is_stale_resume
+        from airflow_provider_modelroute.operators.deferral import execution_from_event, is_stale_resume
 
         if is_stale_resume(context, event):
             self.log.info("Ignoring the event of try %s: this try pokes from the start", event["try_number"])

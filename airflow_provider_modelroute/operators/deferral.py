@@ -1,0 +1,80 @@
+"""How operators and the sensor wait on ModelRouteExecutionTrigger: defer, resume, or run it in place."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from airflow_provider_modelroute.exceptions import (
+    ModelRouteError,
+    ModelRouteExecutionTimeout,
+    api_error,
+    raise_for_execution,
+)
+
+if TYPE_CHECKING:
+    from airflow_provider_modelroute._compat import BaseOperator, Context
+    from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
+
+#: The framework's deferral timeout fires this long after the trigger's own deadline, never first.
+DEFER_GRACE = timedelta(minutes=2)
+
+
+def defer_to_trigger(task: BaseOperator, context: Context, trigger: ModelRouteExecutionTrigger) -> NoReturn:
+    """Defer ``task`` to ``trigger``; it resumes in ``execute_complete(context, event)``."""
+    trigger.try_number = context["ti"].try_number
+    timeout = None
+    if trigger.deadline is not None:
+        timeout = timedelta(seconds=max(trigger.deadline - time.time(), 0)) + DEFER_GRACE
+    task.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)
+    raise AssertionError("BaseOperator.defer() returned")  # it always raises TaskDeferred
+
+
+def is_stale_resume(context: Context, event: Any) -> bool:
+    """True when a retry was resumed with an earlier try's event: start it over instead.
+
+    Airflow 3.0 keeps ``next_method`` and the event when a deferred task goes up for retry, so the
+    retry would otherwise re-raise the failure that ended the previous try.
+    """
+    deferred_on = event.get("try_number") if isinstance(event, dict) else None
+    return isinstance(deferred_on, int) and context["ti"].try_number > deferred_on
+
+
+def execution_from_event(event: Any, execution_id: str | None = None) -> dict[str, Any]:
+    """Validate a trigger event: return the COMPLETED execution's summary, or raise what it reports."""
+    if not isinstance(event, dict) or event.get("status") not in ("done", "timeout", "error"):
+        raise ModelRouteError(f"Unexpected event from ModelRouteExecutionTrigger: {event!r}")
+    event_id = str(event.get("execution_id"))
+    if execution_id is not None and event_id != execution_id:
+        raise ModelRouteError(f"Got an event for execution {event_id} while waiting for {execution_id}")
+    if event["status"] == "timeout":
+        raise ModelRouteExecutionTimeout(event_id, message="the wait reached its deadline")
+    if event["status"] == "error":
+        error = event.get("error") or {}
+        if "http_status" in error:
+            raise api_error(
+                str(error.get("code")),
+                str(error.get("message")),
+                http_status=error.get("http_status"),
+                retryable=error.get("retryable"),
+                request_id=error.get("request_id"),
+            )
+        raise ModelRouteError(
+            f"Waiting for ModelRoute execution {event_id} failed: {error.get('code')}: {error.get('message')}"
+        )
+    summary: dict[str, Any] = event["execution"]
+    raise_for_execution(summary)
+    return summary
+
+
+def wait_in_worker(trigger: ModelRouteExecutionTrigger) -> dict[str, Any]:
+    """Run a trigger to its one event here, in a private event loop (the non-deferrable wait)."""
+
+    async def first_event() -> dict[str, Any]:
+        async for event in trigger.run():
+            return dict(event.payload)
+        raise ModelRouteError("ModelRouteExecutionTrigger ended without an event")
+
+    return asyncio.run(first_event())
