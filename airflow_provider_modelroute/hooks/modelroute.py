@@ -8,7 +8,6 @@ error parsing, retry policy), so the two paths cannot drift apart. Presigned-URL
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -31,7 +30,7 @@ from airflow_provider_modelroute.exceptions import (
 )
 from airflow_provider_modelroute.hooks.async_client import ModelRouteAsyncClient
 from airflow_provider_modelroute.hooks.core import ApiCore, execution_path, file_path
-from airflow_provider_modelroute.hooks.rate_budget import shared_rate_budget
+from airflow_provider_modelroute.hooks.network import route
 from airflow_provider_modelroute.hooks.settings import ConnectionSettings
 from airflow_provider_modelroute.hooks.storage import FileDownload, StorageClient, check_storage_url
 from airflow_provider_modelroute.provider_info import CONN_TYPE, connection_form_widgets, ui_field_behaviour
@@ -83,8 +82,13 @@ class ModelRouteHook(BaseHook):
     @cached_property
     def session(self) -> requests.Session:
         session = requests.Session()
+        session.trust_env = False  # CA bundle and proxies come from ``network.route``, as for triggers
         session.headers.update(self.core.headers)
         return session
+
+    @cached_property
+    def _route_options(self) -> dict[str, Any]:
+        return route(self.core.settings, self.core.settings.base_url).requests_options()
 
     @cached_property
     def storage(self) -> StorageClient:
@@ -102,24 +106,31 @@ class ModelRouteHook(BaseHook):
         headers: Mapping[str, str] | None,
         tolerate: frozenset[str],
     ) -> Any:
-        delay = self.core.delay_before_request()
-        if delay:  # even a zero sleep yields the CPU: ~5 % of a loopback request
-            time.sleep(delay)
         url = self.core.url(path)
+        budget = self.core.budget
+        budget.acquire_blocking(self.log)
+        seen = None
         try:
-            response = self.session.request(
-                method,
-                url,
-                json=json_body,
-                headers=dict(headers or {}),
-                timeout=(self.core.settings.connect_timeout, self.core.settings.read_timeout),
-                allow_redirects=False,
-            )
-        except requests.RequestException as exc:
-            raise self.core.transport_error(exc, method, url) from None
-        return self.core.parse(
-            method, path, response.status_code, response.headers, response.content, tolerate
-        )
+            try:
+                response = self.session.request(
+                    method,
+                    url,
+                    json=json_body,
+                    headers=dict(headers or {}),
+                    timeout=(self.core.settings.connect_timeout, self.core.settings.read_timeout),
+                    allow_redirects=False,
+                    **self._route_options,
+                )
+            except requests.RequestException as exc:
+                raise self.core.transport_error(exc, method, url) from None
+            try:
+                return self.core.parse(
+                    method, path, response.status_code, response.headers, response.content, tolerate
+                )
+            finally:
+                seen = self.core.rate_limit
+        finally:
+            budget.observe(seen)
 
     def _request(
         self,
@@ -247,9 +258,7 @@ class ModelRouteHook(BaseHook):
             conn = await aget_connection(self.modelroute_conn_id)
         except AirflowNotFoundException:
             raise ConnectionSettings.missing(self.modelroute_conn_id) from None
-        settings = ConnectionSettings.from_connection(conn)
-        budget = shared_rate_budget(f"{self.modelroute_conn_id}|{settings.base_url}")
-        client = ModelRouteAsyncClient(ApiCore(settings, self.log), budget)
+        client = ModelRouteAsyncClient(ApiCore(ConnectionSettings.from_connection(conn), self.log))
         try:
             yield client
         finally:
