@@ -105,6 +105,7 @@ class RateBudget:
         self.in_flight = 0
         self._lock = threading.Lock()
         self._queue: collections.deque[_Waiter] = collections.deque()
+        self._armed_for: float | None = None  # the reset that the head's timer is set for
         self._sent: collections.deque[float] = collections.deque()  # the last two seconds' sends
 
     # -- state (under the lock) -----------------------------------------------------------------
@@ -131,21 +132,22 @@ class RateBudget:
         return allowed
 
     def _grant(self) -> None:
-        """Hand requests to the waiters at the head of the queue; wake the next head for its timer."""
+        """Hand requests to the waiters at the head of the queue; have the head (re)arm its timer."""
         now = time.time()
         head = self._queue[0] if self._queue else None
         while self._queue and self._take(now):
             waiter = self._queue.popleft()
             waiter.granted = True
             waiter.wake()
-        if self._queue and self._queue[0] is not head:
+        if self._queue and (self._queue[0] is not head or self.reset != self._armed_for):
             self._queue[0].wake()
 
     def _timeout(self, waiter: _Waiter) -> float | None:
         """The head waits for the reset; everyone else until granted (no timer at all)."""
-        if self.reset is None or not self._queue or self._queue[0] is not waiter:
+        if not self._queue or self._queue[0] is not waiter:
             return None
-        return max(0.0, self.reset - time.time())
+        self._armed_for = self.reset
+        return None if self.reset is None else max(0.0, self.reset - time.time())
 
     def _now_or_queue(self, make_waiter: Callable[[], W], log: Any) -> W | None:
         """Take a request now (None), or queue and return a new waiter (FIFO: no overtaking)."""

@@ -182,6 +182,8 @@ class ModelRouteServer:
     :param rate_window: the rate-limit window in seconds.
     :param url_ttl: lifetime of presigned URLs in seconds.
     :param require_confirm: uploads are usable only after ``POST /v1/files/confirm``.
+    :param ssl_certfile: serve https on both ports with this PEM certificate chain (and
+        ``ssl_keyfile``, unless the file holds the key too).
     """
 
     def __init__(
@@ -199,6 +201,8 @@ class ModelRouteServer:
         rate_window: float = 60.0,
         url_ttl: float = 3600.0,
         require_confirm: bool = False,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
     ) -> None:
         self.api_keys = list(api_keys or [api.make_api_key()])
         for key in self.api_keys:
@@ -213,13 +217,15 @@ class ModelRouteServer:
         self.rate_window = rate_window
         self.url_ttl = url_ttl
         self.require_confirm = require_confirm
+        self.ssl_certfile, self.ssl_keyfile = ssl_certfile, ssl_keyfile
         self._lock = threading.RLock()
         self._secret = secrets.token_bytes(32)
         self._spool = tempfile.mkdtemp(prefix="modelroute-server-")
         self._sockets = [self._bind(host, port), self._bind(host, storage_port)]
         api_port, storage = (s.getsockname()[1] for s in self._sockets)
-        self.base_url = f"http://{host}:{api_port}"
-        self.storage_url = f"http://{host}:{storage}"
+        scheme = "https" if ssl_certfile else "http"
+        self.base_url = f"{scheme}://{host}:{api_port}"
+        self.storage_url = f"{scheme}://{host}:{storage}"
         self.admin_url = f"{self.base_url}/_admin"
         self._thread: threading.Thread | None = None
         self._servers: list[Any] = []
@@ -261,6 +267,8 @@ class ModelRouteServer:
                 access_log=False,
                 lifespan="off",
                 timeout_keep_alive=30,
+                ssl_certfile=self.ssl_certfile,
+                ssl_keyfile=self.ssl_keyfile,
             )
             for app in (self._api_app, self._storage_app)
         ]
