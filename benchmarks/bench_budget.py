@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -44,20 +45,16 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
     budget = shared_rate_budget(conn["host"], conn["password"])
 
     def sync_wait() -> None:
-        try:
+        with contextlib.suppress(ModelRouteError):
             ModelRouteHook("modelroute_bench").get_execution("exec_sync")
-        except ModelRouteError:
-            pass
 
     async def trigger_wait(index: int) -> None:
         async with ModelRouteHook("modelroute_bench").async_client() as client:
             await client.get_execution(f"exec_{index}")
 
     async def main() -> dict[str, Any]:
-        try:  # spends the window (or finds it spent): the budget learns when it resets
+        with contextlib.suppress(ModelRouteError):  # spends the window (or finds it spent)
             await trigger_wait(-1)
-        except ModelRouteError:
-            pass
         assert budget.remaining == 0 and budget.reset is not None, "the window is not spent"
         for _ in range(threads):
             threading.Thread(target=sync_wait, daemon=True).start()
