@@ -32,8 +32,33 @@ GOAL_PERCENT = 2.0
 GOAL_WAITS = 2000
 
 
+def polling_child(n: int, hold: float) -> dict[str, Any]:
+    """The baseline: the previous budget's wait, a 50 ms sleep loop (plus jitter) until the window opens."""
+    import random
+
+    async def wait(until: float) -> None:
+        while time.time() < until:
+            await asyncio.sleep(0.05)
+            await asyncio.sleep(random.uniform(0, 0.05))
+
+    async def main() -> dict[str, Any]:
+        tasks = [asyncio.ensure_future(wait(time.time() + 3600)) for _ in range(n)]
+        await asyncio.sleep(1.0)  # all started and looping
+        wall, cpu = time.monotonic(), time.process_time()
+        await asyncio.sleep(hold)
+        wall, cpu = time.monotonic() - wall, time.process_time() - cpu
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return {"n": n, "threads": 0, "wall": wall, "cpu": cpu, "queued": n}
+
+    return asyncio.run(main())
+
+
 def child(cfg: dict[str, Any]) -> dict[str, Any]:
     n, threads, hold = int(cfg["n"]), int(cfg["threads"]), float(cfg["hold"])
+    if cfg["impl"] == "polling":
+        return polling_child(n, hold)
     conn = json.loads(cfg["airflow_conn"])
     conn["extra"] = {**conn.get("extra", {}), "max_retries": 0}
     os.environ["AIRFLOW_CONN_MODELROUTE_BENCH"] = json.dumps(conn)
@@ -87,23 +112,30 @@ def main() -> int:
         common.report(child(json.loads(args.child)))
         return 0
     hold = 2.0 if args.quick else 10.0
-    cases = [(GOAL_WAITS, 0)] if args.quick else [(200, 0), (GOAL_WAITS, 0), (GOAL_WAITS, 50)]
+    cases = [("ours", GOAL_WAITS, 0), ("polling", GOAL_WAITS, 0)]
+    if not args.quick:
+        cases = [("ours", 200, 0), *cases, ("ours", GOAL_WAITS, 50)]
     print(common.header("Blocked rate-budget waits", args.quick))
     print(f"CPU time of the client process while every wait is blocked on a spent window, over {hold:g} s.\n")
     rows, goal = [], None
     with common.local_server("--rate-limit", "1", "--rate-window", "600") as server:
-        for n, threads in cases:
-            result = common.run_child(__file__, {"n": n, "threads": threads, "hold": hold, **server})
+        for impl, n, threads in cases:
+            config = {"impl": impl, "n": n, "threads": threads, "hold": hold, **server}
+            result = common.run_child(__file__, config)
             percent = 100 * result["cpu"] / result["wall"]
-            if n == GOAL_WAITS and threads == 0:
+            if impl == "ours" and n == GOAL_WAITS and threads == 0:
                 goal = percent
+            if impl == "polling":
+                who = f"{n:,} coroutines polling every 50-100 ms (the previous budget's wait; baseline)"
+            else:
+                who = f"{n - threads:,} triggers" + (f" + {threads} sync hooks in threads" if threads else "")
             rows.append(
                 [
                     f"{n:,}",
-                    f"{n - threads:,} triggers" + (f" + {threads} sync threads" if threads else ""),
+                    who,
                     f"{result['queued']:,}",
                     f"{result['wall']:.1f}",
-                    f"{result['cpu'] * 1000:.0f}",
+                    f"{result['cpu'] * 1000:.1f}",
                     f"{percent:.2f} %",
                 ]
             )

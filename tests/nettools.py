@@ -152,10 +152,15 @@ class TlsFront(_LoopServer):
 
 
 class ConnectProxy(_LoopServer):
-    """An HTTP proxy that only tunnels (CONNECT), recording each ``host:port`` it tunnelled to."""
+    """An HTTP proxy that only tunnels (CONNECT), recording each ``host:port`` asked for.
 
-    def __init__(self) -> None:
+    :param refuse: answer every CONNECT with this status line instead (e.g. ``"407 Proxy
+        Authentication Required"``).
+    """
+
+    def __init__(self, refuse: str | None = None) -> None:
         super().__init__(self._tunnel)
+        self.refuse = refuse
         self.tunnels: list[str] = []
 
     async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -165,6 +170,9 @@ class ConnectProxy(_LoopServer):
             writer.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
             return
         self.tunnels.append(target)
+        if self.refuse:
+            writer.write(f"HTTP/1.1 {self.refuse}\r\nContent-Length: 0\r\n\r\n".encode())
+            return
         host, _, port = target.rpartition(":")
         upstream_r, upstream_w = await asyncio.open_connection(host, int(port))
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")

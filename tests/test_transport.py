@@ -239,11 +239,25 @@ def test_https_proxy_is_used_and_no_proxy_bypasses_it(
         assert storage_host in proxy.tunnels
 
         proxy.tunnels.clear()
-        monkeypatch.setenv("NO_PROXY", "example.com,127.0.0.1")
+        monkeypatch.setenv("NO_PROXY", "example.com,127.0.0.0/8")  # an IP range: on both paths
         execution_id = start("mr_tls")
         assert [e["status"] for e in trigger_events(execution_id, "mr_tls")] == ["done"]
         assert download("mr_tls", execution_id)[:4] == b"\x89PNG"
         assert proxy.tunnels == []
+
+
+def test_a_proxy_refusing_the_tunnel_fails_at_once(
+    tls_server: ModelRouteServer, pki: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use(monkeypatch, "mr_tls", tls_server.base_url, tls_server.api_key, ca_bundle=pki["ca"])
+    with ConnectProxy(refuse="407 Proxy Authentication Required") as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        with pytest.raises(ModelRouteConfigError, match=r"proxy refused the request \(HTTP 407\)"):
+            ModelRouteHook("mr_tls").get_execution("exec_1")
+        assert len(proxy.tunnels) == 1  # not retried
+        events = trigger_events("exec_1", "mr_tls")
+        assert events[0]["status"] == "error" and "HTTPS_PROXY" in events[0]["error"]["message"]
+        assert len(proxy.tunnels) == 2
 
 
 # -- what is never retried, and what is -----------------------------------------------------------------
@@ -321,3 +335,11 @@ def test_tls_files_named_in_extras_must_exist(
     )
     with pytest.raises(ModelRouteConfigError, match=r"'ca_bundle'.*does not exist"):
         ModelRouteHook("mr_tls").get_execution("exec_1")
+
+
+def test_tls_extras_are_in_the_connection_form() -> None:
+    from airflow_provider_modelroute.provider_info import get_provider_info
+
+    fields = get_provider_info()["connection-types"][0]["conn-fields"]
+    assert {"ca_bundle", "client_cert", "client_key"} <= set(fields)
+    assert "SSL_CERT_FILE" in fields["ca_bundle"]["description"]

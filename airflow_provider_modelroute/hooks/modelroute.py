@@ -3,7 +3,7 @@
 The sync calls use one ``requests.Session`` per hook; triggers get a :class:`ModelRouteAsyncClient`
 from :meth:`ModelRouteHook.async_client`. Both go through one :class:`ApiCore` (URLs, headers,
 error parsing, retry policy), so the two paths cannot drift apart. Presigned-URL transfers live in
-``hooks/storage.py``, pacing in ``hooks/rate_budget.py``.
+``hooks/storage.py``, pacing in ``hooks/rate_budget.py``, TLS and proxies in ``hooks/network.py``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class ModelRouteHook(BaseHook):
     The connection holds the API key in its password and, optionally, the base URL in its host
     (default ``https://api.modelroute.ai``). Extras tune timeouts (``timeout``, ``connect_timeout``),
     retries (``max_retries``, ``retry_base_wait``, ``retry_max_wait``, ``retry_deadline``),
-    ``dashboard_url``, and ``allow_insecure_storage_urls`` (local testing only).
+    ``dashboard_url``, TLS (``ca_bundle``, ``client_cert``, ``client_key``; see ``hooks/network.py``
+    for these and the proxy variables), and ``allow_insecure_storage_urls`` (local testing only).
 
     :param modelroute_conn_id: The Airflow connection to use.
     """
