@@ -84,16 +84,20 @@ def _proxy_refusal(exc: BaseException) -> int | None:
     return int(match[1]) if match else None
 
 
-def reset_at(value: str | None, now: float | None = None) -> float | None:
-    """``X-RateLimit-Reset`` as absolute unix seconds: the docs show unix time; a delta also occurs."""
+#: ASSUMPTION: an ``X-RateLimit-Reset`` below this is a delta in seconds, at or above it a unix time.
+_UNIX_TIME_FLOOR = 1_000_000_000
+
+
+def rate_limit_reset(value: str | None, now: float) -> float | None:
+    """``X-RateLimit-Reset`` as an absolute unix time: the header may be a unix time, a delta in
+    seconds, or absent (None)."""
     try:
-        seconds = float(value) if value is not None else None
+        number = float(value) if value is not None else None
     except ValueError:
         return None
-    if seconds is None or seconds < 0:
+    if number is None or number < 0:
         return None
-    # No window lasts 30 years: a smaller number counts seconds from now.
-    return seconds if seconds > 1e9 else (time.time() if now is None else now) + seconds
+    return number if number >= _UNIX_TIME_FLOOR else now + number
 
 
 def _scrub(text: str, url: str) -> str:
@@ -129,7 +133,11 @@ class ApiCore:
     # -- responses --------------------------------------------------------------------------
 
     def _note_rate_limit(self, headers: Mapping[str, str]) -> None:
-        """Read the ``X-RateLimit-*`` headers of every answer (all None when it has none)."""
+        """Remember the window the ``X-RateLimit-*`` headers describe, its reset as a unix time.
+
+        ``Reset`` may be a unix time, a delta in seconds, or absent. Without it the window's end is
+        unknown, so ``Remaining`` cannot pace anything: only ``Retry-After`` (then backoff) on a 429.
+        """
 
         def as_int(name: str) -> int | None:
             value = headers.get(name)
@@ -139,11 +147,9 @@ class ApiCore:
                 return None
 
         limit, remaining = as_int("X-RateLimit-Limit"), as_int("X-RateLimit-Remaining")
-        reset = reset_at(headers.get("X-RateLimit-Reset"))
-        if remaining == 0 and reset is None:  # a spent window without a reset: Retry-After says when
-            wait = self._retry_after(0, headers)
-            reset = time.time() + wait if wait is not None else None
-        self.rate_limit = RateLimit(limit, remaining, reset)
+        reset = rate_limit_reset(headers.get("X-RateLimit-Reset"), time.time())
+        if limit is not None or remaining is not None:
+            self.rate_limit = RateLimit(limit, remaining if reset is not None else None, reset)
 
     def _retry_after(self, status: int, headers: Mapping[str, str]) -> float | None:
         value = headers.get("Retry-After")

@@ -213,8 +213,9 @@ class RateBudget:
 
     def _learn(self, seen: RateLimit) -> None:
         first, self.answered = not self.answered, True
-        if seen.remaining is None:
-            return  # no headers: an unpaced server (or a proxy's answer, which says nothing)
+        if seen.remaining is None:  # no headers: the server does not pace (any more); neither do we
+            self.remaining = self.reset = None
+            return
         # Without a Limit header, the most we have seen remaining is the best guess.
         self.limit = seen.limit if seen.limit is not None else max(self.limit or 0, seen.remaining)
         learning = self.remaining == 0 and self.reset is None and not self.in_flight
