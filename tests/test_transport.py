@@ -287,6 +287,30 @@ def test_corrupt_compressed_body_is_not_retried(
         assert canned.requests == 2
 
 
+_EXECUTION = b'{"id": "exec_1", "status": "PROCESSING"}'
+_TRAILING_BYTES = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    % (len(_EXECUTION), _EXECUTION)
+    + b"HTTP/1.1 500 Stray\r\n\r\n"  # bytes after the response: must never be read as the next one
+)
+
+
+def test_bytes_after_a_response_do_not_desynchronise_the_next(
+    monkeypatch: pytest.MonkeyPatch, server: ModelRouteServer
+) -> None:
+    with CannedServer(_TRAILING_BYTES) as canned:
+        use(monkeypatch, "mr_canned", canned.base_url, server.api_key)
+        hook = ModelRouteHook("mr_canned")
+        assert [hook.get_execution("exec_1")["status"] for _ in range(3)] == ["PROCESSING"] * 3
+
+        async def poll() -> list[str]:
+            async with ModelRouteHook("mr_canned").async_client() as client:
+                return [(await client.get_execution("exec_1"))["status"] for _ in range(3)]
+
+        assert asyncio.run(poll()) == ["PROCESSING"] * 3
+        assert canned.requests == 6  # none failed, none retried
+
+
 def test_storage_5xx_during_a_download_is_retried(server: ModelRouteServer) -> None:
     execution_id = start("modelroute_default", seconds=0.05)
     assert [e["status"] for e in trigger_events(execution_id, "modelroute_default")] == ["done"]
