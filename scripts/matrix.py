@@ -63,6 +63,8 @@ class Cell:
 
 #: 3.0.6 is the last 3.0 release (uploaded between 2025-08-25 and 2025-09-01)
 AIRFLOW_3_0_6_RELEASED = "2025-09-01"
+#: 3.2.2 is the last 3.2 release (uploaded between 2026-05-27 and 2026-06-01)
+AIRFLOW_3_2_2_RELEASED = "2026-06-01"
 
 #: `make test` is 3.3 x py3.11 x highest (plus lint; `make drills` too); these are the other cells.
 CELLS = {
@@ -73,7 +75,10 @@ CELLS = {
         Cell("af3.3-py3.13", "==3.3.*", "3.13"),
         # Airflow 3.0.6 bounds none of fastapi, cadwyn, starlette...: their 2026 releases break its
         # execution API (422 on every task start). Its constraints file pinned them; approximate it.
-        Cell("af3.2-py3.11", "==3.2.*", "3.11"),
+        # Airflow 3.2.2 bounds neither fastapi nor cadwyn (3.3 caps fastapi below 0.137): with their
+        # later releases its execution API fails every task (a pydantic discriminator error, then a
+        # missing svcs_registry on the app state). Resolve its ecosystem as of its release.
+        Cell("af3.2-py3.11", "==3.2.*", "3.11", as_of=AIRFLOW_3_2_2_RELEASED),
         Cell("af3.1-py3.12", "==3.1.*", "3.12"),
         Cell("af3.0-py3.11", "==3.0.*", "3.11", as_of=AIRFLOW_3_0_6_RELEASED),
         Cell("af3.0-py3.12-lowest", "==3.0.*", "3.12", "lowest", as_of=AIRFLOW_3_0_6_RELEASED),
