@@ -25,7 +25,7 @@ def test_quick_mode_prints_its_table(script: str) -> None:
         capture_output=True,
         text=True,
         cwd=REPO,
-        timeout=240,
+        timeout=540,
     )
     output = completed.stdout
     assert completed.returncode == 0, f"{script} failed:\n{output[-2000:]}\n{completed.stderr[-4000:]}"

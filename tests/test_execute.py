@@ -125,7 +125,7 @@ def test_timeout_cancels_the_remote_execution(
     deferrable: bool,
 ) -> None:
     dr = run_execute(
-        request, deferrable=deferrable, timeout=0.5, input={"prompt": "p", "_simulate": {"seconds": 60}}
+        request, deferrable=deferrable, timeout=0.5, input={"prompt": "p", "_simulate": {"seconds": 3600}}
     )
     assert dr.state == "failed"
     execution_id = xcom(dr, "generate", "execution_id")
@@ -140,8 +140,11 @@ def test_timeout_cancels_the_remote_execution(
 def test_execution_timeout_leaves_time_to_cancel(
     server: ModelRouteServer, request: pytest.FixtureRequest
 ) -> None:
+    # Our deadline falls 20 % (2 s) before Airflow's: time enough to cancel on a loaded machine.
     dr = run_execute(
-        request, execution_timeout=timedelta(seconds=3), input={"prompt": "p", "_simulate": {"seconds": 60}}
+        request,
+        execution_timeout=timedelta(seconds=10),
+        input={"prompt": "p", "_simulate": {"seconds": 3600}},
     )
     assert dr.state == "failed"
     execution_id = xcom(dr, "generate", "execution_id")

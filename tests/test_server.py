@@ -17,6 +17,7 @@ import requests
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.testing import ModelRouteServer, RemoteModelRouteServer
+from tests.waiting import wait_for
 
 
 @pytest.fixture
@@ -36,15 +37,17 @@ def create(server: ModelRouteServer, http: requests.Session, input: dict, **body
 
 
 def poll_statuses(server: ModelRouteServer, http: requests.Session, execution_id: str) -> list[str]:
+    """Every status the execution showed, in order, until a terminal one."""
     seen: list[str] = []
-    for _ in range(400):
-        status = http.get(f"{server.base_url}/v1/executions/{execution_id}").json()["status"]
+
+    def latest() -> str:
+        status = str(http.get(f"{server.base_url}/v1/executions/{execution_id}").json()["status"])
         if not seen or seen[-1] != status:
             seen.append(status)
-        if api.is_terminal(status):
-            return seen
-        time.sleep(0.01)
-    raise AssertionError(f"never finished: {seen}")
+        return status
+
+    wait_for(f"{execution_id} to end", latest, until=api.is_terminal, interval=0.01)
+    return seen
 
 
 def test_auth_and_error_body(server: ModelRouteServer) -> None:
@@ -190,15 +193,17 @@ def test_both_download_endpoints_range_and_storage_rules(
 
 
 def test_presigned_urls_expire() -> None:
-    with ModelRouteServer(pending_seconds=0, processing_seconds=0, url_ttl=1) as server:
+    with ModelRouteServer(pending_seconds=0, processing_seconds=0, url_ttl=3) as server:
         session = requests.Session()
         session.headers["Authorization"] = f"Bearer {server.api_key}"
         file_id = _large_file(server, session, 100)
         url = session.get(f"{server.base_url}/v1/files/{file_id}/url").json()["url"]
         assert requests.get(url).status_code == 200
-        time.sleep(2.1)  # expiry is in whole seconds
-        expired = requests.get(url)
-        assert expired.status_code == 403 and b"expired" in expired.content
+        # expiry is in whole seconds: the URL lives 3 to 4 s, then answers 403 for good
+        expired = wait_for(
+            "the URL to expire", lambda: requests.get(url), until=lambda r: r.status_code == 403
+        )
+        assert b"expired" in expired.content
 
 
 def test_largest_file_streams_exactly(server: ModelRouteServer, http: requests.Session) -> None:
@@ -283,7 +288,7 @@ def test_thousands_of_concurrent_polls(server: ModelRouteServer, http: requests.
 
     async def waiter() -> list[int]:  # like a trigger: its own client, one poll at a time
         async with httpx.AsyncClient(
-            base_url=server.base_url, headers=headers, timeout=30, verify=tls
+            base_url=server.base_url, headers=headers, timeout=120, verify=tls
         ) as client:
             return [(await client.get(f"/v1/executions/{execution_id}")).status_code for _ in range(4)]
 
@@ -326,4 +331,4 @@ def test_standalone_process_and_remote_control() -> None:
         assert remote.stats()["executions_created"] == 0
     finally:
         process.terminate()
-        assert process.wait(timeout=10) == 0
+        assert process.wait(timeout=120) == 0

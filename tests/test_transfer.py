@@ -298,7 +298,7 @@ def test_executions_without_files_fail_clearly(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     hook = ModelRouteHook()
-    running = hook.create_execution("test-image", {"prompt": "slow", "_simulate": {"seconds": 60}})["id"]
+    running = hook.create_execution("test-image", {"prompt": "slow", "_simulate": {"seconds": 3600}})["id"]
     failed = hook.create_execution("test-image", {"prompt": "x", "_simulate": {"outcome": "FAILED"}})["id"]
     server.set_execution_status(failed, "FAILED", "GENERATION_FAILED")
     out = f"file://{tmp_path}/out/"
@@ -620,7 +620,7 @@ def test_150_mb_copy_runs_in_bounded_memory(server: ModelRouteServer, tmp_path: 
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=480,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
