@@ -6,6 +6,7 @@ fsspec's memory filesystem and S3 on a loopback moto server reached through the 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -631,6 +632,42 @@ def test_150_mb_copy_runs_in_bounded_memory(server: ModelRouteServer, tmp_path: 
     assert record["sha256"] == server.file_info(file_id)["sha256"] == file_sha256(path)
     assert result["growth_kib"] < 100 * 1024, f"peak RSS grew {result['growth_kib'] / 1024:.0f} MiB"
     assert_no_secret(done.stdout, done.stderr)
+
+
+_FULL_DISK_COPY = textwrap.dedent(
+    """
+    import json, resource, signal, sys
+    from airflow_provider_modelroute.transfers.modelroute import ModelRouteToStorageOperator
+
+    op = ModelRouteToStorageOperator(task_id="copy", source_file_id=sys.argv[1], destination=sys.argv[2])
+    op.hook.core
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.RLIM_INFINITY))
+    try:
+        op.transfer()
+    except OSError as exc:
+        print(json.dumps({"errno": exc.errno}))
+    """
+)
+
+
+def test_a_failed_local_write_fails_the_copy_and_leaves_nothing(
+    server: ModelRouteServer, tmp_path: Path
+) -> None:
+    """The write-behind thread's failure (here: a file size limit, as a full disk would) reaches the task."""
+    _, (file_id,) = produce(server, "test-file", size_bytes=8 * MiB)
+    env = {**os.environ, "AIRFLOW_CONN_MODELROUTE_DEFAULT": connection_json(server)}
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_COPY, file_id, f"file://{tmp_path}/out/", str(3 * MiB)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"errno": errno.EFBIG}
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["out"]  # no file, no hidden partial
 
 
 # --- upload -------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ import contextlib
 import hashlib
 import mimetypes
 import os
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -59,6 +61,11 @@ _LOCAL_PROTOCOLS = frozenset({"file", "local"})
 #: S3 refuses multipart parts under 5 MiB (except the last one).
 _MIN_BLOCK_SIZE = 5 * 1024 * 1024
 _TEMP_SUFFIX = ".modelroute-partial"
+#: Chunks received but not yet written (each up to 1 MiB: the hook's network read).
+_WRITE_BEHIND_CHUNKS = 4
+#: Local files are written this much at a time: on the benchmark VM a write of 512 KiB or more into
+#: fresh page cache took up to 10x longer than the same bytes written 128 KiB at a time (BENCHMARKS.md).
+_LOCAL_WRITE_SIZE = 128 * 1024
 
 
 class ModelRouteDestinationExistsError(ModelRouteConfigError):
@@ -149,7 +156,9 @@ class _LocalSink:
         self.handle = open(self.temp, "xb")  # noqa: SIM115 - closed in finish() or abort()
 
     def write(self, chunk: bytes) -> None:
-        self.handle.write(chunk)
+        view = memoryview(chunk)
+        for start in range(0, len(view), _LOCAL_WRITE_SIZE):
+            self.handle.write(view[start : start + _LOCAL_WRITE_SIZE])
 
     def finish(self, size: int) -> None:
         """Flush to disk (the rename must never publish bytes still in the page cache), check the size."""
@@ -249,6 +258,48 @@ class _StagedSink:
             self.handle.close()
         with contextlib.suppress(Exception):
             self.fs.rm(self.temp)
+
+
+class _WriteBehind:
+    """Writes chunks to a sink from a thread, so that disk or upload time overlaps the next network reads.
+
+    File writes, socket reads and sha256 updates all release the GIL. At most a few chunks wait in
+    memory; a failed write is raised by the next ``write`` or by ``close``.
+    """
+
+    def __init__(self, sink: _LocalSink | _CommitOnCloseSink | _StagedSink) -> None:
+        self.sink = sink
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_WRITE_BEHIND_CHUNKS)
+        self.thread = threading.Thread(target=self._run, name="modelroute-write-behind", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self.queue.get()) is not None:
+            if self.error is None and not self.cancelled:  # after a failure: drain, never block the reader
+                try:
+                    self.sink.write(chunk)
+                except BaseException as exc:
+                    self.error = exc
+
+    def write(self, chunk: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(chunk)
+
+    def close(self) -> None:
+        """Wait until every chunk is written (or dropped, after ``cancel``); raise a write's failure."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if self.error is not None and not self.cancelled:
+            raise self.error
+
+    def cancel(self) -> None:
+        """Drop the chunks not yet written and wait for the write in progress (before the sink is aborted)."""
+        self.cancelled = True
+        self.close()
 
 
 def _exists_error(shown: str) -> ModelRouteDestinationExistsError:
@@ -511,16 +562,19 @@ class ModelRouteToStorageOperator(BaseOperator):
         digest, size = hashlib.sha256(), 0
         progress = _Progress(self.log, f"Copying file {download.file_id}", download.size_bytes)
         sink = self._open_sink(path)
+        writer = _WriteBehind(sink)
         try:
             for chunk in download:
-                sink.write(chunk)
+                writer.write(chunk)  # written by the thread while this one hashes and reads on
                 digest.update(chunk)
                 size += len(chunk)
                 progress.add(len(chunk))
+            writer.close()
             self._check_size(download, size)
             sink.finish(size)
             sink.publish(no_clobber=self.overwrite == "fail")
         except BaseException as exc:
+            writer.cancel()
             sink.abort()
             # A local copy never touches the final name before the rename; an object that someone
             # else created meanwhile (the "fail" race) is theirs, not ours to remove.
