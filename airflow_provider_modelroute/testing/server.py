@@ -1,10 +1,11 @@
 """A ModelRoute-compatible API and presigned-storage server on loopback, with fault injection.
 
-It follows ``airflow_provider_modelroute.api`` (the documented contract and our assumptions), so the
-provider and this server read the docs the same way. Two plain ASGI apps run on uvicorn in one
-background thread: the API (``/v1/...`` plus ``/_admin/...`` for out-of-process control) and the
-storage host that serves and accepts presigned URLs. Nothing large is held in memory: generated
-files are a function of (seed, offset) and uploads are spooled to disk.
+It follows ``airflow_provider_modelroute.api`` (the documented codes and statuses) and, where the docs
+disagree or are silent, plays one of several dialects (``testing/dialects.py``; the default reads the
+docs literally), so that the provider is tested against every reading. Two plain ASGI apps run on
+uvicorn in one background thread: the API (``/v1/...`` plus ``/_admin/...`` for out-of-process
+control) and the storage host that serves and accepts presigned URLs. Nothing large is held in
+memory: generated files are a function of (seed, offset) and uploads are spooled to disk.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from urllib.parse import parse_qs
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.testing import content
+from airflow_provider_modelroute.testing.dialects import Dialect, dialect_from
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -63,8 +65,23 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+#: The HTTP status of each code this server answers: the documented ones; our choice where the docs
+#: give none; and codes only this server uses (a client must never depend on those).
+CODE_STATUSES: dict[str, int] = {
+    **{code: spec.http_status for code, spec in api.ERROR_CODES.items() if spec.http_status},
+    "FILE_NOT_FOUND": 404,
+    "UNAUTHORIZED": 401,
+    "NOT_FOUND": 404,
+    "METHOD_NOT_ALLOWED": 405,
+    "EXECUTION_NOT_FOUND": 404,
+    "IDEMPOTENCY_CONFLICT": 409,
+    "EXECUTION_NOT_CANCELLABLE": 409,
+    "EXECUTION_NOT_COMPLETED": 409,
+}
+
+
 class ApiFailure(Exception):
-    """An API error response, in the documented body format."""
+    """An API error response, in the documented body format (``bare``: the status alone, no body)."""
 
     def __init__(
         self,
@@ -74,13 +91,15 @@ class ApiFailure(Exception):
         status: int | None = None,
         details: list[dict[str, str]] | None = None,
         headers: dict[str, str] | None = None,
+        bare: bool = False,
     ) -> None:
         super().__init__(message)
         spec = api.ERROR_CODES.get(code)
         self.code, self.message, self.details = code, message, details or []
-        self.status = status or (spec.http_status if spec else 500)
+        self.status = status or CODE_STATUSES.get(code, 500)
         self.retryable = spec.retryable if spec else self.status >= 500
         self.headers = headers or {}
+        self.bare = bare
 
 
 def _invalid(field_name: str, message: str) -> ApiFailure:
@@ -126,6 +145,8 @@ class StoredFile:
     width: int | None = None
     height: int | None = None
     sha256: str | None = None
+    #: what the upload request asked for: the type the PUT must carry, purpose, region, ttl_days
+    upload: dict[str, Any] = field(default_factory=dict)
 
     def chunks(self, start: int = 0, chunk_size: int = 256 * 1024) -> Iterator[bytes]:
         if self.data is not None:
@@ -151,6 +172,14 @@ class StoredFile:
 
 
 @dataclass
+class FileReply(Reply):
+    """A file's bytes, streamed from the API app itself (``/download`` in the bytes reading)."""
+
+    stored: StoredFile | None = None
+    fault: Fault | None = None
+
+
+@dataclass
 class Execution:
     id: str
     model: str
@@ -165,6 +194,8 @@ class Execution:
     error_code: str | None
     final_status: str | None = None
     files: list[StoredFile] = field(default_factory=list)
+    #: the answer to the POST that created it: what a replay repeats in the "original" reading
+    first_answer: tuple[int, dict[str, Any]] | None = None
 
 
 class ModelRouteServer:
@@ -173,15 +204,20 @@ class ModelRouteServer:
     :param host: interface to bind (loopback by default).
     :param port: API port (0: any free port).
     :param storage_port: storage host port (0: any free port).
-    :param api_keys: accepted API keys (default: one fresh, well-formed key, in ``api_key``).
+    :param dialect: how to read the docs where they disagree or are silent: a preset name of
+        ``testing.dialects.PRESETS`` with optional overrides (``"sync,download=json"``) or a
+        ``Dialect``; default: ``$MODELROUTE_DIALECT``, else the literal reading. Settable later.
+    :param api_keys: accepted API keys, any strings (default: one fresh key of the llms.txt shape,
+        in ``api_key``).
     :param pending_seconds: time an execution stays ``PENDING``.
     :param processing_seconds: time it stays ``PROCESSING`` (``input._simulate.seconds`` overrides).
-    :param awaiting_webhook_seconds: time in ``AWAITING_WEBHOOK`` before the terminal state.
+    :param awaiting_webhook_seconds: time in ``AWAITING_WEBHOOK`` (waiting for the AI provider's
+        callback) before the terminal state.
     :param execution_ttl: an execution still running after this many seconds becomes ``EXPIRED``.
-    :param rate_limit: requests per window per key on ``/v1`` (None: unlimited, no rate-limit headers).
+    :param rate_limit: requests per window per key on ``/v1``; every answer carries the
+        ``X-RateLimit-*`` headers (None: unlimited, no such headers).
     :param rate_window: the rate-limit window in seconds.
     :param url_ttl: lifetime of presigned URLs in seconds.
-    :param require_confirm: uploads are usable only after ``POST /v1/files/confirm``.
     """
 
     def __init__(
@@ -190,20 +226,18 @@ class ModelRouteServer:
         port: int = 0,
         storage_port: int = 0,
         *,
+        dialect: str | Dialect | None = None,
         api_keys: Iterable[str] | None = None,
         pending_seconds: float = 0.2,
         processing_seconds: float = 0.3,
-        awaiting_webhook_seconds: float = 0.0,
+        awaiting_webhook_seconds: float = 2.0,
         execution_ttl: float = 300.0,
-        rate_limit: int | None = None,
+        rate_limit: int | None = 60,
         rate_window: float = 60.0,
         url_ttl: float = 3600.0,
-        require_confirm: bool = False,
     ) -> None:
+        self.dialect = dialect_from(dialect)
         self.api_keys = list(api_keys or [api.make_api_key()])
-        for key in self.api_keys:
-            if api.api_key_problem(key):
-                raise ValueError(f"malformed API key for the local server: {api.api_key_problem(key)}")
         self.api_key = self.api_keys[0]
         self.pending_seconds = pending_seconds
         self.processing_seconds = processing_seconds
@@ -212,7 +246,6 @@ class ModelRouteServer:
         self.rate_limit = rate_limit
         self.rate_window = rate_window
         self.url_ttl = url_ttl
-        self.require_confirm = require_confirm
         self._lock = threading.RLock()
         self._secret = secrets.token_bytes(32)
         self._spool = tempfile.mkdtemp(prefix="modelroute-server-")
@@ -303,6 +336,15 @@ class ModelRouteServer:
 
     # -- control and inspection (in-process; the same over HTTP at /_admin) ------------------
 
+    @property
+    def dialect(self) -> Dialect:
+        """The reading of the docs the server plays; set it to a preset name, a spec or a ``Dialect``."""
+        return self._dialect
+
+    @dialect.setter
+    def dialect(self, value: str | Dialect | None) -> None:
+        self._dialect = dialect_from(value)
+
     def airflow_connection(self) -> dict[str, Any]:
         """An Airflow connection (as a dict) to this server; it allows the loopback storage URLs."""
         return {
@@ -363,6 +405,7 @@ class ModelRouteServer:
                 "faults_fired": self._counters["faults_fired"],
                 "storage_requests_with_authorization": self._counters["storage_auth"],
                 "bytes_served": self._counters["bytes_served"],
+                "dialect": self.dialect.name,
             }
 
     def execution(self, execution_id: str) -> dict[str, Any]:
@@ -380,12 +423,20 @@ class ModelRouteServer:
             return list(self._executions)
 
     def file_info(self, file_id: str) -> dict[str, Any]:
-        """``file_id``, ``size_bytes``, ``content_type`` and ``sha256`` (computed by streaming)."""
+        """``file_id``, ``size_bytes``, ``content_type``, ``sha256`` (computed by streaming) and, for
+        an upload, what its request asked for (``upload``: content_type, purpose, region, ttl_days)."""
         with self._lock:
             stored = self._files[file_id]
         if stored.sha256 is None:
             stored.sha256 = content.sha256_of(stored.chunks())
-        return {**stored.describe(), "sha256": stored.sha256}
+        return {**stored.describe(), "sha256": stored.sha256, "upload": dict(stored.upload)}
+
+    def add_file(self, data: bytes, content_type: str) -> str:
+        """Store a file as if it had been uploaded and confirmed; returns its ``file_...`` id."""
+        stored = StoredFile(f"file_{uuid.uuid4()}", content_type, len(data), data=data)
+        with self._lock:
+            self._files[stored.file_id] = stored
+        return stored.file_id
 
     def set_execution_status(
         self, execution_id: str, status: str, error_code: str | None = None
@@ -495,7 +546,7 @@ class ModelRouteServer:
                         "This Idempotency-Key was already used with a different request body",
                     )
                 self._counters["idempotent_replays"] += 1
-                return _json_reply(202, self._execution_document(original), {"idempotent-replayed": "true"})
+                return self._replay(original)
             self._validate_input(model, params)
             simulate = params.get("_simulate") or {}
             outcome_name = str(simulate.get("outcome", "COMPLETED")).upper()
@@ -522,7 +573,19 @@ class ModelRouteServer:
             if key is not None:
                 self._idempotency[key] = execution.id
                 self._idempotency_counts[key] += 1
-            return _json_reply(202, self._execution_document(execution))
+            if self.dialect.submit == "sync":  # the seed's example: the answer is the finished execution
+                self._finish(execution, execution.outcome)
+            answer = (200 if self.dialect.submit == "sync" else 202, self._execution_document(execution))
+            execution.first_answer = answer
+            return _json_reply(*answer)
+
+    def _replay(self, execution: Execution) -> Reply:
+        """The answer to a repeated Idempotency-Key: the original answer or the current state."""
+        status, document = execution.first_answer or (202, {})
+        if self.dialect.replay == "current":
+            document = self._execution_document(execution)
+        headers = {api.REPLAY_HEADER.lower(): "true"} if self.dialect.replay_header else {}
+        return _json_reply(status, document, headers)
 
     def _validate_input(self, model: str, params: dict[str, Any]) -> None:
         if model == "test-file":
@@ -556,7 +619,8 @@ class ModelRouteServer:
     def _get_execution(self, execution_id: str) -> Execution:
         execution = self._executions.get(execution_id)
         if execution is None:
-            raise ApiFailure("EXECUTION_NOT_FOUND", f"No execution {execution_id}", status=404)
+            bare = self.dialect.unknown_id == "bare-404"
+            raise ApiFailure("EXECUTION_NOT_FOUND", f"No execution {execution_id}", bare=bare)
         return execution
 
     def _result(self, execution_id: str) -> Reply:
@@ -606,7 +670,7 @@ class ModelRouteServer:
             raise ApiFailure("FILE_NOT_FOUND", f"No file {file_id}", status=404)
         return stored
 
-    def _file_url(self, file_id: str) -> Reply:
+    def _url_document(self, file_id: str) -> Reply:
         with self._lock:
             stored = self._file(file_id)
         url, expires = self._presign(file_id, "GET")
@@ -620,26 +684,56 @@ class ModelRouteServer:
             },
         )
 
-    def _download(self, file_id: str) -> Reply:
+    def _download(self, file_id: str, fault: Fault | None) -> Reply:
+        """``/download`` in the dialect's reading: the bytes, the URL document, or a redirect."""
+        if self.dialect.download == "json":
+            return self._url_document(file_id)
         with self._lock:
-            self._file(file_id)
+            stored = self._file(file_id)
+        if self.dialect.download == "bytes":
+            return FileReply(200, stored=stored, fault=fault)
         return Reply(302, b"", {"location": self._presign(file_id, "GET")[0]})
 
     def _upload(self, body: dict[str, Any]) -> Reply:
+        """``/files/upload``: v1 (llms.txt) needs filename and size_bytes, v2 (the uploading page) purpose."""
         filename, content_type, size = body.get("filename"), body.get("content_type"), body.get("size_bytes")
-        if not isinstance(filename, str) or not filename:
-            raise _invalid("filename", "is required")
-        if not isinstance(size, int) or not 0 < size <= api.MAX_FILE_SIZE:
-            raise _invalid("size_bytes", f"must be an integer from 1 to {api.MAX_FILE_SIZE}")
+        if self.dialect.upload == "v1":
+            if not isinstance(filename, str) or not filename:
+                raise _invalid("filename", "is required")
+            if not isinstance(size, int) or not 0 < size <= api.MAX_FILE_SIZE:
+                raise _invalid("size_bytes", f"must be an integer from 1 to {api.MAX_FILE_SIZE}")
+        else:
+            self._check_v2_upload(body)
+        if content_type is not None and not isinstance(content_type, str):
+            raise _invalid("content_type", "must be a MIME type string")
         file_id = f"file_{uuid.uuid4()}"
+        asked: dict[str, Any] = {
+            name: body[name] for name in ("content_type", "purpose", "region", "ttl_days") if name in body
+        }
         with self._lock:
             self._files[file_id] = StoredFile(
-                file_id, str(content_type or "application/octet-stream"), size, ready=False
+                file_id, str(content_type or "application/octet-stream"), 0, ready=False, upload=asked
             )
         url, expires = self._presign(file_id, "PUT")
         return _json_reply(200, {"file_id": file_id, "upload_url": url, "expires_at": _iso(expires)})
 
+    @staticmethod
+    def _check_v2_upload(body: dict[str, Any]) -> None:
+        if body.get("purpose") not in api.UPLOAD_PURPOSES:
+            raise _invalid("purpose", f"is required: one of {list(api.UPLOAD_PURPOSES)}")
+        if "region" in body and body["region"] not in api.UPLOAD_REGIONS:
+            raise _invalid("region", f"must be one of {list(api.UPLOAD_REGIONS)}")
+        low, high = api.TTL_DAYS_RANGE
+        ttl = body.get("ttl_days", low)
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or not low <= ttl <= high:
+            raise _invalid("ttl_days", f"must be an integer from {low} to {high}")
+
     def _confirm(self, body: dict[str, Any]) -> Reply:
+        if self.dialect.confirm != "required":  # an API version without the confirm step
+            status = int(self.dialect.confirm)
+            raise ApiFailure(
+                "NOT_FOUND" if status == 404 else "METHOD_NOT_ALLOWED", "No such route", status=status
+            )
         file_id = body.get("file_id")
         with self._lock:
             stored = self._files.get(file_id) if isinstance(file_id, str) else None
@@ -686,8 +780,10 @@ class ModelRouteServer:
             headers = {
                 "x-ratelimit-limit": str(self.rate_limit),
                 "x-ratelimit-remaining": str(max(0, self.rate_limit - counts[key])),
-                "x-ratelimit-reset": str(reset),
             }
+            if self.dialect.rate_limit_reset != "absent":
+                delta = self.dialect.rate_limit_reset == "delta"
+                headers["x-ratelimit-reset"] = str(max(0, math.ceil(reset - now)) if delta else reset)
             if over:
                 self._counters["rate_limited"] += 1
                 headers["retry-after"] = str(max(1, math.ceil(reset - now)))
@@ -709,25 +805,32 @@ class ModelRouteServer:
         try:
             reply = await self._handle(scope, receive, send, routed, headers)
         except ApiFailure as failure:
-            reply = _json_reply(
-                failure.status,
-                {
-                    "error": {
-                        "code": failure.code,
-                        "message": failure.message,
-                        "retryable": failure.retryable,
-                        "details": failure.details,
-                        "request_id": request_id,
-                    }
-                },
-                failure.headers,
+            reply = (
+                Reply(failure.status, b"", failure.headers)
+                if failure.bare
+                else _json_reply(
+                    failure.status,
+                    {
+                        "error": {
+                            "code": failure.code,
+                            "message": failure.message,
+                            "retryable": failure.retryable,
+                            "details": failure.details,
+                            "request_id": request_id,
+                        }
+                    },
+                    failure.headers,
+                )
             )
         if reply is None:  # the connection was dropped
             return
         reply.headers.update(headers)
         with self._lock:
             self._responses[reply.status] += 1
-        await _send(send, reply)
+        if isinstance(reply, FileReply) and reply.stored is not None:
+            await self._serve_file(reply.stored, scope, send, reply.fault, reply.headers)
+        else:
+            await _send(send, reply)
 
     async def _handle(
         self,
@@ -789,9 +892,11 @@ class ModelRouteServer:
         if endpoint == "POST /v1/executions/{id}/cancel":
             return self._cancel(params["id"])
         if endpoint == "GET /v1/files/{file_id}/url":
-            return self._file_url(params["id"])
+            if not self.dialect.url_endpoint:
+                raise ApiFailure("NOT_FOUND", "No route GET /v1/files/{file_id}/url")
+            return self._url_document(params["id"])
         if endpoint == "GET /v1/files/{file_id}/download":
-            return self._download(params["id"])
+            return self._download(params["id"], self._take_fault(endpoint, {"truncate"}))
         if endpoint == "POST /v1/files/upload":
             return self._upload(body)
         return self._confirm(body)
@@ -848,6 +953,11 @@ class ModelRouteServer:
             stored = self._files.get(file_id)
         if stored is None:
             return _s3_error(404, "NoSuchUpload", "No such upload")
+        declared, sent = stored.upload.get("content_type"), _header(scope, "content-type")
+        if declared and sent != declared:  # the URL was presigned for the declared type
+            return _s3_error(
+                403, "SignatureDoesNotMatch", f"Content-Type {sent!r} is not the signed {declared!r}"
+            )
         path = os.path.join(self._spool, file_id)
         size, head = 0, b""
         with open(path, "wb") as handle:
@@ -870,12 +980,20 @@ class ModelRouteServer:
         with self._lock:
             stored.path, stored.size_bytes, stored.sha256 = path, size, None
             stored.content_type = content.sniff_content_type(head, stored.content_type)
-            stored.ready = not self.require_confirm
+            stored.ready = self.dialect.confirm != "required"
         return Reply(200, b"", {"etag": f'"{file_id}"'})
 
-    async def _serve_file(self, stored: StoredFile, scope: Scope, send: Send, fault: Fault | None) -> None:
+    async def _serve_file(
+        self,
+        stored: StoredFile,
+        scope: Scope,
+        send: Send,
+        fault: Fault | None,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         start = 0
-        status, headers = 200, {"content-type": stored.content_type, "accept-ranges": "bytes"}
+        status = 200
+        headers = {**(extra or {}), "content-type": stored.content_type, "accept-ranges": "bytes"}
         range_header = _header(scope, "range")
         if range_header:
             match = re.fullmatch(r"bytes=(\d+)-", range_header.strip())
@@ -919,6 +1037,9 @@ class ModelRouteServer:
                 return _json_reply(200, {})
             if action == "stats":
                 return _json_reply(200, self.stats())
+            if action == "dialect" and method == "POST":
+                self.dialect = body["dialect"]
+                return _json_reply(200, {"name": self.dialect.name, **self.dialect.readings()})
             if action == "executions":
                 return _json_reply(200, self.execution_ids())
             kind, _, ident = action.partition("/")
