@@ -48,7 +48,7 @@ pytestmark = pytest.mark.usefixtures("airflow_db")
 MiB = 1024 * 1024
 RECORD_KEYS = {"file_id", "uri", "size_bytes", "content_type", "sha256"}
 STORAGE = "GET /files/{file_id}"
-URL = "GET /v1/files/{file_id}/url"
+DOWNLOAD = "GET /v1/files/{file_id}/download"
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -395,6 +395,7 @@ def test_a_retry_finishes_a_multi_file_copy_with_the_default_overwrite(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    server.dialect = "presigned"  # the bytes come from presigned URLs
     execution_id, file_ids = produce(server, "test-multi", prompt="two", count=2)
     server.add_fault(STORAGE, "slow", count=1, seconds=0)  # the first file arrives...
     server.add_fault(STORAGE, "truncate", count=5, after_bytes=0)  # ...the second fails the first try
@@ -434,6 +435,7 @@ def test_download_faults_are_survived_and_never_leak_the_url(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     caplog.set_level(logging.DEBUG)  # urllib3's debug lines quote request URLs
+    server.dialect = "presigned"  # the bytes come from a presigned URL, which can expire
     _, (file_id,) = produce(server, "test-file", size_bytes=3 * MiB + 1)
     server.add_fault(STORAGE, "truncate", count=2, after_bytes=700_000)
     server.add_fault(STORAGE, "drop", count=2)
@@ -455,7 +457,7 @@ def test_download_faults_are_survived_and_never_leak_the_url(
     assert record["size_bytes"] == info["size_bytes"]
     stats = server.stats()
     assert stats["faults_fired"] == 5
-    assert stats["requests"][URL] == 2  # the expired URL was replaced once
+    assert stats["requests"][DOWNLOAD] == 2  # the expired URL was replaced once
     assert stats["requests"][STORAGE] == 6
     assert stats["storage_requests_with_authorization"] == 0
     logs = capsys.readouterr()
@@ -467,8 +469,9 @@ def test_download_faults_are_survived_and_never_leak_the_url(
 
 def partial_then_stuck(server: ModelRouteServer, after_bytes: int) -> None:
     """The first response breaks after ``after_bytes``; every resume after it breaks at once."""
-    server.add_fault(STORAGE, "truncate", count=1, after_bytes=after_bytes)
-    server.add_fault(STORAGE, "truncate", count=None, after_bytes=0)
+    serving = DOWNLOAD if server.dialect.download == "bytes" else STORAGE
+    server.add_fault(serving, "truncate", count=1, after_bytes=after_bytes)
+    server.add_fault(serving, "truncate", count=None, after_bytes=0)
 
 
 def test_persistent_truncation_leaves_nothing_locally(
@@ -575,7 +578,7 @@ def test_unauthorized_fails_at_once_naming_the_api_key(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     _, (file_id,) = produce(server, "test-image", prompt="x")
-    server.add_fault(URL, "error", count=None, code="UNAUTHORIZED")
+    server.add_fault(DOWNLOAD, "error", count=None, code="UNAUTHORIZED")
     dr = run_tasks(
         request,
         {
@@ -588,7 +591,7 @@ def test_unauthorized_fails_at_once_naming_the_api_key(
     assert dr.state == "failed"
     assert task_states(dr) == {"copy": "failed"}
     assert task_instance(dr, "copy").try_number == 1  # AirflowFailException: no task retry
-    assert server.stats()["requests"][URL] == 1  # and no HTTP retry
+    assert server.stats()["requests"][DOWNLOAD] == 1  # and no HTTP retry
     logs = capsys.readouterr().out
     assert "UNAUTHORIZED" in logs and "API key" in logs
     assert list(tmp_path.iterdir()) == []

@@ -609,6 +609,7 @@ class ModelRouteServer:
                 raise ApiFailure(
                     "FILE_NOT_FOUND",
                     f"input.image: file {image!r} does not exist, has expired, or belongs to another org",
+                    status=400,
                     details=[{"field": "input.image", "code": "not_found", "message": "unknown file"}],
                 )
             if not stored.content_type.startswith("image/"):

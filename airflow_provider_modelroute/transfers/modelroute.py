@@ -367,12 +367,16 @@ class ModelRouteToStorageOperator(BaseOperator):
         self._check_source()
         self._check_destination()
         destination = open_storage_path(self.destination, self.destination_conn_id, "destination")
-        downloads = [
-            self.hook.download_file(file_id, chunk_size=self.chunk_size) for file_id in self._file_ids()
-        ]
-        targets = self._targets(destination, downloads)
-        self._compare_existing(targets)
-        return [self._copy(target) for target in targets]
+        downloads: list[FileDownload] = []
+        try:
+            for file_id in self._file_ids():
+                downloads.append(self.hook.download_file(file_id, chunk_size=self.chunk_size))
+            targets = self._targets(destination, downloads)
+            self._compare_existing(targets)
+            return [self._copy(target) for target in targets]
+        finally:
+            for download in downloads:  # the responses opened ahead, when a file was not copied
+                download.close()
 
     def _compare_existing(self, targets: list[_Target]) -> None:
         """Find the destinations that already hold their file; with "fail", refuse before copying any byte.
