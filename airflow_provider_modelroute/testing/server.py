@@ -363,10 +363,11 @@ class ModelRouteServer:
 
         ``endpoint`` is a route key as in ``stats()["requests"]`` (e.g. ``"GET /v1/executions/{id}"``,
         ``"GET /files/{file_id}"``) or ``"*"`` for every API route. Kinds: ``error`` (``code``,
-        ``retry_after``), ``rate_limit`` (``retry_after``), ``slow`` (``seconds``), ``drop`` (close the
-        connection; a create is dropped after the execution exists), ``truncate`` (``after_bytes``),
-        ``expire_url`` (storage answers 403) and ``outcome`` (the next created execution ends
-        ``outcome`` with ``error_code``).
+        ``status`` when not the code's own, ``retry_after``), ``rate_limit`` (``retry_after``),
+        ``slow`` (``seconds``), ``drop`` (close the connection; a create is dropped after the
+        execution exists), ``truncate`` (``after_bytes``; storage, or ``/download`` in the bytes
+        reading), ``expire_url`` (storage answers 403) and ``outcome`` (the next created execution
+        ends ``outcome`` with ``error_code``).
         """
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; use one of {sorted(FAULT_KINDS)}")
@@ -865,7 +866,12 @@ class ModelRouteServer:
             if fault.kind in ("error", "rate_limit"):
                 retry_after = fault.params.get("retry_after", 1 if fault.kind == "rate_limit" else None)
                 extra = {"retry-after": str(retry_after)} if retry_after is not None else {}
-                raise ApiFailure(fault.params.get("code", "RATE_LIMITED"), "Injected fault", headers=extra)
+                raise ApiFailure(
+                    fault.params.get("code", "RATE_LIMITED"),
+                    "Injected fault",
+                    status=fault.params.get("status"),
+                    headers=extra,
+                )
             if fault.kind == "slow":
                 await asyncio.sleep(float(fault.params.get("seconds", 1.0)))
             if fault.kind == "drop" and endpoint != "POST /v1/executions":
