@@ -455,6 +455,8 @@ class AirflowStack:
             str(PENDING_SECONDS),
             "--processing-seconds",
             str(PROCESSING_SECONDS),
+            "--rate-limit",  # X-RateLimit-* on every answer, as documented; a limit no drill reaches
+            "1000000",
         ]
         component = Component("modelroute-server", argv, self.components_dir / "modelroute-server.log")
         self.components["modelroute-server"] = component
