@@ -27,7 +27,7 @@ from airflow_provider_modelroute.exceptions import (
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.testing import ModelRouteServer
 from airflow_provider_modelroute.testing.dialects import Dialect
-from airflow_provider_modelroute.testing.server import CODE_STATUSES
+from airflow_provider_modelroute.testing.wire import CODE_STATUSES
 from tests.conftest import connection_json
 
 

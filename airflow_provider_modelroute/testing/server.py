@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -34,10 +34,21 @@ from urllib.parse import parse_qs
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.testing import content
 from airflow_provider_modelroute.testing.dialects import Dialect, dialect_from
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+from airflow_provider_modelroute.testing.wire import (
+    ApiFailure,
+    Receive,
+    Reply,
+    Scope,
+    Send,
+    drop_connection,
+    invalid_field,
+    json_reply,
+    raw_headers,
+    read_json,
+    request_header,
+    s3_error,
+    send_reply,
+)
 
 #: Fake models. ``flux-1.1-pro`` answers like the docs' example model.
 IMAGE_MODELS = frozenset({"test-image", "flux-1.1-pro"})
@@ -63,64 +74,6 @@ _STORAGE_ROUTE = re.compile(r"/files/(?P<id>file_[A-Za-z0-9-]+)")
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-#: The HTTP status of each code this server answers: the documented ones; our choice where the docs
-#: give none; and codes only this server uses (a client must never depend on those).
-CODE_STATUSES: dict[str, int] = {
-    **{code: spec.http_status for code, spec in api.ERROR_CODES.items() if spec.http_status},
-    "FILE_NOT_FOUND": 404,
-    "UNAUTHORIZED": 401,
-    "NOT_FOUND": 404,
-    "METHOD_NOT_ALLOWED": 405,
-    "EXECUTION_NOT_FOUND": 404,
-    "IDEMPOTENCY_CONFLICT": 409,
-    "EXECUTION_NOT_CANCELLABLE": 409,
-    "EXECUTION_NOT_COMPLETED": 409,
-}
-
-
-class ApiFailure(Exception):
-    """An API error response, in the documented body format (``bare``: the status alone, no body)."""
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        *,
-        status: int | None = None,
-        details: list[dict[str, str]] | None = None,
-        headers: dict[str, str] | None = None,
-        bare: bool = False,
-    ) -> None:
-        super().__init__(message)
-        spec = api.ERROR_CODES.get(code)
-        self.code, self.message, self.details = code, message, details or []
-        self.status = status or CODE_STATUSES.get(code, 500)
-        self.retryable = spec.retryable if spec else self.status >= 500
-        self.headers = headers or {}
-        self.bare = bare
-
-
-def _invalid(field_name: str, message: str) -> ApiFailure:
-    return ApiFailure(
-        "INPUT_VALIDATION_ERROR",
-        f"{field_name}: {message}",
-        details=[{"field": field_name, "code": "invalid", "message": message}],
-    )
-
-
-@dataclass
-class Reply:
-    status: int
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-def _json_reply(status: int, document: Any, headers: dict[str, str] | None = None) -> Reply:
-    return Reply(
-        status, json.dumps(document).encode(), {"content-type": "application/json", **(headers or {})}
-    )
 
 
 @dataclass
@@ -529,14 +482,14 @@ class ModelRouteServer:
     def _create(self, body: dict[str, Any], key: str | None, outcome: Fault | None) -> Reply:
         model, params = body.get("model"), body.get("input")
         if not isinstance(model, str) or not model:
-            raise _invalid("model", "is required (a model name such as 'flux-1.1-pro')")
+            raise invalid_field("model", "is required (a model name such as 'flux-1.1-pro')")
         if model not in MODELS:
-            raise _invalid("model", f"unknown model {model!r}; available: {sorted(MODELS)}")
+            raise invalid_field("model", f"unknown model {model!r}; available: {sorted(MODELS)}")
         if not isinstance(params, dict):
-            raise _invalid("input", "is required and must be an object")
+            raise invalid_field("input", "is required and must be an object")
         metadata = body.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
-            raise _invalid("metadata", "must be an object of key-value pairs")
+            raise invalid_field("metadata", "must be an object of key-value pairs")
         fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         with self._lock:
             if key is not None and key in self._idempotency:
@@ -556,7 +509,9 @@ class ModelRouteServer:
                 outcome_name = str(outcome.params.get("outcome", "FAILED")).upper()
                 error_code = outcome.params.get("error_code")
             if outcome_name not in _SIMULATED_OUTCOMES:
-                raise _invalid("input._simulate.outcome", f"must be one of {sorted(_SIMULATED_OUTCOMES)}")
+                raise invalid_field(
+                    "input._simulate.outcome", f"must be one of {sorted(_SIMULATED_OUTCOMES)}"
+                )
             execution = Execution(
                 id=f"exec_{uuid.uuid4()}",
                 model=model,
@@ -578,7 +533,7 @@ class ModelRouteServer:
                 self._finish(execution, execution.outcome)
             answer = (200 if self.dialect.submit == "sync" else 202, self._execution_document(execution))
             execution.first_answer = answer
-            return _json_reply(*answer)
+            return json_reply(*answer)
 
     def _replay(self, execution: Execution) -> Reply:
         """The answer to a repeated Idempotency-Key: the original answer or the current state."""
@@ -586,23 +541,23 @@ class ModelRouteServer:
         if self.dialect.replay == "current":
             document = self._execution_document(execution)
         headers = {api.REPLAY_HEADER.lower(): "true"} if self.dialect.replay_header else {}
-        return _json_reply(status, document, headers)
+        return json_reply(status, document, headers)
 
     def _validate_input(self, model: str, params: dict[str, Any]) -> None:
         if model == "test-file":
             size = params.get("size_bytes")
             if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= api.MAX_FILE_SIZE:
-                raise _invalid("input.size_bytes", f"must be an integer from 1 to {api.MAX_FILE_SIZE}")
+                raise invalid_field("input.size_bytes", f"must be an integer from 1 to {api.MAX_FILE_SIZE}")
             return
         prompt = params.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise _invalid("input.prompt", "is required and must be a non-empty string")
+            raise invalid_field("input.prompt", "is required and must be a non-empty string")
         if "forbidden" in prompt.lower():
             raise ApiFailure("CONTENT_MODERATION_REJECTED", "The prompt was rejected by safety filters")
         for name in ("width", "height"):
             value = params.get(name, 64)
             if not isinstance(value, int) or not 1 <= value <= 1024:
-                raise _invalid(f"input.{name}", "must be an integer from 1 to 1024")
+                raise invalid_field(f"input.{name}", "must be an integer from 1 to 1024")
         image = params.get("image")
         if image is not None:
             stored = self._files.get(image) if isinstance(image, str) else None
@@ -641,7 +596,7 @@ class ModelRouteServer:
                 for f in execution.files
             ]
             kind = "images" if execution.model != "test-file" else "files"
-            return _json_reply(
+            return json_reply(
                 200, {"id": execution.id, "status": status, "cost": "0.040", "output": {kind: outputs}}
             )
 
@@ -653,7 +608,7 @@ class ModelRouteServer:
             if api.is_terminal(status):
                 raise ApiFailure("EXECUTION_NOT_CANCELLABLE", f"Execution {execution_id} is already {status}")
             execution.final_status = "CANCELLED"
-            return _json_reply(200, self._execution_document(execution))
+            return json_reply(200, self._execution_document(execution))
 
     def _presign(self, file_id: str, method: str) -> tuple[str, float]:
         expires = math.ceil(time.time() + self.url_ttl)
@@ -676,7 +631,7 @@ class ModelRouteServer:
         with self._lock:
             stored = self._file(file_id)
         url, expires = self._presign(file_id, "GET")
-        return _json_reply(
+        return json_reply(
             200,
             {
                 "url": url,
@@ -701,13 +656,13 @@ class ModelRouteServer:
         filename, content_type, size = body.get("filename"), body.get("content_type"), body.get("size_bytes")
         if self.dialect.upload == "v1":
             if not isinstance(filename, str) or not filename:
-                raise _invalid("filename", "is required")
+                raise invalid_field("filename", "is required")
             if not isinstance(size, int) or not 0 < size <= api.MAX_FILE_SIZE:
-                raise _invalid("size_bytes", f"must be an integer from 1 to {api.MAX_FILE_SIZE}")
+                raise invalid_field("size_bytes", f"must be an integer from 1 to {api.MAX_FILE_SIZE}")
         else:
             self._check_v2_upload(body)
         if content_type is not None and not isinstance(content_type, str):
-            raise _invalid("content_type", "must be a MIME type string")
+            raise invalid_field("content_type", "must be a MIME type string")
         file_id = f"file_{uuid.uuid4()}"
         asked: dict[str, Any] = {
             name: body[name] for name in ("content_type", "purpose", "region", "ttl_days") if name in body
@@ -717,18 +672,18 @@ class ModelRouteServer:
                 file_id, str(content_type or "application/octet-stream"), 0, ready=False, upload=asked
             )
         url, expires = self._presign(file_id, "PUT")
-        return _json_reply(200, {"file_id": file_id, "upload_url": url, "expires_at": _iso(expires)})
+        return json_reply(200, {"file_id": file_id, "upload_url": url, "expires_at": _iso(expires)})
 
     @staticmethod
     def _check_v2_upload(body: dict[str, Any]) -> None:
         if body.get("purpose") not in api.UPLOAD_PURPOSES:
-            raise _invalid("purpose", f"is required: one of {list(api.UPLOAD_PURPOSES)}")
+            raise invalid_field("purpose", f"is required: one of {list(api.UPLOAD_PURPOSES)}")
         if "region" in body and body["region"] not in api.UPLOAD_REGIONS:
-            raise _invalid("region", f"must be one of {list(api.UPLOAD_REGIONS)}")
+            raise invalid_field("region", f"must be one of {list(api.UPLOAD_REGIONS)}")
         low, high = api.TTL_DAYS_RANGE
         ttl = body.get("ttl_days", low)
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not low <= ttl <= high:
-            raise _invalid("ttl_days", f"must be an integer from {low} to {high}")
+            raise invalid_field("ttl_days", f"must be an integer from {low} to {high}")
 
     def _confirm(self, body: dict[str, Any]) -> Reply:
         if self.dialect.confirm != "required":  # an API version without the confirm step
@@ -742,7 +697,7 @@ class ModelRouteServer:
             if stored is None or stored.path is None:
                 raise ApiFailure("FILE_NOT_FOUND", f"No uploaded bytes for file {file_id!r}: PUT them first")
             stored.ready = True
-            return _json_reply(200, {**stored.describe(), "status": "READY"})
+            return json_reply(200, {**stored.describe(), "status": "READY"})
 
     # -- the API app --------------------------------------------------------------------------
 
@@ -796,7 +751,9 @@ class ModelRouteServer:
             return
         method, path = scope["method"], scope["path"]
         if path.startswith("/_admin/"):
-            await _send(send, await self._admin(method, path[len("/_admin/") :], await _read_json(receive)))
+            await send_reply(
+                send, await self._admin(method, path[len("/_admin/") :], await read_json(receive))
+            )
             return
         request_id = f"req_{uuid.uuid4().hex[:16]}"
         routed = self._route(method, path)
@@ -810,7 +767,7 @@ class ModelRouteServer:
             reply = (
                 Reply(failure.status, b"", failure.headers)
                 if failure.bare
-                else _json_reply(
+                else json_reply(
                     failure.status,
                     {
                         "error": {
@@ -832,7 +789,7 @@ class ModelRouteServer:
         if isinstance(reply, FileReply) and reply.stored is not None:
             await self._serve_file(reply.stored, scope, send, reply.fault, reply.headers)
         else:
-            await _send(send, reply)
+            await send_reply(send, reply)
 
     async def _handle(
         self,
@@ -845,7 +802,7 @@ class ModelRouteServer:
         if routed is None:
             raise ApiFailure("NOT_FOUND", f"No route {scope['method']} {scope['path']}", status=404)
         endpoint, params = routed
-        authorization = _header(scope, "authorization") or ""
+        authorization = request_header(scope, "authorization") or ""
         key = authorization.removeprefix("Bearer ").strip()
         if not authorization.startswith("Bearer ") or key not in self.api_keys:
             raise ApiFailure("UNAUTHORIZED", "Invalid or missing API key")
@@ -855,7 +812,7 @@ class ModelRouteServer:
             raise ApiFailure(
                 "RATE_LIMITED", "Rate limit exceeded", headers={"retry-after": headers["retry-after"]}
             )
-        body = await _read_json(receive)
+        body = await read_json(receive)
         fault = self._take_fault(endpoint, FAULT_KINDS - {"outcome", "truncate", "expire_url"})
         if fault is not None:
             if fault.kind == "rate_limit" or (
@@ -875,11 +832,11 @@ class ModelRouteServer:
             if fault.kind == "slow":
                 await asyncio.sleep(float(fault.params.get("seconds", 1.0)))
             if fault.kind == "drop" and endpoint != "POST /v1/executions":
-                await _drop(send)
+                await drop_connection(send)
                 return None
         reply = self._dispatch(endpoint, params, body, scope)
         if fault is not None and fault.kind == "drop":  # the execution exists; the answer is lost
-            await _drop(send)
+            await drop_connection(send)
             return None
         return reply
 
@@ -887,13 +844,13 @@ class ModelRouteServer:
         if endpoint in ("POST /v1/executions", "POST /v1/files/upload", "POST /v1/files/confirm") and not (
             isinstance(body, dict)
         ):
-            raise _invalid("body", "must be a JSON object")
+            raise invalid_field("body", "must be a JSON object")
         if endpoint == "POST /v1/executions":
             outcome = self._take_fault(endpoint, {"outcome"})
-            return self._create(body, _header(scope, "idempotency-key"), outcome)
+            return self._create(body, request_header(scope, "idempotency-key"), outcome)
         if endpoint == "GET /v1/executions/{id}":
             with self._lock:
-                return _json_reply(200, self._execution_document(self._get_execution(params["id"])))
+                return json_reply(200, self._execution_document(self._get_execution(params["id"])))
         if endpoint == "GET /v1/executions/{id}/result":
             return self._result(params["id"])
         if endpoint == "POST /v1/executions/{id}/cancel":
@@ -919,39 +876,39 @@ class ModelRouteServer:
         with self._lock:
             self._requests[endpoint] += 1
         if match is None or method not in ("GET", "PUT"):
-            await _send(send, _s3_error(404, "NoSuchKey", "No such object"))
+            await send_reply(send, s3_error(404, "NoSuchKey", "No such object"))
             return
         file_id = match["id"]
-        if _header(scope, "authorization") is not None:
+        if request_header(scope, "authorization") is not None:
             with self._lock:
                 self._counters["storage_auth"] += 1
-            await _send(send, _s3_error(400, "InvalidArgument", "Only one auth mechanism allowed"))
+            await send_reply(send, s3_error(400, "InvalidArgument", "Only one auth mechanism allowed"))
             return
         query = parse_qs(scope["query_string"].decode())
         expires = int((query.get("X-Amz-Expires") or ["0"])[0] or 0)
         signature = (query.get("X-Amz-Signature") or [""])[0]
         if not hmac.compare_digest(signature, self._signature(method, file_id, expires)):
-            await _send(send, _s3_error(403, "SignatureDoesNotMatch", "The signature does not match"))
+            await send_reply(send, s3_error(403, "SignatureDoesNotMatch", "The signature does not match"))
             return
         fault = self._take_fault(endpoint)
         if (fault is not None and fault.kind == "expire_url") or time.time() > expires:
-            await _send(send, _s3_error(403, "AccessDenied", "Request has expired"))
+            await send_reply(send, s3_error(403, "AccessDenied", "Request has expired"))
             return
         if fault is not None and fault.kind in ("error", "rate_limit"):
-            await _send(send, _s3_error(503, "SlowDown", "Please reduce your request rate"))
+            await send_reply(send, s3_error(503, "SlowDown", "Please reduce your request rate"))
             return
         if fault is not None and fault.kind == "slow":
             await asyncio.sleep(float(fault.params.get("seconds", 1.0)))
         if fault is not None and fault.kind == "drop":
-            await _drop(send)
+            await drop_connection(send)
             return
         if method == "PUT":
-            await _send(send, await self._store_upload(file_id, scope, receive))
+            await send_reply(send, await self._store_upload(file_id, scope, receive))
             return
         with self._lock:
             stored = self._files.get(file_id)
         if stored is None or not stored.ready:
-            await _send(send, _s3_error(404, "NoSuchKey", "No such object"))
+            await send_reply(send, s3_error(404, "NoSuchKey", "No such object"))
             return
         await self._serve_file(stored, scope, send, fault)
 
@@ -959,10 +916,10 @@ class ModelRouteServer:
         with self._lock:
             stored = self._files.get(file_id)
         if stored is None:
-            return _s3_error(404, "NoSuchUpload", "No such upload")
-        declared, sent = stored.upload.get("content_type"), _header(scope, "content-type")
+            return s3_error(404, "NoSuchUpload", "No such upload")
+        declared, sent = stored.upload.get("content_type"), request_header(scope, "content-type")
         if declared and sent != declared:  # the URL was presigned for the declared type
-            return _s3_error(
+            return s3_error(
                 403, "SignatureDoesNotMatch", f"Content-Type {sent!r} is not the signed {declared!r}"
             )
         path = os.path.join(self._spool, file_id)
@@ -975,7 +932,7 @@ class ModelRouteServer:
                 if size > api.MAX_FILE_SIZE:
                     handle.close()
                     os.unlink(path)
-                    return _s3_error(400, "EntityTooLarge", "Your proposed upload exceeds the maximum size")
+                    return s3_error(400, "EntityTooLarge", "Your proposed upload exceeds the maximum size")
                 if len(head) < 16:
                     head += chunk[: 16 - len(head)]
                 handle.write(chunk)
@@ -1001,22 +958,24 @@ class ModelRouteServer:
         start = 0
         status = 200
         headers = {**(extra or {}), "content-type": stored.content_type, "accept-ranges": "bytes"}
-        range_header = _header(scope, "range")
+        range_header = request_header(scope, "range")
         if range_header:
             match = re.fullmatch(r"bytes=(\d+)-", range_header.strip())
             if match is None or int(match[1]) >= stored.size_bytes:
-                await _send(send, _s3_error(416, "InvalidRange", "The requested range is not satisfiable"))
+                await send_reply(
+                    send, s3_error(416, "InvalidRange", "The requested range is not satisfiable")
+                )
                 return
             start, status = int(match[1]), 206
             headers["content-range"] = f"bytes {start}-{stored.size_bytes - 1}/{stored.size_bytes}"
         headers["content-length"] = str(stored.size_bytes - start)
-        await send({"type": "http.response.start", "status": status, "headers": _raw(headers)})
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers(headers)})
         budget = int(fault.params.get("after_bytes", 0)) if fault and fault.kind == "truncate" else None
         sent = 0
         for chunk in stored.chunks(start):
             if budget is not None and sent + len(chunk) > budget:
                 await send({"type": "http.response.body", "body": chunk[: budget - sent], "more_body": True})
-                await _drop(send)
+                await drop_connection(send)
                 self._count_bytes(budget)
                 return
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -1035,83 +994,29 @@ class ModelRouteServer:
         try:
             if action == "faults" and method == "POST":
                 self.add_fault(body["endpoint"], body["kind"], body.get("count", 1), **body.get("params", {}))
-                return _json_reply(200, {})
+                return json_reply(200, {})
             if action == "faults" and method == "DELETE":
                 self.clear_faults()
-                return _json_reply(200, {})
+                return json_reply(200, {})
             if action == "reset" and method == "POST":
                 self.reset()
-                return _json_reply(200, {})
+                return json_reply(200, {})
             if action == "stats":
-                return _json_reply(200, self.stats())
+                return json_reply(200, self.stats())
             if action == "dialect" and method == "POST":
                 self.dialect = body["dialect"]
-                return _json_reply(200, {"name": self.dialect.name, **self.dialect.readings()})
+                return json_reply(200, {"name": self.dialect.name, **self.dialect.readings()})
             if action == "executions":
-                return _json_reply(200, self.execution_ids())
+                return json_reply(200, self.execution_ids())
             kind, _, ident = action.partition("/")
             if kind == "executions" and method == "POST":
-                return _json_reply(
+                return json_reply(
                     200, self.set_execution_status(ident, body["status"], body.get("error_code"))
                 )
             if kind == "executions":
-                return _json_reply(200, self.execution(ident))
+                return json_reply(200, self.execution(ident))
             if kind == "files":
-                return _json_reply(200, self.file_info(ident))
+                return json_reply(200, self.file_info(ident))
         except (KeyError, ValueError, TypeError) as exc:
-            return _json_reply(400, {"error": {"code": "ADMIN_ERROR", "message": repr(exc)}})
-        return _json_reply(404, {"error": {"code": "NOT_FOUND", "message": action}})
-
-
-# -- ASGI helpers --------------------------------------------------------------------------------
-
-
-def _header(scope: Scope, name: str) -> str | None:
-    wanted = name.encode()
-    for key, value in scope["headers"]:
-        if key.lower() == wanted:
-            return str(value.decode("latin-1"))
-    return None
-
-
-def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()]
-
-
-async def _read_json(receive: Receive) -> Any:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            break
-    raw = b"".join(chunks)
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
-
-
-async def _send(send: Send, reply: Reply) -> None:
-    headers = {"content-length": str(len(reply.body)), **reply.headers}
-    await send({"type": "http.response.start", "status": reply.status, "headers": _raw(headers)})
-    await send({"type": "http.response.body", "body": reply.body})
-
-
-async def _drop(send: Send) -> None:
-    """Close the client's connection without (the rest of) a response, as a network fault would."""
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if transport is None:  # not uvicorn: the closest we can do is an error
-        raise ConnectionAbortedError("injected drop")
-    transport.abort()
-    await asyncio.sleep(0)  # let the server notice the disconnect before the app returns
-
-
-def _s3_error(status: int, code: str, message: str) -> Reply:
-    body = (
-        "<?xml version='1.0' encoding='UTF-8'?>"
-        f"<Error><Code>{code}</Code><Message>{message}</Message></Error>"
-    )
-    return Reply(status, body.encode(), {"content-type": "application/xml"})
+            return json_reply(400, {"error": {"code": "ADMIN_ERROR", "message": repr(exc)}})
+        return json_reply(404, {"error": {"code": "NOT_FOUND", "message": action}})
