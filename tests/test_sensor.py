@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_modelroute._compat import AirflowFailException
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.sensors.modelroute import ModelRouteExecutionSensor
 from airflow_provider_modelroute.testing import ModelRouteServer
@@ -164,3 +165,12 @@ def test_a_retry_resumed_with_an_earlier_trys_event_pokes_again(server: ModelRou
     assert result["id"] == execution_id and result["status"] == "COMPLETED"
     with pytest.raises(Exception, match="X: m"):  # this try's own event is final
         sensor.execute_complete(context, {**failed, "try_number": 2})
+
+
+@pytest.mark.parametrize("outcome", ["FAILED", "CANCELLED", "EXPIRED"])
+def test_every_unsuccessful_end_is_final_for_the_sensor(server: ModelRouteServer, outcome: str) -> None:
+    execution_id = start_execution(60)
+    server.set_execution_status(execution_id, outcome, "GENERATION_FAILED" if outcome == "FAILED" else None)
+    sensor = ModelRouteExecutionSensor(task_id="wait", execution_id=execution_id)
+    with pytest.raises(AirflowFailException, match=f"ended {outcome}"):
+        sensor.poke({})  # type: ignore[arg-type]

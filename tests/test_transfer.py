@@ -714,3 +714,54 @@ def test_upload_of_a_missing_source_fails(
     assert task_states(dr) == {"upload": "failed"}
     assert "missing.png does not exist" in capsys.readouterr().out
     assert server.stats()["requests"].get("POST /v1/files/upload", 0) == 0
+
+
+def test_upload_refused_by_the_api_fails_at_once(
+    server: ModelRouteServer,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "in.png").write_bytes(content.png_from_prompt("x", 4, 4))
+    server.add_fault("POST /v1/files/upload", "error", count=None, code="INSUFFICIENT_BALANCE")
+    with make_dag(request.node.name) as dag:
+        StorageToModelRouteOperator(task_id="upload", source=f"file://{tmp_path}/in.png", retries=2)
+    dr = run_dag(dag)
+    assert task_states(dr) == {"upload": "failed"}
+    assert task_instance(dr, "upload").try_number == 1  # no retry can top up the balance
+    assert "INSUFFICIENT_BALANCE" in capsys.readouterr().out
+    assert server.stats()["requests"]["POST /v1/files/upload"] == 1
+
+
+@pytest.mark.parametrize("reading", ["literal", "presigned", "sync"])  # confirm: required, 404, 405
+def test_upload_options_and_confirm_readings(server: ModelRouteServer, tmp_path: Path, reading: str) -> None:
+    server.dialect = reading
+    png = content.png_from_prompt("y", 4, 4)
+    (tmp_path / "in.png").write_bytes(png)
+    upload = StorageToModelRouteOperator(
+        task_id="upload", source=f"file://{tmp_path}/in.png", purpose="UPLOAD", region="APAC", ttl_days=30
+    )
+    record = upload.upload()
+    info = server.file_info(record["file_id"])
+    assert info["sha256"] == sha256(png)
+    assert info["upload"] == {
+        "content_type": "image/png",
+        "purpose": "UPLOAD",
+        "region": "APAC",
+        "ttl_days": 30,
+    }
+    assert server.stats()["requests"]["POST /v1/files/confirm"] == 1  # asked once, never "upload again"
+    assert server.stats()["requests"]["PUT /files/{file_id}"] == 1
+    created = ModelRouteHook().create_execution("test-image", {"prompt": "x", "image": record["file_id"]})
+    assert created["status"] in ("PENDING", "COMPLETED")  # the file is usable in every reading
+
+
+def test_upload_options_are_checked_when_the_dag_is_parsed() -> None:
+    for options, field in (
+        ({"purpose": "OUTPUT"}, "purpose"),
+        ({"region": "MARS"}, "region"),
+        ({"ttl_days": 0}, "ttl_days"),
+        ({"ttl_days": 366}, "ttl_days"),
+    ):
+        with pytest.raises(ModelRouteConfigError, match=field):
+            StorageToModelRouteOperator(task_id="upload", source="file:///x.png", **options)
