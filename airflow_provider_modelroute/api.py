@@ -170,7 +170,8 @@ def error_hint(code: str | None) -> str | None:
 # --- Readings of the docs -------------------------------------------------------------------
 
 #: ASSUMPTION: a repeated ``Idempotency-Key`` may replay the original answer (even a stale PENDING)
-#: and may say so with this header; the client then reads the execution's current state.
+#: and may say so with this header; the client then reads the execution's current state. The header
+#: is not needed: the operator also reads it after sending any key an earlier try may have sent.
 REPLAY_HEADER = "Idempotent-Replayed"
 #: ``GET /v1/files/{id}/download`` may answer with this JSON document instead of the bytes.
 URL_DOCUMENT_FIELDS = frozenset({"url", "expires_at", "content_type", "size_bytes"})

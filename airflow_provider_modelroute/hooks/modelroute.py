@@ -2,8 +2,9 @@
 
 The sync calls use one ``requests.Session`` per hook; triggers get a :class:`ModelRouteAsyncClient`
 from :meth:`ModelRouteHook.async_client`. Both go through one :class:`ApiCore` (URLs, headers,
-error parsing, retry policy), so the two paths cannot drift apart. Presigned-URL transfers live in
-``hooks/storage.py``, pacing in ``hooks/rate_budget.py``.
+error parsing, retry policy), so the two paths cannot drift apart. The readings of ``/download``
+live in ``hooks/download.py``, presigned-URL transfers in ``hooks/storage.py``, pacing in
+``hooks/rate_budget.py``.
 """
 
 from __future__ import annotations
