@@ -86,6 +86,7 @@ class ApiDownloadSource:
             )
         except requests.RequestException as exc:
             raise self.core.transport_error(exc, "GET", url) from None
+        self.core._note_rate_limit(response.headers)
         if response.is_redirect:  # reading 3: follow it ourselves, without the API key
             response.close()
             self.url = check_storage_url(self.core, urljoin(url, response.headers["Location"]))
@@ -94,7 +95,6 @@ class ApiDownloadSource:
             with response:
                 content = response.raw.read(_MAX_DOCUMENT, decode_content=True)
             raise self.core.error_from_response(response.status_code, response.headers, content)
-        self.core._note_rate_limit(response.headers)
         document = _url_document(response)
         if document is None:  # reading 1: these are the bytes
             return response
@@ -108,8 +108,8 @@ def _url_document(response: requests.Response) -> dict[str, Any] | None:
     Only a small JSON body is read; a body that turns out not to be the document is put back.
     """
     content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-    length = response.headers.get("Content-Length")
-    if content_type != "application/json" or (length is not None and int(length) > _MAX_DOCUMENT):
+    length = response.headers.get("Content-Length", "0")
+    if content_type != "application/json" or (length.isdigit() and int(length) > _MAX_DOCUMENT):
         return None
     head = response.raw.read(_MAX_DOCUMENT + 1, decode_content=True)
     try:
