@@ -55,6 +55,7 @@ def test_auth_and_error_body(server: ModelRouteServer) -> None:
         assert response.status_code == 401
         error = response.json()["error"]
         assert error["code"] == "UNAUTHORIZED" and error["retryable"] is False
+        assert "X-RateLimit-Remaining" in response.headers  # on every answer
         assert response.headers["X-Request-Id"].startswith("req_") == error["request_id"].startswith("req_")
 
 

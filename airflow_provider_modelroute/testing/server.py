@@ -804,10 +804,10 @@ class ModelRouteServer:
         endpoint, params = routed
         authorization = request_header(scope, "authorization") or ""
         key = authorization.removeprefix("Bearer ").strip()
+        limit_headers, over = self._rate_limit_headers(key)  # on every answer, a refusal too
+        headers.update(limit_headers)
         if not authorization.startswith("Bearer ") or key not in self.api_keys:
             raise ApiFailure("UNAUTHORIZED", "Invalid or missing API key")
-        limit_headers, over = self._rate_limit_headers(key)
-        headers.update(limit_headers)
         if over:
             raise ApiFailure(
                 "RATE_LIMITED", "Rate limit exceeded", headers={"retry-after": headers["retry-after"]}
