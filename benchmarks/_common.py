@@ -54,8 +54,10 @@ def local_server(*args: str) -> Iterator[dict[str, Any]]:
     Yields the JSON line the server prints (base_url, storage_url, admin_url, api_key, airflow_conn).
     """
     env = airflow_env(dict(os.environ))
+    # as measured before the server read the docs literally: no rate limit, no AWAITING_WEBHOOK pause
+    defaults = ["--rate-limit", "0", "--awaiting-webhook-seconds", "0"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "airflow_provider_modelroute.testing", *args],
+        [sys.executable, "-m", "airflow_provider_modelroute.testing", *defaults, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -316,7 +316,10 @@ def _measure(args: argparse.Namespace, sizes: list[int], cases: dict[str, tuple[
     runs: Runs = {}
     try:
         with (
-            common.local_server("--pending-seconds", "0", "--processing-seconds", "0") as server,
+            # the presigned-URL reading of /download, as measured: the same URL for curl and for us
+            common.local_server(
+                "--pending-seconds", "0", "--processing-seconds", "0", "--dialect", "presigned"
+            ) as server,
             moto_server() if "s3" in cases else nullcontext("") as endpoint,
         ):
             bucket = f"bench-{uuid.uuid4().hex[:10]}"

@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 
 from airflow_provider_modelroute._compat import AIRFLOW_V_3_0_PLUS, AIRFLOW_V_3_1_PLUS  # noqa: E402
 from airflow_provider_modelroute.testing import ModelRouteServer  # noqa: E402
+from airflow_provider_modelroute.testing.dialects import PRESETS, Dialect  # noqa: E402
 
 if AIRFLOW_V_3_0_PLUS and not AIRFLOW_V_3_1_PLUS:
     # Two gaps of Airflow 3.0's in-process dag.test() (a worker does not have them):
@@ -61,18 +62,39 @@ def connection_json(server: ModelRouteServer, **extra: object) -> str:
     return json.dumps(conn)
 
 
+#: The rate limit of the shared test server: its headers are on every answer, the limit never bites.
+TEST_RATE_LIMIT = 1_000_000
+
+
 @pytest.fixture(scope="session")
 def modelroute_server() -> Iterator[ModelRouteServer]:
-    with ModelRouteServer(pending_seconds=0.05, processing_seconds=0.1) as server:
+    with ModelRouteServer(
+        pending_seconds=0.05,
+        processing_seconds=0.1,
+        awaiting_webhook_seconds=0.05,
+        rate_limit=TEST_RATE_LIMIT,
+        dialect="literal",
+    ) as server:
         yield server
 
 
 @pytest.fixture
-def server(modelroute_server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch) -> ModelRouteServer:
-    """The local server, reset, with ``modelroute_default`` pointing at it."""
+def server(
+    modelroute_server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ModelRouteServer]:
+    """The local server (literal dialect), reset, with ``modelroute_default`` pointing at it."""
     modelroute_server.reset()
+    modelroute_server.dialect = "literal"
     monkeypatch.setenv("AIRFLOW_CONN_MODELROUTE_DEFAULT", connection_json(modelroute_server))
-    return modelroute_server
+    yield modelroute_server
+    modelroute_server.dialect = "literal"
+
+
+@pytest.fixture(params=list(PRESETS))
+def dialect(request: pytest.FixtureRequest, server: ModelRouteServer) -> Dialect:
+    """Each dialect preset in turn, played by ``server`` (see ``testing/dialects.py``)."""
+    server.dialect = request.param
+    return server.dialect
 
 
 @pytest.fixture(scope="session")

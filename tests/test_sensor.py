@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_modelroute._compat import AirflowFailException
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.sensors.modelroute import ModelRouteExecutionSensor
 from airflow_provider_modelroute.testing import ModelRouteServer
-from tests.conftest import make_dag, run_dag, task_states, xcom
+from tests.conftest import make_dag, run_dag, task_instance, task_states, xcom
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -117,13 +118,27 @@ def test_unsuccessful_execution_fails_at_once(
     capsys: pytest.CaptureFixture[str],
     mode: dict,
 ) -> None:
-    execution_id = start_execution(0.3, outcome="FAILED", error_code="CONTENT_MODERATION_REJECTED")
-    dr = run_sensor(request, execution_id, **mode)
+    # a retryable code: the execution ended all the same, so no retry of the sensor can help
+    execution_id = start_execution(0.3, outcome="FAILED", error_code="GENERATION_FAILED")
+    dr = run_sensor(request, execution_id, timeout=60, retries=3, **mode)
     assert dr.state == "failed"
     assert task_states(dr) == {"wait": "failed"}
+    assert task_instance(dr, "wait").try_number == 1  # failed at once: not up for retry
     logs = capsys.readouterr().out
-    assert "CONTENT_MODERATION_REJECTED" in logs
+    assert "GENERATION_FAILED" in logs
     assert "timed out" not in logs.lower()  # it failed on the outcome, not by waiting out its timeout
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reading", ["literal", "presigned"])  # a documented error body; a bare 404
+def test_unknown_execution_fails_at_once(
+    server: ModelRouteServer, request: pytest.FixtureRequest, mode: dict, reading: str
+) -> None:
+    server.dialect = reading
+    dr = run_sensor(request, "exec_00000000-0000-0000-0000-000000000000", timeout=60, retries=3, **mode)
+    assert task_states(dr) == {"wait": "failed"}
+    assert task_instance(dr, "wait").try_number == 1
+    assert server.stats()["requests"]["GET /v1/executions/{id}"] == 1  # no HTTP retries either
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -141,7 +156,10 @@ def test_timeout_and_soft_fail(
     assert task_states(dr) == {"wait": state}
     assert dr.state == ("failed" if state == "failed" else "success")
     if not soft_fail:
-        assert "timed out" in capsys.readouterr().out.lower()
+        logs = capsys.readouterr().out
+        assert "timed out" in logs.lower()
+        if mode.get("deferrable"):  # our message names the limit and its parameter
+            assert "timeout=1 s (this sensor's `timeout` parameter)" in logs
     assert server.stats()["cancels"] == {}  # the sensor never cancels what it did not start
     assert server.execution(execution_id)["status"] in ("PENDING", "PROCESSING")
 
@@ -161,3 +179,12 @@ def test_a_retry_resumed_with_an_earlier_trys_event_pokes_again(server: ModelRou
     assert result["id"] == execution_id and result["status"] == "COMPLETED"
     with pytest.raises(Exception, match="X: m"):  # this try's own event is final
         sensor.execute_complete(context, {**failed, "try_number": 2})
+
+
+@pytest.mark.parametrize("outcome", ["FAILED", "CANCELLED", "EXPIRED"])
+def test_every_unsuccessful_end_is_final_for_the_sensor(server: ModelRouteServer, outcome: str) -> None:
+    execution_id = start_execution(60)
+    server.set_execution_status(execution_id, outcome, "GENERATION_FAILED" if outcome == "FAILED" else None)
+    sensor = ModelRouteExecutionSensor(task_id="wait", execution_id=execution_id)
+    with pytest.raises(AirflowFailException, match=f"ended {outcome}"):
+        sensor.poke({})  # type: ignore[arg-type]

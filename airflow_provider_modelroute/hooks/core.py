@@ -81,6 +81,12 @@ class ApiCore:
     # -- responses --------------------------------------------------------------------------
 
     def _note_rate_limit(self, headers: Mapping[str, str]) -> None:
+        """Remember the window the ``X-RateLimit-*`` headers describe, its reset as a unix time.
+
+        ``Reset`` may be a unix time, a delta in seconds, or absent. Without it the window's end is
+        unknown, so ``Remaining`` cannot pace anything: only ``Retry-After`` (then backoff) on a 429.
+        """
+
         def as_int(name: str) -> int | None:
             value = headers.get(name)
             try:
@@ -88,13 +94,10 @@ class ApiCore:
             except ValueError:
                 return None
 
-        limit, remaining, reset = (
-            as_int("X-RateLimit-Limit"),
-            as_int("X-RateLimit-Remaining"),
-            as_int("X-RateLimit-Reset"),
-        )
+        limit, remaining = as_int("X-RateLimit-Limit"), as_int("X-RateLimit-Remaining")
+        reset = api.rate_limit_reset(headers.get("X-RateLimit-Reset"), time.time())
         if limit is not None or remaining is not None:
-            self.rate_limit = RateLimit(limit, remaining, float(reset) if reset is not None else None)
+            self.rate_limit = RateLimit(limit, remaining if reset is not None else None, reset)
 
     def _retry_after(self, status: int, headers: Mapping[str, str]) -> float | None:
         value = headers.get("Retry-After")

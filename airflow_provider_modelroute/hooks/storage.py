@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import IO
+from typing import IO, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -81,21 +81,34 @@ def check_storage_url(core: ApiCore, url: str) -> str:
     return url
 
 
+class DownloadSource(Protocol):
+    """Opens a file's bytes at an offset, in whichever reading the API serves them (see hooks/download.py)."""
+
+    def open(self, offset: int) -> requests.Response: ...
+
+    def expired(self) -> None:
+        """The presigned URL answered 403: the next ``open`` asks the API for a fresh one."""
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class FileDownload:
-    """A file being downloaded from its presigned URL; iterate it for the bytes (resumes on drops)."""
+    """A file being downloaded; iterate it for the bytes (resumes on drops, refreshes an expired URL)."""
 
     file_id: str
     size_bytes: int | None
     content_type: str
+    _source: DownloadSource = field(repr=False)
     _storage: StorageClient = field(repr=False)
-    _url: str = field(repr=False)
-    #: Fetches a fresh presigned URL once the current one has expired.
-    _refresh_url: Callable[[], str] = field(repr=False)
     chunk_size: int = 1024 * 1024
 
     def __iter__(self) -> Iterator[bytes]:
         return self._storage.iter_download(self)
+
+    def close(self) -> None:
+        """Release a response opened ahead of iteration (when the bytes are not needed after all)."""
+        self._source.close()
 
 
 class StorageClient:
@@ -117,7 +130,7 @@ class StorageClient:
     def _timeout(self) -> tuple[float, float]:
         return (self.core.settings.connect_timeout, self.core.settings.read_timeout)
 
-    def _get(self, url: str, offset: int) -> requests.Response:
+    def get(self, url: str, offset: int) -> requests.Response:
         """GET a presigned URL from ``offset``, following redirects only to URLs that pass the checks."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         for _ in range(5):
@@ -132,12 +145,13 @@ class StorageClient:
 
     def iter_download(self, download: FileDownload) -> Iterator[bytes]:
         """Yield a file's bytes; resume with Range after a drop, and get a fresh URL once it expires."""
-        offset, failures, url = 0, 0, download._url
+        offset, failures, url = 0, 0, ""
         size = download.size_bytes
         log = self.core.log
         while True:
             try:
-                with self._get(url, offset) as response:
+                with download._source.open(offset) as response:
+                    url = response.url
                     if response.status_code == 403:
                         raise _UrlExpired()
                     if response.status_code not in (200, 206):
@@ -162,9 +176,9 @@ class StorageClient:
                 reason: Exception = ModelRouteConnectionError(f"body ended at byte {offset} of {size}")
             except _UrlExpired as exc:
                 reason = exc
-                url = download._refresh_url()
+                download._source.expired()
             except requests.RequestException as exc:
-                reason = self.core.transport_error(exc, "GET", url)
+                reason = self.core.transport_error(exc, "GET", getattr(exc.request, "url", None) or url)
             failures += 1
             if failures > self.core.settings.max_retries:
                 raise ModelRouteTransferError(
@@ -176,15 +190,26 @@ class StorageClient:
             )
             time.sleep(self.core.backoff(failures))
 
-    def put(self, url: str, open_source: Callable[[], IO[bytes]], *, filename: str, size_bytes: int) -> None:
-        """PUT a file's bytes to a presigned upload URL, retried per the policy (reopened each time)."""
+    def put(
+        self,
+        url: str,
+        open_source: Callable[[], IO[bytes]],
+        *,
+        filename: str,
+        size_bytes: int,
+        content_type: str,
+    ) -> None:
+        """PUT a file's bytes to a presigned upload URL, retried per the policy (reopened each time).
+
+        The Content-Type is the one declared when the URL was issued: a URL presigned for it
+        rejects any other.
+        """
+        headers = {"Content-Length": str(size_bytes), "Content-Type": content_type}
 
         def put_once() -> None:
             with open_source() as source:
                 try:
-                    response = self.session.put(
-                        url, data=source, headers={"Content-Length": str(size_bytes)}, timeout=self._timeout
-                    )
+                    response = self.session.put(url, data=source, headers=headers, timeout=self._timeout)
                 except requests.RequestException as exc:
                     raise self.core.transport_error(exc, "PUT", url) from None
             if response.status_code >= 500:

@@ -98,6 +98,24 @@ def open_storage_path(url: str, conn_id: str | None, field: str) -> Any:
     return path
 
 
+def _check_upload_options(purpose: str, region: str | None, ttl_days: int | None) -> None:
+    """The uploading page's options, checked when the DAG is parsed."""
+    if purpose not in api.UPLOAD_PURPOSES:
+        raise ModelRouteConfigError(f"purpose must be one of {list(api.UPLOAD_PURPOSES)}, got {purpose!r}")
+    if region is not None and region not in api.UPLOAD_REGIONS:
+        raise ModelRouteConfigError(
+            f"region must be one of {list(api.UPLOAD_REGIONS)} (or None), got {region!r}"
+        )
+    low, high = api.TTL_DAYS_RANGE
+    if ttl_days is not None and (
+        isinstance(ttl_days, bool) or not isinstance(ttl_days, int) or not low <= ttl_days <= high
+    ):
+        raise ModelRouteConfigError(
+            f"ttl_days must be a whole number of days from {low} to {high} (or None: the organization's "
+            f"default), got {ttl_days!r}"
+        )
+
+
 def _is_deferred(value: Any) -> bool:
     """True for a value only known when the task runs: a Jinja template or an XComArg."""
     if value is None:
@@ -418,12 +436,16 @@ class ModelRouteToStorageOperator(BaseOperator):
         self._check_source()
         self._check_destination()
         destination = open_storage_path(self.destination, self.destination_conn_id, "destination")
-        downloads = [
-            self.hook.download_file(file_id, chunk_size=self.chunk_size) for file_id in self._file_ids()
-        ]
-        targets = self._targets(destination, downloads)
-        self._compare_existing(targets)
-        return [self._copy(target) for target in targets]
+        downloads: list[FileDownload] = []
+        try:
+            for file_id in self._file_ids():
+                downloads.append(self.hook.download_file(file_id, chunk_size=self.chunk_size))
+            targets = self._targets(destination, downloads)
+            self._compare_existing(targets)
+            return [self._copy(target) for target in targets]
+        finally:
+            for download in downloads:  # the responses opened ahead, when a file was not copied
+                download.close()
 
     def _compare_existing(self, targets: list[_Target]) -> None:
         """Find the destinations that already hold their file; with "fail", refuse before copying any byte.
@@ -624,6 +646,10 @@ class StorageToModelRouteOperator(BaseOperator):
         default credentials. (templated)
     :param filename: The file name to give ModelRoute. Default: the source's name. (templated)
     :param content_type: The file's MIME type. Default: guessed from the file name. (templated)
+    :param purpose: ``"INPUT"`` (default: a file for an execution's input) or ``"UPLOAD"``.
+    :param region: Where ModelRoute stores the file: ``"US"``, ``"EU"`` or ``"APAC"``. Default: the
+        account's (``US``).
+    :param ttl_days: Days until the file expires, 1-365. Default: the organization's.
     :param modelroute_conn_id: The Airflow connection to ModelRoute.
     """
 
@@ -637,6 +663,9 @@ class StorageToModelRouteOperator(BaseOperator):
         source_conn_id: str | None = None,
         filename: str | None = None,
         content_type: str | None = None,
+        purpose: str = "INPUT",
+        region: str | None = None,
+        ttl_days: int | None = None,
         modelroute_conn_id: str = "modelroute_default",
         **kwargs: Any,
     ) -> None:
@@ -645,11 +674,15 @@ class StorageToModelRouteOperator(BaseOperator):
         self.source_conn_id = source_conn_id
         self.filename = filename
         self.content_type = content_type
+        self.purpose = purpose
+        self.region = region
+        self.ttl_days = ttl_days
         self.modelroute_conn_id = modelroute_conn_id
         if not _is_deferred(source) and (not isinstance(source, str) or not source.strip()):
             raise ModelRouteConfigError(
                 f"source must be an object storage URL such as 's3://bucket/in/photo.png', got {source!r}"
             )
+        _check_upload_options(purpose, region, ttl_days)
 
     @cached_property
     def hook(self) -> ModelRouteHook:
@@ -680,7 +713,13 @@ class StorageToModelRouteOperator(BaseOperator):
         self.log.info("Uploading %s (%s, %d bytes) to ModelRoute as %s", shown, content_type, size, filename)
         started = time.monotonic()
         result = self.hook.upload_file(
-            lambda: source.open("rb"), filename=filename, content_type=content_type, size_bytes=size
+            lambda: source.open("rb"),
+            filename=filename,
+            content_type=content_type,
+            size_bytes=size,
+            purpose=self.purpose,
+            region=self.region,
+            ttl_days=self.ttl_days,
         )
         elapsed = max(time.monotonic() - started, 1e-6)
         self.log.info(

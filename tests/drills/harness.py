@@ -457,6 +457,10 @@ class AirflowStack:
             str(PROCESSING_SECONDS),
             "--execution-ttl",
             str(EXECUTION_TTL_SECONDS),
+            "--rate-limit",  # X-RateLimit-* on every answer, as documented; a limit no drill reaches
+            "1000000",
+            "--dialect",  # /download answers presigned URLs: drill 5's storage faults reach them
+            "presigned",
         ]
         component = Component("modelroute-server", argv, self.components_dir / "modelroute-server.log")
         self.components["modelroute-server"] = component

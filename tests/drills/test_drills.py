@@ -442,10 +442,10 @@ API_FAULTS: list[tuple[str, str, int, dict[str, Any]]] = [
     ("GET /v1/executions/{id}", "rate_limit", 1, {"retry_after": 1}),
     ("GET /v1/executions/{id}", "drop", 1, {}),
     ("GET /v1/executions/{id}", "slow", 1, {"seconds": 2}),
-    ("GET /v1/files/{file_id}/url", "rate_limit", 2, {"retry_after": 1}),
-    ("GET /v1/files/{file_id}/url", "error", 1, {"code": "SERVICE_UNAVAILABLE"}),
-    ("GET /v1/files/{file_id}/url", "drop", 1, {}),
-    ("GET /v1/files/{file_id}/url", "slow", 1, {"seconds": 2}),
+    ("GET /v1/files/{file_id}/download", "rate_limit", 2, {"retry_after": 1}),
+    ("GET /v1/files/{file_id}/download", "error", 1, {"code": "SERVICE_UNAVAILABLE"}),
+    ("GET /v1/files/{file_id}/download", "drop", 1, {}),
+    ("GET /v1/files/{file_id}/download", "slow", 1, {"seconds": 2}),
 ]
 RETRY_LINE = re.compile(
     r"ModelRoute request failed \((?P<error>.*?)\); retry \d+ of \d+ in (?P<wait>[\d.]+) s"
@@ -579,7 +579,7 @@ BAD_INPUT_HINTS = {
     "unknown_model": "unknown model 'no-such-model'",
     "missing_connection": "connection 'modelroute_missing' does not exist: create it",
     "wrong_api_key": "check the API key in the Airflow connection's password field",
-    "malformed_api_key": "unusable ModelRoute API key",
+    "malformed_api_key": "check the API key in the Airflow connection's password field",
     "invalid_input": "input.prompt: is required and must be a non-empty string",
     "bad_destination": "destination 'nosuch://bucket/images/' cannot be opened",
 }
