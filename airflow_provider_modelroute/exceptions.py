@@ -26,6 +26,8 @@ class ModelRouteConnectionError(ModelRouteError):
     """No usable HTTP response: connection refused or dropped, timeout, truncated body."""
 
     retryable = True
+    #: A kept-alive connection the server had closed: the first retry goes at once.
+    stale = False
 
 
 class ModelRouteTransferError(ModelRouteError):

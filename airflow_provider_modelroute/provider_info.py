@@ -48,9 +48,26 @@ _CONN_FIELDS: dict[str, dict[str, Any]] = {
         "description": "Where the 'ModelRoute execution' link points.",
         "schema": {"type": ["string", "null"], "default": "https://app.modelroute.ai"},
     },
+    "ca_bundle": {
+        "label": "CA bundle (path)",
+        "description": "PEM file (or directory) of the CAs to trust for the API and storage hosts, e.g. a "
+        "corporate CA. Default: REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE or SSL_CERT_FILE, else certifi.",
+        "schema": {"type": ["string", "null"]},
+    },
+    "client_cert": {
+        "label": "Client certificate (path)",
+        "description": "PEM certificate (with its key, or see client_key) shown to the API host only.",
+        "schema": {"type": ["string", "null"]},
+    },
+    "client_key": {
+        "label": "Client certificate key (path)",
+        "description": "PEM private key of client_cert, if that file does not hold it.",
+        "schema": {"type": ["string", "null"]},
+    },
     "allow_insecure_storage_urls": {
         "label": "Allow http/loopback storage URLs (local testing only)",
-        "description": "Lets the local ModelRoute test server's http://127.0.0.1 file URLs through.",
+        "description": "Lets the local ModelRoute test server's http://127.0.0.1 file URLs through "
+        "(TLS, when used, is still verified).",
         "schema": {"type": ["boolean", "null"], "default": False},
     },
 }

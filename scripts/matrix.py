@@ -4,7 +4,7 @@ Each cell gets its own uv environment under ``.matrix/<cell>/`` and runs the fas
 ``pytest -m "not drill"`` (the production drills run only in ``make drills``, on the latest Airflow).
 ``make test`` itself is the cell "Airflow 3.3 x Python 3.11 x highest dependencies".
 
-A "lowest" cell installs the lowest versions of ``requests``, ``tenacity``, ``httpx`` and
+A "lowest" cell installs the lowest versions of ``requests``, ``tenacity``, ``aiohttp`` and
 ``apache-airflow-providers-common-compat`` that our pyproject allows *together with that Airflow*:
 ``uv pip compile --resolution lowest-direct`` of our runtime requirements (Airflow pinned), then
 those versions as ``==`` constraints on the full install (the test tools stay at their highest).
@@ -33,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 #: our runtime requirements whose lower bounds a "lowest" cell installs
-LOWEST_PACKAGES = ("requests", "tenacity", "httpx", "apache-airflow-providers-common-compat")
+LOWEST_PACKAGES = ("requests", "tenacity", "aiohttp", "apache-airflow-providers-common-compat")
 #: versions reported per cell
 REPORTED = ("apache-airflow", "apache-airflow-task-sdk", *LOWEST_PACKAGES)
 
@@ -306,7 +306,7 @@ def run_cell(cell: Cell, uv: str, root: Path, pytest_args: list[str], strict: bo
 
 def table(results: list[Result]) -> str:
     head = (
-        "| cell | Airflow | Python | requests | tenacity | httpx | common-compat | result "
+        "| cell | Airflow | Python | requests | tenacity | aiohttp | common-compat | result "
         "| install | tests |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n"
     )
@@ -315,7 +315,7 @@ def table(results: list[Result]) -> str:
         v = r.versions
         rows.append(
             f"| {r.cell.name} | {v.get('apache-airflow', r.cell.airflow)} | {v.get('python', r.cell.python)} "
-            f"| {v.get('requests', '')} | {v.get('tenacity', '')} | {v.get('httpx', '')} "
+            f"| {v.get('requests', '')} | {v.get('tenacity', '')} | {v.get('aiohttp', '')} "
             f"| {v.get('apache-airflow-providers-common-compat', '')} | {r.status}: {r.detail} "
             f"| {r.install_seconds:.0f} s | {r.test_seconds:.0f} s |"
         )

@@ -8,8 +8,10 @@ import json
 import logging
 import random
 import re
+import ssl
 import time
-from collections.abc import Mapping
+import zlib
+from collections.abc import Iterator, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -21,13 +23,15 @@ from airflow_provider_modelroute.exceptions import (
     ModelRouteApiError,
     ModelRouteConfigError,
     ModelRouteConnectionError,
+    ModelRouteError,
     api_error,
 )
-from airflow_provider_modelroute.hooks.rate_budget import RateLimit
+from airflow_provider_modelroute.hooks.rate_budget import RateLimit, shared_rate_budget
 from airflow_provider_modelroute.hooks.settings import USER_AGENT, ConnectionSettings
 
 _EXECUTION_ID_RE = re.compile(r"exec_[A-Za-z0-9_-]{1,128}")
 _FILE_ID_RE = re.compile(r"file_[A-Za-z0-9_-]{1,128}")
+_USERINFO_RE = re.compile(r"(\w+://)[^/@\s'\"]+@")
 
 
 def execution_path(execution_id: str, suffix: str = "") -> str:
@@ -40,6 +44,44 @@ def file_path(file_id: str, suffix: str = "") -> str:
     if not isinstance(file_id, str) or not _FILE_ID_RE.fullmatch(file_id):
         raise ModelRouteConfigError(f"file_id must look like 'file_<uuid>', got {file_id!r}")
     return f"/files/{quote(file_id)}{suffix}"
+
+
+#: SSL errors that are only a dropped connection (retried like any other drop).
+_SSL_DROPS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+#: The server closed a kept-alive connection as we reused it: retry at once.
+_STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+_STALE_NAMES = frozenset({"ServerDisconnectedError", "RemoteDisconnected"})
+#: The clients' names for a body that does not decompress (aiohttp, requests, urllib3).
+_DECODING_ERRORS = frozenset({"ContentEncodingError", "ContentDecodingError", "DecodeError"})
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """An exception and everything it wraps (causes, contexts, and the wrapped errors of clients)."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        wrapped = (
+            current.__cause__,
+            current.__context__,
+            getattr(current, "reason", None),
+            getattr(current, "certificate_error", None),
+            *current.args,
+        )
+        stack.extend(e for e in wrapped if isinstance(e, BaseException))
+
+
+def _proxy_refusal(exc: BaseException) -> int | None:
+    """The 4xx status with which a proxy refused a tunnel, if ``exc`` says so."""
+    status = getattr(exc, "status", None)
+    if type(exc).__name__ == "ClientHttpProxyError" and isinstance(status, int) and 400 <= status < 500:
+        return status
+    match = re.search(r"Tunnel connection failed: (4\d\d)", str(exc))
+    return int(match[1]) if match else None
 
 
 def _scrub(text: str, url: str) -> str:
@@ -57,6 +99,7 @@ class ApiCore:
         self.settings = settings
         self.log = log
         self.rate_limit = RateLimit()
+        self.budget = shared_rate_budget(settings.base_url, settings.api_key)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -71,16 +114,9 @@ class ApiCore:
             "User-Agent": USER_AGENT,
         }
 
-    def delay_before_request(self) -> float:
-        """Seconds to wait before the next request when the last response said the window is spent."""
-        rl = self.rate_limit
-        if rl.remaining is None or rl.remaining > 0 or rl.reset is None:
-            return 0.0
-        return max(0.0, min(rl.reset - time.time(), self.settings.retry_deadline))
-
     # -- responses --------------------------------------------------------------------------
 
-    def _note_rate_limit(self, headers: Mapping[str, str]) -> None:
+    def note_rate_limit(self, headers: Mapping[str, str]) -> None:
         """Remember the window the ``X-RateLimit-*`` headers describe, its reset as a unix time.
 
         ``Reset`` may be a unix time, a delta in seconds, or absent. Without it the window's end is
@@ -120,10 +156,8 @@ class ApiCore:
         status: int,
         headers: Mapping[str, str],
         content: bytes,
-        tolerate: frozenset[str] = frozenset(),
     ) -> Any:
-        """Return a 2xx response's JSON, None for a tolerated error code, else raise the API error."""
-        self._note_rate_limit(headers)
+        """Return a 2xx response's JSON, else raise the API error."""
         if 200 <= status < 300:
             if not content:
                 return {}
@@ -133,10 +167,7 @@ class ApiCore:
                 raise ModelRouteConnectionError(
                     f"ModelRoute {method} {path} answered HTTP {status} with a body that is not JSON"
                 ) from None
-        error = self.error_from_response(status, headers, content)
-        if error.code in tolerate:
-            return None
-        raise error
+        raise self.error_from_response(status, headers, content)
 
     def error_from_response(
         self, status: int, headers: Mapping[str, str], content: bytes
@@ -162,12 +193,45 @@ class ApiCore:
             retry_after=self._retry_after(status, headers),
         )
 
-    def transport_error(self, exc: Exception, method: str, url: str) -> ModelRouteConnectionError:
-        """Wrap a client exception; the text never carries a presigned URL's signature."""
-        shown = api.redact_url(url)
-        return ModelRouteConnectionError(
-            f"ModelRoute {method} {shown} failed: {type(exc).__name__}: {_scrub(str(exc), url)}"
-        )
+    def transport_error(self, exc: BaseException, method: str, url: str) -> ModelRouteError:
+        """Classify a failure without an HTTP answer, for both clients; the text never carries a
+        presigned URL's signature.
+
+        Resets, timeouts and dropped or stale connections are retried (a connection the server
+        closed while idle at once). What a retry cannot fix fails at once, naming the fix: an
+        untrusted certificate or failed handshake, a proxy refusing us, a body that does not
+        decompress.
+        """
+        detail = _USERINFO_RE.sub(r"\1<redacted>@", _scrub(str(exc), url))  # a proxy URL's password
+        text = f"ModelRoute {method} {api.redact_url(url)} failed: {type(exc).__name__}: {detail}"
+        causes = list(_causes(exc))
+        if any(isinstance(c, ssl.SSLCertVerificationError) for c in causes):
+            return ModelRouteConfigError(
+                f"{text}. The server's TLS certificate is not trusted here: if a private or corporate CA "
+                "issued it, set the connection extra 'ca_bundle' (or SSL_CERT_FILE / REQUESTS_CA_BUNDLE) to "
+                "that CA's PEM file"
+            )
+        if any(isinstance(c, ssl.SSLError) and not isinstance(c, _SSL_DROPS) for c in causes):
+            return ModelRouteConfigError(
+                f"{text}. The TLS handshake failed: check the connection extras 'client_cert' and "
+                "'client_key' (if the server asks for a client certificate) and 'ca_bundle'"
+            )
+        proxy_status = next(filter(None, map(_proxy_refusal, causes)), None)
+        if proxy_status:
+            return ModelRouteConfigError(
+                f"{text}. The proxy refused the request (HTTP {proxy_status}): check the proxy URL and "
+                "its credentials in HTTPS_PROXY, or add the host to NO_PROXY"
+            )
+        error = ModelRouteConnectionError(text)
+        if any(isinstance(c, zlib.error) or type(c).__name__ in _DECODING_ERRORS for c in causes):
+            error = ModelRouteConnectionError(
+                f"{text}. The response's compressed body is corrupt (a proxy rewriting "
+                "responses?); not retried"
+            )
+            error.retryable = False
+        elif any(isinstance(c, _STALE) or type(c).__name__ in _STALE_NAMES for c in causes):
+            error.stale = True
+        return error
 
     # -- retry policy -----------------------------------------------------------------------
 
@@ -184,6 +248,8 @@ class ApiCore:
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
+        if getattr(exc, "stale", False) and state.attempt_number == 1:
+            return 0.0
         hinted = getattr(exc, "retry_after", None)
         if hinted is not None:
             # Honour the server's hint, plus a little jitter so many clients do not return at once.

@@ -10,7 +10,7 @@ storage client, which never sends the API key.
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from airflow_provider_modelroute.hooks.core import ApiCore
     from airflow_provider_modelroute.hooks.storage import StorageClient
 
+#: Sends one paced request to the API (``ModelRouteHook.send``).
+Send = Callable[..., requests.Response]
 #: A URL document is small; a JSON answer larger than this is a file's bytes.
 _MAX_DOCUMENT = 64 * 1024
 
@@ -32,10 +34,8 @@ _MAX_DOCUMENT = 64 * 1024
 class ApiDownloadSource:
     """Opens one file's bytes at an offset through ``/download``, whichever reading the server follows."""
 
-    def __init__(
-        self, core: ApiCore, session: requests.Session, storage: StorageClient, file_id: str
-    ) -> None:
-        self.core, self.session, self.storage = core, session, storage
+    def __init__(self, core: ApiCore, send: Send, storage: StorageClient, file_id: str) -> None:
+        self.core, self.send, self.storage = core, send, storage
         self.path = file_path(file_id, "/download")
         #: The presigned URL the API gave (document or redirect); None: ask the API (again).
         self.url: str | None = None
@@ -69,24 +69,11 @@ class ApiDownloadSource:
             pending.close()
 
     def _ask_api(self, offset: int) -> requests.Response:
-        delay = self.core.delay_before_request()
-        if delay:
-            time.sleep(delay)
         url = self.core.url(self.path)
         headers = {"Accept": "*/*", "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        try:
-            response = self.session.get(
-                url,
-                headers=headers,
-                stream=True,
-                allow_redirects=False,
-                timeout=(self.core.settings.connect_timeout, self.core.settings.read_timeout),
-            )
-        except requests.RequestException as exc:
-            raise self.core.transport_error(exc, "GET", url) from None
-        self.core._note_rate_limit(response.headers)
+        response = self.send("GET", url, headers=headers, stream=True)
         if response.is_redirect:  # reading 3: follow it ourselves, without the API key
             response.close()
             self.url = check_storage_url(self.core, urljoin(url, response.headers["Location"]))

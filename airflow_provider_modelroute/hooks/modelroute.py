@@ -4,12 +4,11 @@ The sync calls use one ``requests.Session`` per hook; triggers get a :class:`Mod
 from :meth:`ModelRouteHook.async_client`. Both go through one :class:`ApiCore` (URLs, headers,
 error parsing, retry policy), so the two paths cannot drift apart. The readings of ``/download``
 live in ``hooks/download.py``, presigned-URL transfers in ``hooks/storage.py``, pacing in
-``hooks/rate_budget.py``.
+``hooks/rate_budget.py``, TLS and proxies in ``hooks/network.py``.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -35,7 +34,7 @@ from airflow_provider_modelroute.exceptions import (
 from airflow_provider_modelroute.hooks.async_client import ModelRouteAsyncClient
 from airflow_provider_modelroute.hooks.core import ApiCore, execution_path
 from airflow_provider_modelroute.hooks.download import ApiDownloadSource
-from airflow_provider_modelroute.hooks.rate_budget import shared_rate_budget
+from airflow_provider_modelroute.hooks.network import route
 from airflow_provider_modelroute.hooks.settings import ConnectionSettings
 from airflow_provider_modelroute.hooks.storage import FileDownload, StorageClient, check_storage_url
 from airflow_provider_modelroute.provider_info import CONN_TYPE, connection_form_widgets, ui_field_behaviour
@@ -50,7 +49,8 @@ class ModelRouteHook(BaseHook):
     The connection holds the API key in its password and, optionally, the base URL in its host
     (default ``https://api.modelroute.ai``). Extras tune timeouts (``timeout``, ``connect_timeout``),
     retries (``max_retries``, ``retry_base_wait``, ``retry_max_wait``, ``retry_deadline``),
-    ``dashboard_url``, and ``allow_insecure_storage_urls`` (local testing only).
+    ``dashboard_url``, TLS (``ca_bundle``, ``client_cert``, ``client_key``; see ``hooks/network.py``
+    for these and the proxy variables), and ``allow_insecure_storage_urls`` (local testing only).
 
     :param modelroute_conn_id: The Airflow connection to use.
     """
@@ -87,8 +87,13 @@ class ModelRouteHook(BaseHook):
     @cached_property
     def session(self) -> requests.Session:
         session = requests.Session()
+        session.trust_env = False  # CA bundle and proxies come from ``network.route``, as for triggers
         session.headers.update(self.core.headers)
         return session
+
+    @cached_property
+    def _route_options(self) -> dict[str, Any]:
+        return route(self.core.settings, self.core.settings.base_url).requests_options()
 
     @cached_property
     def storage(self) -> StorageClient:
@@ -98,6 +103,29 @@ class ModelRouteHook(BaseHook):
     def get_conn(self) -> requests.Session:
         return self.session
 
+    def send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        """One request to the API, paced by the key's rate budget; transport errors in the error model."""
+        budget = self.core.budget
+        budget.acquire_blocking(self.log)
+        seen = None
+        try:
+            try:
+                response = self.session.request(
+                    method,
+                    url,
+                    timeout=(self.core.settings.connect_timeout, self.core.settings.read_timeout),
+                    allow_redirects=False,
+                    **self._route_options,
+                    **kwargs,
+                )
+            except requests.RequestException as exc:
+                raise self.core.transport_error(exc, method, url) from None
+            self.core.note_rate_limit(response.headers)
+            seen = self.core.rate_limit
+            return response
+        finally:
+            budget.observe(seen)
+
     def _request_once(
         self,
         method: str,
@@ -105,21 +133,7 @@ class ModelRouteHook(BaseHook):
         json_body: Any,
         headers: Mapping[str, str] | None,
     ) -> tuple[Any, Mapping[str, str]]:
-        delay = self.core.delay_before_request()
-        if delay:  # even a zero sleep yields the CPU: ~5 % of a loopback request
-            time.sleep(delay)
-        url = self.core.url(path)
-        try:
-            response = self.session.request(
-                method,
-                url,
-                json=json_body,
-                headers=dict(headers or {}),
-                timeout=(self.core.settings.connect_timeout, self.core.settings.read_timeout),
-                allow_redirects=False,
-            )
-        except requests.RequestException as exc:
-            raise self.core.transport_error(exc, method, url) from None
+        response = self.send(method, self.core.url(path), json=json_body, headers=dict(headers or {}))
         body = self.core.parse(method, path, response.status_code, response.headers, response.content)
         return body, response.headers
 
@@ -217,7 +231,7 @@ class ModelRouteHook(BaseHook):
         Asks ``GET /v1/files/{id}/download`` at once, so the size and type are known before the first
         byte is read; any of its readings works (the bytes, a URL document, a redirect).
         """
-        source = ApiDownloadSource(self.core, self.session, self.storage, file_id)
+        source = ApiDownloadSource(self.core, self.send, self.storage, file_id)
         first = source.prefetch()
         document = source.document or {}
         size = document.get("size_bytes") if source.document else _announced_size(first)
@@ -304,9 +318,7 @@ class ModelRouteHook(BaseHook):
             conn = await aget_connection(self.modelroute_conn_id)
         except AirflowNotFoundException:
             raise ConnectionSettings.missing(self.modelroute_conn_id) from None
-        settings = ConnectionSettings.from_connection(conn)
-        budget = shared_rate_budget(f"{self.modelroute_conn_id}|{settings.base_url}")
-        client = ModelRouteAsyncClient(ApiCore(settings, self.log), budget)
+        client = ModelRouteAsyncClient(ApiCore(ConnectionSettings.from_connection(conn), self.log))
         try:
             yield client
         finally:

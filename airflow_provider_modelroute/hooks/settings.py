@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,20 @@ def _flag(extras: Mapping[str, Any], name: str) -> bool:
     return bool(value)
 
 
+def _path(extras: Mapping[str, Any], name: str) -> str | None:
+    """A file path extra; it must exist where the task or trigger runs."""
+    value = _extra(extras, name, None)
+    if value is None:
+        return None
+    path = os.path.expanduser(str(value).strip())
+    if not os.path.exists(path):
+        raise ModelRouteConfigError(
+            f"Connection extra {name!r} names {path!r}, which does not exist on this machine: install the "
+            "file on every worker and triggerer, or fix the path"
+        )
+    return path
+
+
 def _base_url(host: str | None, port: int | None) -> str:
     """Normalise the connection's host into ``scheme://host[:port]`` (a trailing ``/v1`` is dropped)."""
     if not host:
@@ -84,6 +99,10 @@ class ConnectionSettings:
     retry_deadline: float = 120.0
     allow_insecure_storage_urls: bool = False
     dashboard_url: str = api.DEFAULT_DASHBOARD_URL
+    #: TLS: a CA bundle (PEM file or directory) to trust, and a client certificate for the API host.
+    ca_bundle: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
 
     @staticmethod
     def missing(conn_id: str) -> ModelRouteConfigError:
@@ -123,4 +142,7 @@ class ConnectionSettings:
             retry_deadline=_number(extras, "retry_deadline", cls.retry_deadline, 0),
             allow_insecure_storage_urls=_flag(extras, "allow_insecure_storage_urls"),
             dashboard_url=str(_extra(extras, "dashboard_url", cls.dashboard_url)).rstrip("/"),
+            ca_bundle=_path(extras, "ca_bundle"),
+            client_cert=_path(extras, "client_cert"),
+            client_key=_path(extras, "client_key"),
         )

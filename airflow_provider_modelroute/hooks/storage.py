@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import tenacity
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.exceptions import ModelRouteConnectionError, ModelRouteTransferError
 from airflow_provider_modelroute.hooks.core import ApiCore
+from airflow_provider_modelroute.hooks.network import route
 from airflow_provider_modelroute.hooks.settings import USER_AGENT
 
 #: The most read from the network at once: a dropped connection loses only the read in progress.
@@ -55,30 +55,39 @@ def _strip_authorization(request: requests.PreparedRequest) -> requests.Prepared
 
 
 def check_storage_url(core: ApiCore, url: str) -> str:
-    """Refuse presigned URLs that are not https on a public host (unless local testing allows it)."""
+    """Refuse presigned URLs that are not https, or name a loopback/private address literally.
+
+    Names are not resolved here: resolving locally breaks proxy-only egress and private endpoints,
+    and the storage host never gets the API key anyway (see ``StorageClient``). The local test
+    server's http://127.0.0.1 URLs pass only with ``allow_insecure_storage_urls``.
+    """
     parts = urlsplit(url)
     shown = api.redact_url(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ModelRouteTransferError(f"Refusing storage URL {shown}: not an http(s) URL")
     if core.settings.allow_insecure_storage_urls:
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ModelRouteTransferError(f"Refusing storage URL {shown}: not an http(s) URL")
         return url
-    if parts.scheme != "https" or not parts.hostname:
+    if parts.scheme != "https":
         raise ModelRouteTransferError(
             f"Refusing storage URL {shown}: only https URLs are fetched. For the local test server set "
             "the connection extra allow_insecure_storage_urls=true."
         )
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 443)}
-    except OSError as exc:
-        raise ModelRouteConnectionError(f"Cannot resolve storage host of {shown}: {exc}") from None
-    for address in addresses:
-        ip = ipaddress.ip_address(str(address).split("%")[0])
-        if not ip.is_global:
-            raise ModelRouteTransferError(
-                f"Refusing storage URL {shown}: its host resolves to a non-public address. For the local "
-                "test server set the connection extra allow_insecure_storage_urls=true."
-            )
+    if not _public_host(parts.hostname):
+        raise ModelRouteTransferError(
+            f"Refusing storage URL {shown}: its host is a loopback or private address. For the local "
+            "test server set the connection extra allow_insecure_storage_urls=true."
+        )
     return url
+
+
+def _public_host(host: str) -> bool:
+    """False for ``localhost`` and for literal addresses that are not global (no DNS lookup)."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_global
+    except ValueError:
+        return True  # a name: whatever it resolves to is the proxy's or resolver's business
 
 
 class DownloadSource(Protocol):
@@ -122,6 +131,7 @@ class StorageClient:
         """A session without the API key, for presigned storage URLs."""
         _redact_urllib3_debug_lines()
         session = requests.Session()
+        session.trust_env = False  # CA bundle and proxies come from ``network.route``
         session.auth = _strip_authorization
         session.headers["User-Agent"] = USER_AGENT
         return session
@@ -135,7 +145,12 @@ class StorageClient:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         for _ in range(5):
             response = self.session.get(
-                url, headers=headers, stream=True, timeout=self._timeout, allow_redirects=False
+                url,
+                headers=headers,
+                stream=True,
+                timeout=self._timeout,
+                allow_redirects=False,
+                **route(self.core.settings, url).requests_options(),
             )
             if not response.is_redirect:
                 return response
@@ -154,6 +169,8 @@ class StorageClient:
                     url = response.url
                     if response.status_code == 403:
                         raise _UrlExpired()
+                    if response.status_code >= 500:
+                        raise ModelRouteConnectionError(f"storage answered HTTP {response.status_code}")
                     if response.status_code not in (200, 206):
                         raise ModelRouteTransferError(
                             f"Storage answered HTTP {response.status_code} for file {download.file_id}"
@@ -177,8 +194,12 @@ class StorageClient:
             except _UrlExpired as exc:
                 reason = exc
                 download._source.expired()
+            except ModelRouteConnectionError as exc:
+                reason = exc
             except requests.RequestException as exc:
                 reason = self.core.transport_error(exc, "GET", getattr(exc.request, "url", None) or url)
+                if not getattr(reason, "retryable", False):
+                    raise reason from None
             failures += 1
             if failures > self.core.settings.max_retries:
                 raise ModelRouteTransferError(
@@ -209,7 +230,13 @@ class StorageClient:
         def put_once() -> None:
             with open_source() as source:
                 try:
-                    response = self.session.put(url, data=source, headers=headers, timeout=self._timeout)
+                    response = self.session.put(
+                        url,
+                        data=source,
+                        headers=headers,
+                        timeout=self._timeout,
+                        **route(self.core.settings, url).requests_options(),
+                    )
                 except requests.RequestException as exc:
                     raise self.core.transport_error(exc, "PUT", url) from None
             if response.status_code >= 500:

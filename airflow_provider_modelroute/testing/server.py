@@ -171,6 +171,8 @@ class ModelRouteServer:
         ``X-RateLimit-*`` headers (None: unlimited, no such headers).
     :param rate_window: the rate-limit window in seconds.
     :param url_ttl: lifetime of presigned URLs in seconds.
+    :param ssl_certfile: serve https on both ports with this PEM certificate chain (and
+        ``ssl_keyfile``, unless the file holds the key too).
     """
 
     def __init__(
@@ -188,6 +190,8 @@ class ModelRouteServer:
         rate_limit: int | None = 60,
         rate_window: float = 60.0,
         url_ttl: float = 3600.0,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
     ) -> None:
         self.dialect = dialect_from(dialect)
         self.api_keys = list(api_keys or [api.make_api_key()])
@@ -199,13 +203,15 @@ class ModelRouteServer:
         self.rate_limit = rate_limit
         self.rate_window = rate_window
         self.url_ttl = url_ttl
+        self.ssl_certfile, self.ssl_keyfile = ssl_certfile, ssl_keyfile
         self._lock = threading.RLock()
         self._secret = secrets.token_bytes(32)
         self._spool = tempfile.mkdtemp(prefix="modelroute-server-")
         self._sockets = [self._bind(host, port), self._bind(host, storage_port)]
         api_port, storage = (s.getsockname()[1] for s in self._sockets)
-        self.base_url = f"http://{host}:{api_port}"
-        self.storage_url = f"http://{host}:{storage}"
+        scheme = "https" if ssl_certfile else "http"
+        self.base_url = f"{scheme}://{host}:{api_port}"
+        self.storage_url = f"{scheme}://{host}:{storage}"
         self.admin_url = f"{self.base_url}/_admin"
         self._thread: threading.Thread | None = None
         self._servers: list[Any] = []
@@ -247,6 +253,8 @@ class ModelRouteServer:
                 access_log=False,
                 lifespan="off",
                 timeout_keep_alive=30,
+                ssl_certfile=self.ssl_certfile,
+                ssl_keyfile=self.ssl_keyfile,
             )
             for app in (self._api_app, self._storage_app)
         ]

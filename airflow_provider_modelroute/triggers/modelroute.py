@@ -34,8 +34,8 @@ class ModelRouteExecutionTrigger(BaseTrigger):
     Yields exactly one event: ``{"status": "done", "execution": <summary>}`` once the execution is
     terminal (COMPLETED or not), ``{"status": "timeout"}`` at the deadline, or
     ``{"status": "error", "error": {...}}``. Every event carries ``execution_id`` (and
-    ``try_number``, when given). All triggers of one connection in one triggerer share one rate
-    budget (see ``RateBudget``).
+    ``try_number``, when given). All requests of one API key in one process share one rate budget
+    (see ``RateBudget``), and the triggers of one event loop share one HTTP session per API origin.
 
     :param execution_id: The execution to wait for (``exec_...``).
     :param modelroute_conn_id: The Airflow connection to ModelRoute.
