@@ -369,7 +369,7 @@ def test_drill_3_worker_killed_after_submit(stack: AirflowStack) -> None:
     """SIGKILL the submit task once the server has created its execution: the retry re-attaches."""
     # Past the connection's 10 s read timeout: every HTTP retry of the create times out in turn, so the
     # try hangs until its retry deadline (60 s), far longer than it takes to see it hang and kill it.
-    slow = 30.0
+    slow = 12.0
     with drill(stack, "drill 3") as record:
         targets = destinations(stack, "drill3", 3)
         run_ids = list(targets)
@@ -401,6 +401,16 @@ def test_drill_3_worker_killed_after_submit(stack: AirflowStack) -> None:
             # Let the retry re-attach before arming the next run's faults (they are global).
             wait_for(f"{run_id}'s submit retry", partial(task_succeeded, stack, run_id, "submit"))
         results = stack.wait_for_runs(EXAMPLE_DAG, run_ids)
+        # The killed tries' held creates end on the server after their clients are gone (as idempotent
+        # replays): wait for them, or one would land after the next drill's reset as a new execution.
+        wait_for(
+            "the server to have processed every create (each dropped one or an idempotent replay)",
+            lambda: (
+                (stats := stack.server.stats())["requests"]["POST /v1/executions"]
+                == stats["executions_created"] + stats["idempotent_replays"]
+            ),
+            describe=lambda: f"server stats: {stack.server.stats()}",
+        )
         succeeded, executions, files = check_outcome(stack, results, targets)
         tries = {r.run_id: r.try_number("submit") for r in results.values()}
         assert set(tries.values()) == {2}, f"submit should have run exactly twice: {tries}"
