@@ -27,7 +27,7 @@ The ModelRoute server and the S3 server (moto's ``ThreadedMotoServer``) each run
 
     python benchmarks/bench_transfer.py            # 10, 50, 150 MiB; 5 rounds
     python benchmarks/bench_transfer.py --sizes 150 --dest file --rounds 7
-    python benchmarks/bench_transfer.py --quick    # 2 MiB, one round, fewer methods: a smoke run
+    python benchmarks/bench_transfer.py --quick    # 2 MiB, one round, three cases: a smoke run
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import random
 import shutil
 import signal
 import subprocess
@@ -54,7 +54,7 @@ import _common as common
 MIB = 1024 * 1024
 CREDENTIALS = {"aws_access_key_id": "bench-key", "aws_secret_access_key": "bench-secret"}
 #: label, the work each does besides fetching and writing the bytes (by destination), and the baseline
-#: it is paired with (same round, same size; curl writes only local files).
+#: it is paired with: the curl run in the same child (curl writes only local files).
 METHODS: dict[str, tuple[str, dict[str, str], str | None]] = {
     "operator": (
         "ModelRouteToStorageOperator.transfer()",
@@ -78,13 +78,12 @@ METHODS: dict[str, tuple[str, dict[str, str], str | None]] = {
         "curl",
     ),
 }
-#: What each destination is written with (curl only writes local files; block_size only matters to S3).
-#: The curl case reports two rows: curl alone and curl + fsync.
+#: What each destination is written with (block_size only matters to S3); every local case runs curl too.
 CASES = {
-    "file": ("operator", "hook", "curl", "requests"),
+    "file": ("operator", "hook", "requests"),
     "s3": ("operator", "hook", "hook-5m", "requests"),
 }
-QUICK_CASES = {"file": ("operator", "hook", "curl", "requests"), "s3": ("operator", "hook")}
+QUICK_CASES = {"file": ("operator", "hook"), "s3": ("operator",)}
 OPERATOR_GOAL = 0.8
 RSS_GOAL_MIB = 32
 
@@ -140,9 +139,8 @@ class _PeakRss:
         return max(0, self.peak - self.base)
 
 
-def _curl(local: str, url: str, settle: float) -> dict[str, Any]:
+def _curl(local: str, url: str) -> dict[str, Any]:
     """curl's own transfer time, then an fsync of its file timed alone (process start not counted)."""
-    time.sleep(settle)
     started = time.perf_counter()
     completed = subprocess.run(
         ["curl", "-sS", "-f", "-o", local, "-w", "%{time_total}", url],
@@ -165,12 +163,11 @@ def _curl(local: str, url: str, settle: float) -> dict[str, Any]:
         "fsync": fsync,
         "process_wall": wall,
         "written": written,
-        "rss_growth": None,
-        "curl_maxrss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
     }
 
 
 def child(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One of ours and, for local files, its curl baseline right before or after it (random order)."""
     method, dest, file_id = cfg["method"], cfg["dest"], cfg["file_id"]
     os.environ["AIRFLOW_CONN_MODELROUTE_BENCH"] = cfg["airflow_conn"]
     os.environ["AIRFLOW_CONN_AWS_BENCH"] = json.dumps(
@@ -186,9 +183,6 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         uri, conn_id = f"file://{cfg['workdir']}/{uuid.uuid4().hex}.bin", None
     else:
         uri, conn_id = f"s3://{cfg['bucket']}/{uuid.uuid4().hex}.bin", "aws_bench"
-
-    if method == "curl":
-        return _curl(uri.removeprefix("file://"), url, float(cfg["settle"]))
 
     import requests
 
@@ -214,30 +208,40 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         overwrite="replace",
         modelroute_conn_id="modelroute_bench",
     )
-    time.sleep(float(cfg["settle"]))
-    with _PeakRss() as rss:
-        started = time.perf_counter()
-        if method == "operator":
-            operator.transfer()
-        elif method in ("hook", "hook-5m"):
-            download = hook.download_file(file_id)
-            options = {"block_size": 5 * MIB} if method == "hook-5m" else {}
-            with path.open("wb", **options) as handle:
-                for chunk in download:
-                    handle.write(chunk)
-        else:
-            data = requests.get(url, timeout=300).content
-            if dest == "file":
-                with open(path.path, "wb") as handle:
-                    handle.write(data)
+
+    def ours() -> dict[str, Any]:
+        with _PeakRss() as rss:
+            started = time.perf_counter()
+            if method == "operator":
+                operator.transfer()
+            elif method in ("hook", "hook-5m"):
+                download = hook.download_file(file_id)
+                options = {"block_size": 5 * MIB} if method == "hook-5m" else {}
+                with path.open("wb", **options) as handle:
+                    for chunk in download:
+                        handle.write(chunk)
             else:
-                path.write_bytes(data)
-            del data
-        elapsed = time.perf_counter() - started
-    fs.invalidate_cache()
-    written = int(fs.size(path.path))
-    fs.rm(path.path)
-    return {"elapsed": elapsed, "written": written, "rss_growth": rss.growth}
+                data = requests.get(url, timeout=300).content
+                if dest == "file":
+                    with open(path.path, "wb") as handle:
+                        handle.write(data)
+                else:
+                    path.write_bytes(data)
+                del data
+            elapsed = time.perf_counter() - started
+        fs.invalidate_cache()
+        written = int(fs.size(path.path))
+        fs.rm(path.path)
+        return {"elapsed": elapsed, "written": written, "rss_growth": rss.growth}
+
+    sides = {"ours": ours}
+    if dest == "file":
+        sides["curl"] = lambda: _curl(f"{path.path}.curl", url)
+    result = {}
+    for side in random.sample(list(sides), len(sides)):
+        time.sleep(float(cfg["settle"]))  # the same memory state for both: see the module docs
+        result[side] = sides[side]()
+    return result
 
 
 # -- parent -------------------------------------------------------------------------------------------
@@ -308,7 +312,10 @@ Runs = dict[tuple[int, str, str], list[dict[str, Any]]]  # (size, dest, method) 
 
 
 def _measure(args: argparse.Namespace, sizes: list[int], cases: dict[str, tuple[str, ...]]) -> Runs:
-    """Every case of every size, ``args.rounds`` interleaved rounds per size; curl yields two cases."""
+    """Every case of every size, ``args.rounds`` interleaved rounds per size.
+
+    A local case's child also runs curl: its result ``{"ours": ..., "curl": ...}`` is one pair.
+    """
     import boto3
 
     script = os.path.abspath(__file__)
@@ -343,16 +350,20 @@ def _measure(args: argparse.Namespace, sizes: list[int], cases: dict[str, tuple[
                         "settle": args.settle,
                         "case": f"{method} {dest} {size}",
                     }
-                    run = common.run_child(script, cfg)
-                    if run["written"] != size:
-                        raise RuntimeError(f"{method} to {dest} wrote {run['written']} of {size} bytes")
-                    runs.setdefault((size, dest, method), []).append(run)
-                    if method == "curl":
-                        synced = {**run, "elapsed": run["elapsed"] + run["fsync"]}
-                        runs.setdefault((size, dest, "curl+fsync"), []).append(synced)
+                    result = common.run_child(script, cfg)
+                    for side, run in result.items():
+                        if run["written"] != size:
+                            raise RuntimeError(
+                                f"{side} ({method} to {dest}) wrote {run['written']} of {size} bytes"
+                            )
+                    runs.setdefault((size, dest, method), []).append(result)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return runs
+
+
+def _speed(size: int, run: dict[str, Any], with_fsync: bool = False) -> float:
+    return size / MIB / (run["elapsed"] + (run["fsync"] if with_fsync else 0.0))
 
 
 def parent(args: argparse.Namespace) -> int:
@@ -363,44 +374,69 @@ def parent(args: argparse.Namespace) -> int:
     }
     print(common.header("Transfer: ModelRoute file → file:// and s3://", quick))
     print(
-        f"{args.rounds} round(s) per size, every case once per round in a random order, each child "
-        f"pausing {args.settle:g} s before its copy. MiB/s: the median run; ÷ baseline: the median of "
-        "the per-round ratios (each round's in brackets); RSS growth: the worst run. curl's time is its "
-        "own `%{time_total}` (its process start excluded, as the interpreter start is on our side).\n"
+        f"{args.rounds} round(s) per size, every case once per round in a random order. Each local case's "
+        "child also runs curl, right before or after it (random order): that is the case's pair. Every "
+        f"copy starts after a {args.settle:g} s pause. MiB/s: the median run; ÷ baseline: the median of "
+        "the per-pair ratios (each pair's in brackets); RSS growth: the worst run. curl's time is its own "
+        "`%{time_total}` (its process start excluded, as the interpreter start is on our side); "
+        "curl + fsync adds the time of an fsync of its file right after.\n"
     )
     runs = _measure(args, sizes, cases)
-
-    def speeds(key: tuple[int, str, str]) -> list[float]:
-        return [key[0] / MIB / run["elapsed"] for run in runs[key]]
 
     rows, paired = [], {}
     for (size, dest, method), done in runs.items():
         label, work, baseline = METHODS[method]
-        if baseline and (size, dest, baseline) in runs:
-            paired[(size, dest, method)] = common.Paired(
-                speeds((size, dest, method)), speeds((size, dest, baseline))
-            )
+        speeds = [_speed(size, result["ours"]) for result in done]
+        versus = "—"
+        if dest == "file" and baseline:
+            curl = [_speed(size, result["curl"], baseline == "curl+fsync") for result in done]
+            paired[(size, dest, method)] = common.Paired(speeds, curl)
             versus = f"{paired[(size, dest, method)].shown()} {METHODS[baseline][0]}"
-        else:
-            versus = "baseline" if method.startswith("curl") else "—"
-        growths = [r["rss_growth"] for r in done if r["rss_growth"] is not None]
-        growth = (
-            f"{max(growths) / MIB:.1f}"
-            if growths
-            else f"(curl's own max RSS {max(r['curl_maxrss'] for r in done) / MIB:.0f} MiB)"
-        )
-        mib_s = common.median(speeds((size, dest, method)))
+        growth = f"{max(result['ours']['rss_growth'] for result in done) / MIB:.1f}"
         order = (size, dest != "file", list(METHODS).index(method))
         rows.append(
-            [order, f"{size // MIB} MiB", f"{dest}://", label, work[dest], f"{mib_s:.0f}", versus, growth]
+            [
+                order,
+                f"{size // MIB} MiB",
+                f"{dest}://",
+                label,
+                work[dest],
+                f"{common.median(speeds):.0f}",
+                versus,
+                growth,
+            ]
         )
+    curl_runs: dict[int, list[dict[str, Any]]] = {}
+    for (size, _, _), done in runs.items():
+        curl_runs.setdefault(size, []).extend(result["curl"] for result in done if "curl" in result)
+    for size, done in curl_runs.items():
+        for method, with_fsync in (("curl", False), ("curl+fsync", True)):
+            label, work, _ = METHODS[method]
+            mib_s = common.median([_speed(size, r, with_fsync) for r in done])
+            order = (size, False, list(METHODS).index(method))
+            rows.append(
+                [
+                    order,
+                    f"{size // MIB} MiB",
+                    "file://",
+                    label,
+                    work["file"],
+                    f"{mib_s:.0f}",
+                    "baseline",
+                    "—",
+                ]
+            )
     rows = [row[1:] for row in sorted(rows)]
     headers = ["size", "to", "method", "work besides the copy", "MiB/s", "÷ baseline", "peak RSS growth MiB"]
     print(common.table(headers, rows))
-    curl_runs = [run for (size, dest, method), done in runs.items() if method == "curl" for run in done]
-    if curl_runs:
-        overhead = common.median([1000 * (r["process_wall"] - r["elapsed"]) for r in curl_runs])
-        print(f"\n(curl's process start and exit, not counted above: {overhead:.0f} ms median.)")
+    every_curl = [r for done in curl_runs.values() for r in done]
+    if every_curl:
+        overhead = common.median([1000 * (r["process_wall"] - r["elapsed"]) for r in every_curl])
+        fsync_share = common.median([r["fsync"] / (r["elapsed"] + r["fsync"]) for r in every_curl])
+        print(
+            f"\n({len(every_curl)} curl runs; their process start and exit, not counted above: "
+            f"{overhead:.0f} ms median; the fsync: {100 * fsync_share:.0f} % of curl + fsync, median.)"
+        )
     print()
 
     goals = []
@@ -417,7 +453,7 @@ def parent(args: argparse.Namespace) -> int:
             )
         for dest in ("file", "s3"):
             growths = [
-                max(r["rss_growth"] for r in done) / MIB
+                max(result["ours"]["rss_growth"] for result in done) / MIB
                 for (size, d, m), done in runs.items()
                 if m == method and d == dest
             ]
