@@ -126,9 +126,10 @@ class RateBudget:
             allowed = self.reset is None and self.in_flight == 0
         if allowed:
             self.in_flight += 1
-            self._sent.append(now)
-            while self._sent[0] < now - 2:
-                self._sent.popleft()
+            if self.remaining is not None:  # paced: remember the send for the next window
+                self._sent.append(now)
+                while self._sent[0] < now - 2:
+                    self._sent.popleft()
         return allowed
 
     def _grant(self) -> None:
