@@ -114,8 +114,10 @@ def test_unsuccessful_execution_fails_at_once(
     assert "GENERATION_FAILED" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("reading", ["literal", "presigned"])  # a documented error body; a bare 404
+@pytest.mark.parametrize(
+    ("reading", "mode"),  # a documented error body; a bare 404 (every mode's first check is a poke)
+    [("literal", {"mode": "reschedule"}), ("presigned", {"deferrable": True})],
+)
 def test_unknown_execution_fails_at_once(
     server: ModelRouteServer, request: pytest.FixtureRequest, mode: dict, reading: str
 ) -> None:
