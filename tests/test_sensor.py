@@ -129,8 +129,10 @@ def test_unsuccessful_execution_fails_at_once(
     assert "timed out" not in logs.lower()  # it failed on the outcome, not by waiting out its timeout
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("reading", ["literal", "presigned"])  # a documented error body; a bare 404
+@pytest.mark.parametrize(
+    ("reading", "mode"),  # a documented error body; a bare 404 (every mode's first check is a poke)
+    [("literal", {"mode": "reschedule"}), ("presigned", {"deferrable": True})],
+)
 def test_unknown_execution_fails_at_once(
     server: ModelRouteServer, request: pytest.FixtureRequest, mode: dict, reading: str
 ) -> None:
