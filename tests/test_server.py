@@ -63,20 +63,25 @@ def test_auth_and_error_body(server: ModelRouteServer) -> None:
 
 
 def test_status_progression_result_and_terminal_states(
-    modelroute_server: ModelRouteServer, http: requests.Session, server: ModelRouteServer
+    http: requests.Session, server: ModelRouteServer
 ) -> None:
-    server.awaiting_webhook_seconds = 0.1
+    phase = 60.0  # each state lasts a minute; the test moves the execution's clock instead of waiting
+    saved = server.pending_seconds, server.processing_seconds, server.awaiting_webhook_seconds
+    server.pending_seconds = server.processing_seconds = server.awaiting_webhook_seconds = phase
     try:
         created = create(server, http, {"prompt": "fox"}, metadata={"a": "b"})
         assert created["status"] == "PENDING" and created["id"].startswith("exec_")
         assert {"hold_amount", "estimated_cost", "expires_at", "created_at"} <= set(created)
         early = http.get(f"{server.base_url}/v1/executions/{created['id']}/result")
         assert early.status_code == 409
-        assert poll_statuses(server, http, created["id"]) == [
-            "PENDING", "PROCESSING", "AWAITING_WEBHOOK", "COMPLETED"
-        ]  # fmt: skip
+        execution, seen = server._executions[created["id"]], []
+        for elapsed in (1.0, phase + 1, 2 * phase + 1, 3 * phase + 1):  # one second into each state
+            with server._lock:
+                execution.created = time.time() - elapsed
+            seen.append(http.get(f"{server.base_url}/v1/executions/{created['id']}").json()["status"])
+        assert seen == ["PENDING", "PROCESSING", "AWAITING_WEBHOOK", "COMPLETED"]
     finally:
-        server.awaiting_webhook_seconds = 0.0
+        server.pending_seconds, server.processing_seconds, server.awaiting_webhook_seconds = saved
     done = http.get(f"{server.base_url}/v1/executions/{created['id']}").json()
     assert done["result"]["content_type"] == "image/png" and done["metadata"] == {"a": "b"}
     result = http.get(f"{server.base_url}/v1/executions/{created['id']}/result").json()
