@@ -1,6 +1,8 @@
 # Two commands: `make demo` and `make test`. Both set everything up from nothing but Python 3.10+.
-# `make test-matrix` runs the suite on other Airflow versions, Pythons and dependency versions
-# (scripts/matrix.py: one uv environment per cell under .matrix/; MATRIX_CELLS=... picks cells).
+# `make test` is the fast suite (lint, unit and dag.test() tests); `make drills` runs the production
+# drills (a real scheduler, triggerer and api-server); `make test-matrix` runs the fast suite on other
+# Airflow versions, Pythons and dependency versions (scripts/matrix.py: one uv environment per cell
+# under .matrix/; MATRIX_CELLS=... picks cells). CI (.ci/run) runs all three.
 PYTHON ?= python3
 AIRFLOW_VERSION ?= 3.3.2
 VENV ?= .venv
@@ -11,7 +13,7 @@ STAMP := $(VENV)/.installed-$(AIRFLOW_VERSION)
 MATRIX_JOBS ?= 2
 MATRIX_CELLS ?=
 
-.PHONY: demo test lint setup clean test-matrix test-matrix-list bench
+.PHONY: demo test drills lint setup clean test-matrix test-matrix-list bench under-load
 
 setup: $(STAMP)
 
@@ -34,7 +36,11 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not drill"
+
+# pytest exits 5 when it ran no test: make fails then too (a drill run that ran nothing is no pass).
+drills: $(STAMP)
+	$(PY) -m pytest tests/drills -m drill
 
 test-matrix: $(UV)
 	UV=$(abspath $(UV)) $(PYTHON) scripts/matrix.py --jobs $(MATRIX_JOBS) $(MATRIX_CELLS)
@@ -48,6 +54,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_transfer.py
 	$(PY) benchmarks/bench_import.py
 	$(PY) benchmarks/bench_hook.py
+
+# The reliability proof of RELIABILITY.md: ROUNDS rounds of `make test` + `make drills` while two
+# busy loops keep both cores loaded; prints each round's results and times.
+ROUNDS ?= 3
+under-load: $(STAMP)
+	bash scripts/under_load.sh $(ROUNDS)
 
 clean:
 	rm -rf $(VENV) $(UV_HOME) .matrix build dist *.egg-info

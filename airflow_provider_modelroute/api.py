@@ -22,41 +22,29 @@ MAX_FILE_SIZE = 150 * 1024 * 1024
 
 # --- API keys -------------------------------------------------------------------------------
 
-_API_KEY_RE = re.compile(r"sk_(?P<body>[0-9a-fA-F]{64})_(?P<crc>[0-9a-fA-F]{8})")
-API_KEY_LENGTH = 76
-
-
-def _crc32_hex(text: str) -> str:
-    return f"{zlib.crc32(text.encode()) & 0xFFFFFFFF:08x}"
+_API_KEY_RE = re.compile(r"sk_[0-9a-fA-F]{64}_[0-9a-fA-F]{8}")
+API_KEY_SHAPE = "'sk_' + 64 hex digits + '_' + 8 hex digits (76 characters)"
 
 
 def make_api_key(body: str | None = None) -> str:
-    """Return a well-formed key ``sk_<64 hex>_<crc32>``; random unless ``body`` (64 hex) is given."""
-    body = body or secrets.token_hex(32)
-    return f"sk_{body}_{_crc32_hex('sk_' + body)}"
+    """Return a key of the llms.txt shape ``sk_<64 hex>_<crc32>``; random unless ``body`` (64 hex) is given.
 
-
-def api_key_problem(key: str | None) -> str | None:
-    """Say what is wrong with an API key's format, or return None if it is well formed.
-
-    The message never repeats the key. The docs say the trailing CRC32 covers "the rest" of the
-    key; ASSUMPTION: it may be computed over ``sk_<64 hex>`` or over the 64 hex digits alone, and
-    both are accepted.
+    ASSUMPTION: no page says what the CRC32 covers; this one covers ``sk_<64 hex>``. Only the local
+    server makes keys: the client never checks a checksum.
     """
-    if not key:
-        return "no API key is set: put it in the connection's password field"
-    key = key.strip()
-    if not key.startswith("sk_"):
-        return "an API key starts with 'sk_'"
-    if len(key) != API_KEY_LENGTH:
-        return f"an API key is {API_KEY_LENGTH} characters long (this one has {len(key)})"
-    match = _API_KEY_RE.fullmatch(key)
-    if match is None:
-        return "an API key is 'sk_' + 64 hex digits + '_' + 8 hex digits"
-    body, crc = match["body"], match["crc"].lower()
-    if crc not in (_crc32_hex("sk_" + body), _crc32_hex(body)):
-        return "the API key's checksum does not match: it was probably mistyped or truncated"
-    return None
+    body = body or secrets.token_hex(32)
+    return f"sk_{body}_{zlib.crc32(f'sk_{body}'.encode()) & 0xFFFFFFFF:08x}"
+
+
+def api_key_warning(key: str) -> str | None:
+    """Say how a key differs from the shape llms.txt gives, or None; the message never repeats the key.
+
+    Only a hint: the docs' own examples use keys such as ``sk_your_api_key_here``, so the server,
+    not this check, decides whether a key is valid (``UNAUTHORIZED``).
+    """
+    if _API_KEY_RE.fullmatch(key.strip()):
+        return None
+    return f"it does not have the shape llms.txt gives for ModelRoute keys, {API_KEY_SHAPE}"
 
 
 # --- Execution statuses ---------------------------------------------------------------------
@@ -100,18 +88,19 @@ def is_known_status(status: str | None) -> bool:
 class ErrorSpec:
     """One row of the documented error table, plus what the user should do about it."""
 
-    http_status: int
+    http_status: int | None  # None: the docs do not give it
     retryable: bool
     hint: str
 
 
+#: The documented codes, and only those: the client never depends on a code the docs do not list.
 ERROR_CODES: dict[str, ErrorSpec] = {
     "INPUT_VALIDATION_ERROR": ErrorSpec(400, False, "fix the fields named in the details"),
     "CONTENT_MODERATION_REJECTED": ErrorSpec(
         400, False, "the input was rejected by safety filters; change it"
     ),
     "FILE_NOT_FOUND": ErrorSpec(
-        400,
+        None,
         False,
         "the file does not exist, has expired, or belongs to another organization; upload it again",
     ),
@@ -125,18 +114,11 @@ ERROR_CODES: dict[str, ErrorSpec] = {
     "SERVICE_UNAVAILABLE": ErrorSpec(503, True, "ModelRoute is unavailable; retry shortly"),
     "INTERNAL_ERROR": ErrorSpec(500, False, "contact ModelRoute support with the request id"),
     "UNAUTHORIZED": ErrorSpec(
-        401, False, "check the API key in the Airflow connection's password field (it may be revoked)"
+        None, False, "check the API key in the Airflow connection's password field (it may be revoked)"
     ),
-    # ASSUMPTION: the codes below are not in the docs' table.
-    "EXECUTION_NOT_FOUND": ErrorSpec(
-        404, False, "check the execution id; it may belong to another organization"
-    ),
-    "IDEMPOTENCY_CONFLICT": ErrorSpec(
-        409, False, "the same Idempotency-Key was used with a different request body; change the key"
-    ),
-    "EXECUTION_NOT_CANCELLABLE": ErrorSpec(409, False, "the execution has already finished"),
-    "EXECUTION_NOT_COMPLETED": ErrorSpec(409, False, "wait for the execution to complete first"),
 }
+#: A server-side fault: a later task try may succeed, so it does not fail the task at once.
+_SERVER_FAULT_CODES = frozenset({"INTERNAL_ERROR"})
 
 
 def is_retryable_error(code: str | None, http_status: int | None, retryable: bool | None) -> bool:
@@ -151,6 +133,77 @@ def is_retryable_error(code: str | None, http_status: int | None, retryable: boo
     if retryable is not None:
         return retryable
     return http_status is not None and (http_status == 429 or http_status >= 500)
+
+
+def is_permanent_error(code: str | None, http_status: int | None, retryable: bool | None) -> bool:
+    """Whether an error response means the request itself is wrong, so no task retry can fix it.
+
+    A documented non-retryable code (except ``INTERNAL_ERROR``, a server fault) or, for a code the
+    docs do not list, a non-retryable 4xx. ASSUMPTION: an unknown execution id may come back as any
+    4xx, with or without a body; it is permanent too.
+    """
+    if is_retryable_error(code, http_status, retryable):
+        return False
+    if code in ERROR_CODES:
+        return code not in _SERVER_FAULT_CODES
+    return http_status is not None and 400 <= http_status < 500
+
+
+def is_final_failure(error: dict[str, Any] | None) -> bool:
+    """Whether a FAILED execution's ``error`` would fail again with the same input.
+
+    A documented non-retryable code, or ``retryable: false``. ASSUMPTION: an unknown code without
+    a ``retryable`` flag is retryable (a model failure a new execution may not repeat).
+    """
+    error = error or {}
+    spec = ERROR_CODES.get(str(error.get("code") or ""))
+    if spec is not None:
+        return not spec.retryable
+    return error.get("retryable") is False
+
+
+def error_hint(code: str | None) -> str | None:
+    spec = ERROR_CODES.get(code or "")
+    return spec.hint if spec is not None else None
+
+
+# --- Readings of the docs -------------------------------------------------------------------
+
+#: ASSUMPTION: a repeated ``Idempotency-Key`` may replay the original answer (even a stale PENDING)
+#: and may say so with this header; the client then reads the execution's current state. The header
+#: is not needed: the operator also reads it after sending any key an earlier try may have sent.
+REPLAY_HEADER = "Idempotent-Replayed"
+#: ``GET /v1/files/{id}/download`` may answer with this JSON document instead of the bytes.
+URL_DOCUMENT_FIELDS = frozenset({"url", "expires_at", "content_type", "size_bytes"})
+#: A server without ``POST /v1/files/confirm`` answers one of these: nothing to confirm.
+CONFIRM_ABSENT_STATUSES = frozenset({404, 405})
+UPLOAD_PURPOSES = ("INPUT", "UPLOAD")
+UPLOAD_REGIONS = ("US", "EU", "APAC")
+TTL_DAYS_RANGE = (1, 365)
+#: ASSUMPTION: an ``X-RateLimit-Reset`` below this is a delta in seconds, at or above it a unix time.
+_UNIX_TIME_FLOOR = 1_000_000_000
+
+
+def is_url_document(document: Any) -> bool:
+    """Whether a JSON answer of ``/download`` is the presigned-URL document (not a JSON file's bytes)."""
+    return (
+        isinstance(document, dict)
+        and isinstance(document.get("url"), str)
+        and document["url"].startswith(("https://", "http://"))
+        and set(document) <= URL_DOCUMENT_FIELDS
+    )
+
+
+def rate_limit_reset(value: str | None, now: float) -> float | None:
+    """``X-RateLimit-Reset`` as an absolute unix time: the header may be a unix time, a delta in
+    seconds, or absent (None)."""
+    try:
+        number = float(value) if value is not None else None
+    except ValueError:
+        return None
+    if number is None or number < 0:
+        return None
+    return number if number >= _UNIX_TIME_FLOOR else now + number
 
 
 # --- Results --------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ class ModelRouteApiError(ModelRouteError):
         self.message = message
         self.http_status = http_status
         self.retryable = api.is_retryable_error(code, http_status, retryable)
+        self.permanent = api.is_permanent_error(code, http_status, self.retryable)
         self.details = details or []
         self.request_id = request_id
         self.retry_after = retry_after
@@ -67,9 +68,9 @@ class ModelRouteApiError(ModelRouteError):
         )
         if fields:
             text += f" [{fields}]"
-        spec = api.ERROR_CODES.get(self.code)
-        if spec is not None:
-            text += f". What to do: {spec.hint}"
+        hint = api.error_hint(self.code)
+        if hint is not None:
+            text += f". What to do: {hint}"
         if self.request_id:
             text += f". Request id: {self.request_id}"
         return text
@@ -89,15 +90,19 @@ def _rebuild_api_error(cls: type[ModelRouteApiError], code: str, message: str, k
     return cls(code, message, **kwargs)
 
 
-class ModelRouteAuthError(ModelRouteApiError, AirflowFailException):
-    """UNAUTHORIZED: the API key is wrong, revoked or missing."""
+class ModelRoutePermanentError(ModelRouteApiError, AirflowFailException):
+    """The API refused the request for a reason no retry can fix: the task fails without retries."""
 
 
-class ModelRouteInputError(ModelRouteApiError, AirflowFailException):
-    """The request itself is wrong (validation, moderation, file format, idempotency conflict)."""
+class ModelRouteAuthError(ModelRoutePermanentError):
+    """UNAUTHORIZED (or a bare 401/403): the API key is wrong, revoked or missing."""
 
 
-class ModelRouteNotFoundError(ModelRouteApiError):
+class ModelRouteInputError(ModelRoutePermanentError):
+    """The request itself is wrong (validation, moderation, file format)."""
+
+
+class ModelRouteNotFoundError(ModelRoutePermanentError):
     """The execution or file does not exist, has expired, or belongs to another organization."""
 
 
@@ -110,13 +115,12 @@ _CLASS_BY_CODE: dict[str, type[ModelRouteApiError]] = {
     "INPUT_VALIDATION_ERROR": ModelRouteInputError,
     "CONTENT_MODERATION_REJECTED": ModelRouteInputError,
     "FILE_FORMAT_UNSUPPORTED": ModelRouteInputError,
-    "IDEMPOTENCY_CONFLICT": ModelRouteInputError,
     "FILE_NOT_FOUND": ModelRouteNotFoundError,
-    "EXECUTION_NOT_FOUND": ModelRouteNotFoundError,
     "RATE_LIMITED": ModelRouteRateLimitError,
 }
 _CLASS_BY_STATUS: dict[int, type[ModelRouteApiError]] = {
     401: ModelRouteAuthError,
+    403: ModelRouteAuthError,
     404: ModelRouteNotFoundError,
     429: ModelRouteRateLimitError,
 }
@@ -127,6 +131,11 @@ def api_error(
 ) -> ModelRouteApiError:
     """Build the most specific error class for an API error code (or, failing that, HTTP status)."""
     cls = _CLASS_BY_CODE.get(code) or _CLASS_BY_STATUS.get(http_status or 0, ModelRouteApiError)
+    if api.is_permanent_error(code, http_status, kwargs.get("retryable")) != issubclass(
+        cls, ModelRoutePermanentError
+    ):
+        # the status named a class, but the body says otherwise (e.g. a 404 marked retryable)
+        cls = ModelRoutePermanentError if cls is ModelRouteApiError else ModelRouteApiError
     return cls(code, message, http_status=http_status, **kwargs)
 
 
@@ -135,15 +144,26 @@ class ModelRouteExecutionError(ModelRouteError):
 
     status = "FAILED"
 
-    def __init__(self, execution_id: str, code: str | None = None, message: str | None = None) -> None:
+    def __init__(
+        self,
+        execution_id: str,
+        code: str | None = None,
+        message: str | None = None,
+        hint: str | None = None,
+    ) -> None:
         self.execution_id = execution_id
         self.code = code
         self.message = message
-        detail = f" {code}: {message}" if code or message else ""
-        super().__init__(f"ModelRoute execution {execution_id} ended {self.status}.{detail}")
+        self.hint = hint
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        detail = f" {self.code}: {self.message}." if self.code or self.message else ""
+        hint = f" What to do: {self.hint}" if self.hint else ""
+        return f"ModelRoute execution {self.execution_id} ended {self.status}.{detail}{hint}"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.execution_id, self.code, self.message))
+        return (type(self), (self.execution_id, self.code, self.message, self.hint))
 
 
 class ModelRouteExecutionFailed(ModelRouteExecutionError):
@@ -158,22 +178,53 @@ class ModelRouteExecutionExpired(ModelRouteExecutionError):
     status = "EXPIRED"
 
 
+class ModelRouteExecutionFailedFinal(ModelRouteExecutionFailed, AirflowFailException):
+    """FAILED in a way a new execution would repeat (or seen by a sensor): no Airflow retries."""
+
+
+class ModelRouteExecutionCancelledFinal(ModelRouteExecutionCancelled, AirflowFailException):
+    """CANCELLED, seen by a sensor: a retry cannot change a terminal state."""
+
+
+class ModelRouteExecutionExpiredFinal(ModelRouteExecutionExpired, AirflowFailException):
+    """EXPIRED, seen by a sensor: a retry cannot change a terminal state."""
+
+
 class ModelRouteExecutionTimeout(ModelRouteExecutionError):
-    """Our own deadline (the task's ``timeout``) passed before the execution finished."""
+    """Our own deadline passed before the execution finished; ``message`` names the limit."""
 
     status = "TIMED OUT"
 
+    def _text(self) -> str:
+        return f"Stopped waiting for ModelRoute execution {self.execution_id}: {self.message}"
 
-EXECUTION_ERRORS: dict[str, type[ModelRouteExecutionError]] = {
-    "FAILED": ModelRouteExecutionFailed,
-    "CANCELLED": ModelRouteExecutionCancelled,
-    "EXPIRED": ModelRouteExecutionExpired,
+
+#: (status, final) -> error class
+EXECUTION_ERRORS: dict[tuple[str, bool], type[ModelRouteExecutionError]] = {
+    ("FAILED", False): ModelRouteExecutionFailed,
+    ("CANCELLED", False): ModelRouteExecutionCancelled,
+    ("EXPIRED", False): ModelRouteExecutionExpired,
+    ("FAILED", True): ModelRouteExecutionFailedFinal,
+    ("CANCELLED", True): ModelRouteExecutionCancelledFinal,
+    ("EXPIRED", True): ModelRouteExecutionExpiredFinal,
 }
 
 
-def raise_for_execution(execution: dict[str, Any]) -> None:
-    """Raise the error matching a FAILED / CANCELLED / EXPIRED execution (no-op otherwise)."""
-    cls = EXECUTION_ERRORS.get(str(execution.get("status")))
-    if cls is not None:
-        error = execution.get("error") or {}
-        raise cls(str(execution.get("id")), error.get("code"), error.get("message"))
+def raise_for_execution(execution: dict[str, Any], *, final: bool = False) -> None:
+    """Raise the error matching a FAILED / CANCELLED / EXPIRED execution (no-op otherwise).
+
+    ``final``: no retry can help (a sensor watching this one execution). A FAILED execution whose
+    code would fail again with the same input is final anyway: no Airflow retries, no new execution.
+    """
+    status = str(execution.get("status"))
+    error: dict[str, Any] = execution.get("error") or {}
+    repeats = status == "FAILED" and api.is_final_failure(error)
+    cls = EXECUTION_ERRORS.get((status, final or repeats))
+    if cls is None:
+        return
+    hint = api.error_hint(error.get("code"))
+    if repeats:
+        hint = f"{hint or 'change the input'}. A new execution would fail the same way: not retrying"
+    elif final:
+        hint = "the execution has ended; a retry of this task cannot change that"
+    raise cls(str(execution.get("id")), error.get("code"), error.get("message"), hint)

@@ -1,8 +1,13 @@
 """What the benchmark scripts share: an isolated Airflow home, the local server in its own process,
-fresh-interpreter children that report JSON, and Markdown tables.
+fresh-interpreter children that report JSON, interleaved and paired comparisons, and Markdown tables.
 
 Every measurement runs in a child interpreter (``python <script> --child <json>``) so imports, RSS and
 CPU time of one case never leak into the next; the parent only orchestrates and prints.
+
+Comparisons are interleaved and paired: each round runs every case once, in a fresh random order
+(:func:`interleaved`), so drift on a shared machine hits all cases alike; ours and its baseline from
+the same round form a pair, and a comparison is the median of the per-pair ratios
+(:class:`Paired`), never a ratio of medians taken per side.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import signal
 import statistics
 import subprocess
@@ -18,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +54,10 @@ def local_server(*args: str) -> Iterator[dict[str, Any]]:
     Yields the JSON line the server prints (base_url, storage_url, admin_url, api_key, airflow_conn).
     """
     env = airflow_env(dict(os.environ))
+    # as measured before the server read the docs literally: no rate limit, no AWAITING_WEBHOOK pause
+    defaults = ["--rate-limit", "0", "--awaiting-webhook-seconds", "0"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "airflow_provider_modelroute.testing", *args],
+        [sys.executable, "-m", "airflow_provider_modelroute.testing", *defaults, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -122,6 +131,41 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def interleaved(cases: Sequence[Any], rounds: int, seed: int | None = None) -> Iterator[tuple[int, Any]]:
+    """(round, case) for every case once per round, each round in a fresh random order."""
+    rng = random.Random(seed)
+    for round_index in range(rounds):
+        order = list(cases)
+        rng.shuffle(order)
+        for case in order:
+            yield round_index, case
+
+
+@dataclass
+class Paired:
+    """One comparison: ours and the baseline measured in the same rounds (``ours[i]`` with ``theirs[i]``)."""
+
+    ours: list[float]
+    theirs: list[float]
+
+    @property
+    def ratios(self) -> list[float]:
+        """ours ÷ baseline for each round's pair."""
+        return [a / b if b else float("nan") for a, b in zip(self.ours, self.theirs, strict=True)]
+
+    @property
+    def ratio(self) -> float:
+        """The median of the per-pair ratios: what a comparison reports."""
+        return median(self.ratios)
+
+    def shown(self) -> str:
+        """The median ratio and, with more than one pair, every pair's ratio: ``0.85x (0.81, 0.85, 0.9)``."""
+        text = f"{self.ratio:.2f}x"
+        if len(self.ratios) > 1:
+            text += f" ({', '.join(f'{r:.2f}' for r in self.ratios)})"
+        return text
+
+
 def ratio(ours: float, theirs: float) -> str:
     if not theirs or theirs != theirs or ours != ours:
         return "n/a"
@@ -130,6 +174,17 @@ def ratio(ours: float, theirs: float) -> str:
 
 def verdict(met: bool) -> str:
     return "met" if met else "MISSED"
+
+
+def goal(text: str, met: bool, detail: str) -> str:
+    """One goal's line, as every bench prints it: ``- <goal>: met|MISSED (<figures>)``."""
+    return f"- {text}: {verdict(met)} ({detail})"
+
+
+def print_goals(lines: Sequence[str], quick: bool) -> None:
+    """The goals, each met or missed; a quick run says its verdicts are only a smoke test."""
+    print("Goals" + (" (quick run: a smoke test, not a measurement)" if quick else "") + ":\n")
+    print("\n".join(lines))
 
 
 def machine() -> str:
@@ -152,8 +207,28 @@ def machine() -> str:
         except Exception:
             continue
     return (
-        f"{os.cpu_count()} CPUs ({model}), Python {platform.python_version()}, {', '.join(versions)}, "
-        f"{time.strftime('%Y-%m-%d %H:%M')}"
+        f"{os.cpu_count()} CPUs ({model}), Python {platform.python_version()}, {', '.join(versions)}; "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}, load average {load()}, commit {commit()}"
+    )
+
+
+def load() -> str:
+    """The 1/5/15-minute load averages: how busy the (shared) machine was."""
+    try:
+        return " / ".join(f"{value:.1f}" for value in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def commit() -> str:
+    """The checked-out commit, marked when the work tree has changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return (
+        f"{head} (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else head
     )
 
 

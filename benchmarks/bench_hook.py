@@ -1,9 +1,9 @@
 """Hook overhead: ``ModelRouteHook().get_execution(id)`` against a bare ``requests.Session`` GET.
 
 Both read the same execution from the local server (its own process) over one keep-alive
-connection, one request at a time; the bare GET also decodes the JSON, as any caller would. Rounds
-of the two alternate so that drift on a shared machine hits both alike; the figure is the median
-round's requests per second.
+connection, one request at a time; the bare GET also decodes the JSON, as any caller would. Each
+round runs both, in a fresh random order, so that drift on a shared machine hits both alike; the
+two of a round form a pair, and the comparison is the median of the per-round ratios.
 
     python benchmarks/bench_hook.py            # 7 rounds of 2,000 requests each
     python benchmarks/bench_hook.py --quick    # 2 rounds of 200: a smoke run
@@ -55,34 +55,40 @@ def main() -> int:
         assert bare()["id"] == ours()["id"] == execution_id  # also warms both up
         rates: dict[str, list[float]] = {"bare": [], "ours": []}
         calls: dict[str, Callable[[], Any]] = {"bare": bare, "ours": ours}
-        for _ in range(rounds):
-            for name, call in calls.items():
-                started = time.perf_counter()
-                for _ in range(per_round):
-                    call()
-                rates[name].append(per_round / (time.perf_counter() - started))
-    bare_rate, ours_rate = common.median(rates["bare"]), common.median(rates["ours"])
-    print(f"{rounds} alternating rounds of {per_round:,} sequential requests; median round.\n")
+        for _, name in common.interleaved(list(calls), rounds):
+            call = calls[name]
+            started = time.perf_counter()
+            for _ in range(per_round):
+                call()
+            rates[name].append(per_round / (time.perf_counter() - started))
+    paired = common.Paired(rates["ours"], rates["bare"])
+    print(
+        f"{rounds} rounds of {per_round:,} sequential requests per client, both clients once per round "
+        "in a random order; requests/s: the median round; ÷ bare: the median of the per-round ratios.\n"
+    )
     print(
         common.table(
             ["client", "requests/s (median round)", "all rounds", "÷ bare"],
             [
                 [
                     "`ModelRouteHook().get_execution(id)`",
-                    f"{ours_rate:,.0f}",
+                    f"{common.median(rates['ours']):,.0f}",
                     ", ".join(f"{r:,.0f}" for r in rates["ours"]),
-                    common.ratio(ours_rate, bare_rate),
+                    paired.shown(),
                 ],
                 [
                     "bare `requests.Session().get(url).json()`",
-                    f"{bare_rate:,.0f}",
+                    f"{common.median(rates['bare']):,.0f}",
                     ", ".join(f"{r:,.0f}" for r in rates["bare"]),
                     "1.00x",
                 ],
             ],
         )
     )
-    print(f"\n- ≥ {GOAL}x the bare session: {common.verdict(ours_rate >= GOAL * bare_rate)}")
+    print()
+    common.print_goals(
+        [common.goal(f"≥ {GOAL}x the bare session", paired.ratio >= GOAL, f"{paired.ratio:.2f}x")], args.quick
+    )
     return 0
 
 

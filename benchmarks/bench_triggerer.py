@@ -1,17 +1,25 @@
 """Triggerer capacity: N concurrent trigger ``run()`` coroutines in ONE event loop, as a triggerer runs them.
 
 Ours: ``ModelRouteExecutionTrigger`` waiting for N executions that all complete at the same instant.
-Side by side: apache-airflow-providers-http's ``HttpSensorTrigger`` polling the same endpoint
-(``GET /v1/executions/{id}``) through an ``http`` connection. It fires on the first non-404, so for
-it the server answers 404 (an injected ``EXECUTION_NOT_FOUND`` fault) until that same instant.
+Side by side, apache-airflow-providers-http's triggers poll the same endpoint
+(``GET /v1/executions/{id}``) through an ``http`` connection carrying the API key in its extra:
 
-The server runs in its own process. Each case runs in a fresh child interpreter: CPU seconds and
-RSS are the child's own, measured from just before the N triggers start until the last event.
-Trigger starts are spread over the first poll interval (a triggerer in steady state, not the herd
-right after a restart); logging is disabled for both sides so neither pays for log output.
+* ``HttpSensorTrigger`` (the goal's baseline) fires on the first answer that is not a 404, so for it
+  the server answers 404 (an injected ``EXECUTION_NOT_FOUND``, the API's JSON error body) until that
+  same instant, then the same 200 JSON ours gets;
+* ``HttpEventTrigger`` with a response check that parses the JSON and fires on a terminal status
+  gets exactly the answers ours gets, and does the same work with them.
 
-    python benchmarks/bench_triggerer.py            # N = 100, 1000, 5000, 10000 (+ a rate-limited run)
-    python benchmarks/bench_triggerer.py --quick    # N = 50, short waits: a smoke run
+Where the work still differs is printed in the table. The server runs in its own process. Each case
+runs in a fresh child interpreter: CPU seconds and RSS are the child's own, measured from just before
+the N triggers start until the last event. Trigger starts are spread over the first poll interval (a
+triggerer in steady state, not the herd right after a restart); logging is disabled for every side
+so none pays for log output. Each round runs every trigger once per N, in a fresh random order; ours
+and a baseline from the same round form a pair, and a ratio is the median of the per-pair ratios.
+
+    python benchmarks/bench_triggerer.py            # N = 100 and 5,000, 3 rounds (+ a rate-limited run)
+    python benchmarks/bench_triggerer.py --sizes 100,1000,5000,10000 --rounds 1
+    python benchmarks/bench_triggerer.py --quick    # N = 50, short waits, one round: a smoke run
 """
 
 from __future__ import annotations
@@ -33,6 +41,24 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as common
 
 POLL_ENDPOINT = "GET /v1/executions/{id}"
+#: label, and what each poll costs it besides ours (``GET`` with the API key, JSON answer, parsed).
+IMPLS = {
+    "modelroute": (
+        "ModelRouteExecutionTrigger",
+        "200 + execution JSON, parsed; keep-alive connections shared by the loop's triggers",
+    ),
+    "http": (
+        "HttpSensorTrigger",
+        "404 + JSON error body, not read, until completion (it fires on the first non-404), then the "
+        "same 200 JSON; a new aiohttp session and TCP connection per poll",
+    ),
+    "http-event": (
+        "HttpEventTrigger + JSON status check",
+        "the same 200 + execution JSON, parsed by the check; a new aiohttp session and TCP connection "
+        "per poll; re-imports the check's module every poll (its design)",
+    ),
+}
+BASELINES = ("http", "http-event")
 
 
 # -- child: one case in a fresh interpreter --------------------------------------------------------
@@ -71,6 +97,16 @@ def _make_trigger(impl: str, execution_id: str, poll: float, deadline: float) ->
             poll_interval=poll,
             deadline=deadline,
         )
+    if impl == "http-event":
+        from airflow.providers.http.triggers.http import HttpEventTrigger
+
+        return HttpEventTrigger(
+            response_check_path="_http_check.execution_finished",
+            endpoint=f"/v1/executions/{execution_id}",
+            http_conn_id="http_bench",
+            method="GET",
+            poll_interval=poll,
+        )
     from airflow.providers.http.triggers.http import HttpSensorTrigger
 
     return HttpSensorTrigger(
@@ -84,6 +120,8 @@ def _make_trigger(impl: str, execution_id: str, poll: float, deadline: float) ->
 def _event_ok(impl: str, payload: Any) -> bool:
     if impl == "http":
         return payload is True
+    if impl == "http-event":
+        return isinstance(payload, dict) and payload.get("status") == "success"
     return (
         isinstance(payload, dict)
         and payload.get("status") == "done"
@@ -247,9 +285,8 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _row(r: dict[str, Any]) -> list[str]:
-    label = "ModelRouteExecutionTrigger" if r["impl"] == "modelroute" else "HttpSensorTrigger"
     return [
-        label,
+        IMPLS[r["impl"]][0],
         f"{r['n']:,}",
         f"{r['events_ok']:,}"
         + (f" (+{r['events_bad']} bad, {r['missing']} missing)" if r["events_ok"] < r["n"] else ""),
@@ -289,106 +326,125 @@ def _server(*args: str) -> Iterator[dict[str, Any]]:
         yield {**info, "creator_key": keys[1]}
 
 
-def parent(quick: bool) -> int:
+Runs = dict[tuple[int, str], list[dict[str, Any]]]  # (N, impl) -> one result per round
+
+
+def _measure(sizes: list[int], impls: list[str], rounds: int, cfg: dict[str, Any], *server_args: str) -> Runs:
+    """``rounds`` interleaved rounds per N: every trigger once per round, in a random order."""
     script = os.path.abspath(__file__)
-    idle = 1.0 if quick else 3.0
+    runs: Runs = {}
+    with _server(*server_args) as server:
+        for n in sizes:
+            for _, impl in common.interleaved(impls, rounds):
+                runs.setdefault((n, impl), []).append(
+                    common.run_child(script, {"impl": impl, "n": n, **cfg, **server})
+                )
+    return runs
+
+
+def _median_run(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median CPU per poll (the row shown for several rounds)."""
+    return sorted(done, key=lambda r: r["cpu_per_poll_ms"])[len(done) // 2]
+
+
+def _goals(runs: Runs, limited: Runs, sizes: list[int], impls: list[str]) -> list[str]:
+    goals = []
+    capable = [
+        n
+        for n in sizes
+        if all(r["events_ok"] == n for r in runs[(n, "modelroute")])
+        and common.median([r["lag_p99_ms"] for r in runs[(n, "modelroute")]]) < 1000
+    ]
+    by_n = ", ".join(
+        f"N={n:,}: {common.median([r['lag_p99_ms'] for r in runs[(n, 'modelroute')]]):.0f} ms" for n in sizes
+    )
+    if max(sizes) >= 5000:
+        goals.append(
+            common.goal(
+                "≥ 5,000 concurrent waits with p99 loop lag < 1 s",
+                max(capable, default=0) >= 5000,
+                f"largest N with every event delivered and a median p99 < 1 s: {max(capable, default=0):,}; "
+                f"median p99 {by_n}",
+            )
+        )
+    if "http" in impls:
+        cpu = {n: _pair(runs, n, "http", "cpu_per_poll_ms") for n in sizes}
+        goals.append(
+            common.goal(
+                "CPU per poll ≤ 0.5x HttpSensorTrigger at every N",
+                all(pair.ratio <= 0.5 for pair in cpu.values()),
+                "median of per-round ratios: "
+                + ", ".join(f"N={n:,}: {p.ratio:.2f}x" for n, p in cpu.items()),
+            )
+        )
+    if limited:
+        ours_429 = sum(r["rate_limited"] for r in limited[next(k for k in limited if k[1] == "modelroute")])
+        goals.append(common.goal("shared rate budget keeps 429s at 0", ours_429 == 0, f"{ours_429} 429s"))
+    return goals
+
+
+def _pair(runs: Runs, n: int, baseline: str, field: str) -> common.Paired:
+    return common.Paired([r[field] for r in runs[(n, "modelroute")]], [r[field] for r in runs[(n, baseline)]])
+
+
+def parent(args: argparse.Namespace) -> int:
+    quick = args.quick
     if quick:
-        sizes, poll, wait, impls = [50], 0.5, 1.5, ["modelroute", "http"]
+        sizes, poll, wait, idle, rounds = [50], 0.5, 1.5, 1.0, 1
     else:
-        sizes, poll, wait, impls = [100, 1000, 5000, 10000], 5.0, 30.0, ["modelroute", "http"]
-    results: list[dict[str, Any]] = []
+        sizes, poll, wait, idle, rounds = [int(n) for n in args.sizes.split(",")], 5.0, 30.0, 3.0, args.rounds
+    impls = ["modelroute", *(impl for impl in BASELINES if impl in args.baselines.split(","))]
+    cfg = {"poll": poll, "wait": wait, "idle": idle}
     print(common.header("Triggerer capacity: N triggers in one event loop", quick))
     print(
         f"Poll interval {poll:g} s (trigger starts spread over the first one); every execution completes "
-        f"{wait:g} s after the last trigger started; server without a rate limit. CPU ms/poll: the "
-        "triggerer process's CPU time (user + system) from the first trigger start to the last event, "
-        "minus the harness's own idle CPU, per poll the server answered. Loop lag: how late a 100 ms "
-        "sleep wakes up. RSS/trigger: (peak RSS - RSS before) / N. Detection delay: event time - "
-        "completion time.\n"
+        f"{wait:g} s after the last trigger started; server without a rate limit; {rounds} round(s) per "
+        "N, every trigger once per round in a random order. CPU ms/poll: the triggerer process's CPU time "
+        "(user + system) from the first trigger start to the last event, minus the harness's own idle "
+        "CPU, per poll the server answered. Loop lag: how late a 100 ms sleep wakes up. RSS/trigger: "
+        "(peak RSS - RSS before) / N. Detection delay: event time - completion time. Rows: the round "
+        "with the median CPU/poll.\n"
     )
-    samples: dict[tuple[int, str], list[float]] = {}
-    with _server() as server:
-        for n in sizes:
-            # Small N is noisy on a shared machine: three interleaved runs, the median by CPU/poll shown.
-            runs: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
-            for _ in range(3 if n <= 1000 and not quick else 1):
-                for impl in impls:
-                    cfg = {"impl": impl, "n": n, "poll": poll, "wait": wait, "idle": idle, **server}
-                    runs[impl].append(common.run_child(script, cfg))
-            for impl, done in runs.items():
-                done.sort(key=lambda r: r["cpu_per_poll_ms"])
-                results.append(done[len(done) // 2])
-                samples[(n, impl)] = [r["cpu_per_poll_ms"] for r in done]
-    rows = [_row(r) for r in results]
-    print(common.table(HEADERS, rows))
-    print()
-    repeated = {key: values for key, values in samples.items() if len(values) > 1}
-    if repeated:
-        shown = "; ".join(
-            f"N={n:,} {'ours' if impl == 'modelroute' else 'HTTP'} {', '.join(f'{v:.2f}' for v in values)}"
-            for (n, impl), values in repeated.items()
-        )
-        print(
-            f"Rows with N ≤ 1,000 are the median of 3 runs by CPU/poll; every run's CPU ms/poll: {shown}.\n"
-        )
-    ratios = []
-    for n in sizes:
-        ours = next(r for r in results if r["n"] == n and r["impl"] == "modelroute")
-        theirs = next(r for r in results if r["n"] == n and r["impl"] == "http")
-        ratios.append(
-            [
-                f"{n:,}",
-                common.ratio(ours["cpu_per_poll_ms"], theirs["cpu_per_poll_ms"]),
-                common.ratio(ours["rss_per_trigger_kb"], theirs["rss_per_trigger_kb"]),
-                common.ratio(ours["lag_p99_ms"], theirs["lag_p99_ms"]),
-            ]
-        )
     print(
-        common.table(["N", "CPU/poll ours ÷ HTTP", "RSS/trigger ours ÷ HTTP", "p99 lag ours ÷ HTTP"], ratios)
+        common.table(
+            ["trigger", "what each poll gets and does, besides ours"], [list(IMPLS[i]) for i in impls]
+        )
     )
+    print()
+    runs = _measure(sizes, impls, rounds, cfg)
+    print(common.table(HEADERS, [_row(_median_run(runs[(n, impl)])) for n in sizes for impl in impls]))
+    print()
+    ratio_rows = []
+    for n in sizes:
+        for baseline in impls[1:]:
+            ratio_rows.append(
+                [
+                    f"{n:,}",
+                    IMPLS[baseline][0],
+                    _pair(runs, n, baseline, "cpu_per_poll_ms").shown(),
+                    _pair(runs, n, baseline, "rss_per_trigger_kb").shown(),
+                    _pair(runs, n, baseline, "lag_p99_ms").shown(),
+                ]
+            )
+    print("Ours ÷ baseline, the median of the per-round ratios (each round's in brackets):\n")
+    print(common.table(["N", "baseline", "CPU/poll", "RSS/trigger", "p99 loop lag"], ratio_rows))
     print()
 
-    limited: list[dict[str, Any]] = []
-    if not quick:
+    limited: Runs = {}
+    if not quick and args.rate_limited:
         n_limited, limit, window = 1000, 500, 10
-        with _server("--rate-limit", str(limit), "--rate-window", str(window)) as server:
-            for impl in impls:
-                cfg = {"impl": impl, "n": n_limited, "poll": poll, "wait": wait, "idle": idle, **server}
-                limited.append(common.run_child(script, cfg))
+        limited = _measure(
+            [n_limited], impls[:2], 1, cfg, "--rate-limit", str(limit), "--rate-window", str(window)
+        )
         print(
             f"With a rate limit of {limit} requests per {window} s window ({limit / window:g}/s; "
-            f"the {n_limited:,} triggers would poll {n_limited / poll:g}/s):\n"
+            f"the {n_limited:,} triggers would poll {n_limited / poll:g}/s), one round:\n"
         )
-        print(common.table(HEADERS, [_row(r) for r in limited]))
+        print(common.table(HEADERS, [_row(done[0]) for done in limited.values()]))
         print()
 
-    goals = []
-    ours_rows = [r for r in results if r["impl"] == "modelroute"]
-    capable = [r["n"] for r in ours_rows if r["events_ok"] == r["n"] and r["lag_p99_ms"] < 1000]
-    by_n = ", ".join(f"N={r['n']:,}: {r['lag_p99_ms']:.0f} ms" for r in ours_rows)
-    goals.append(
-        f"- ≥ 5,000 concurrent waits with p99 lag < 1 s: {common.verdict(max(capable, default=0) >= 5000)} "
-        f"(largest N with p99 < 1 s and every event delivered: {max(capable, default=0):,}; p99 {by_n})"
-    )
-    cpu_ratios = {}
-    for n in sizes:
-        ours = next(r for r in results if r["n"] == n and r["impl"] == "modelroute")
-        theirs = next(r for r in results if r["n"] == n and r["impl"] == "http")
-        cpu_ratios[n] = ours["cpu_per_poll_ms"] / theirs["cpu_per_poll_ms"]
-    met = [n for n, value in cpu_ratios.items() if value <= 0.5]
-    partly = bool(met) and len(met) < len(sizes) and met == sizes[len(sizes) - len(met) :]
-    goals.append(
-        f"- CPU per poll ≤ 0.5x HttpSensorTrigger: {common.verdict(len(met) == len(sizes))}"
-        + (f" below N = {met[0]:,}, met from there up" if partly else "")
-        + f" (ours ÷ HTTP: {', '.join(f'N={n:,}: {value:.2f}' for n, value in cpu_ratios.items())})"
-    )
-    if limited:
-        ours_429 = next(r for r in limited if r["impl"] == "modelroute")["rate_limited"]
-        goals.append(f"- shared rate budget keeps 429s at 0: {common.verdict(ours_429 == 0)} ({ours_429})")
-    if quick:
-        goals = ["- (quick run: the goals are judged on the full run)"]
-    print("\n".join(goals))
-    everything = results + limited
+    common.print_goals(_goals(runs, limited, sizes, impls), quick)
+    everything = [r for done in [*runs.values(), *limited.values()] for r in done]
     return 0 if all(r["events_ok"] == r["n"] for r in everything if r["impl"] == "modelroute") else 1
 
 
@@ -396,13 +452,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: N=50, short waits")
+    parser.add_argument("--quick", action="store_true", help="smoke run: N=50, short waits, one round")
+    parser.add_argument("--sizes", default="100,5000", help="numbers of triggers (default: 100,5000)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per N (default: 3)")
+    parser.add_argument(
+        "--baselines", default="http,http-event", help="baselines to run (default: http,http-event)"
+    )
+    parser.add_argument(
+        "--no-rate-limited", dest="rate_limited", action="store_false", help="skip the rate-limited run"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         common.report(child(json.loads(args.child)))
         return 0
-    return parent(args.quick)
+    return parent(args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """`make test-matrix`: the test suite on other Airflow versions, Pythons and dependency versions.
 
-Each cell gets its own uv environment under ``.matrix/<cell>/`` and runs
-``pytest -m "not drill"`` (the production drills run only in ``make test``, on the latest Airflow).
+Each cell gets its own uv environment under ``.matrix/<cell>/`` and runs the fast suite,
+``pytest -m "not drill"`` (the production drills run only in ``make drills``, on the latest Airflow).
 ``make test`` itself is the cell "Airflow 3.3 x Python 3.11 x highest dependencies".
 
 A "lowest" cell installs the lowest versions of ``requests``, ``tenacity``, ``aiohttp`` and
@@ -12,7 +12,7 @@ those versions as ``==`` constraints on the full install (the test tools stay at
 Usage: ``python scripts/matrix.py [--jobs N] [--list] [CELL ...]`` (see ``make test-matrix``).
 Environment: ``UV`` (the uv binary), ``MATRIX_DIR`` (default ``.matrix``), ``MATRIX_STRICT=1``
 (a cell whose Python cannot be found fails instead of being reported as not run),
-``MATRIX_PYTEST_ARGS`` (default ``-m "not drill" -q``).
+``MATRIX_PYTEST_ARGS`` (default ``-m "not drill"``: the fast suite of ``make test``).
 Only the standard library: this runs on the Python that bootstraps uv, before any environment exists.
 """
 
@@ -63,8 +63,10 @@ class Cell:
 
 #: 3.0.6 is the last 3.0 release (uploaded between 2025-08-25 and 2025-09-01)
 AIRFLOW_3_0_6_RELEASED = "2025-09-01"
+#: 3.2.2 is the last 3.2 release (uploaded between 2026-05-27 and 2026-06-01)
+AIRFLOW_3_2_2_RELEASED = "2026-06-01"
 
-#: `make test` is 3.3 x py3.11 x highest (plus lint and the drills); these are the other cells.
+#: `make test` is 3.3 x py3.11 x highest (plus lint; `make drills` too); these are the other cells.
 CELLS = {
     cell.name: cell
     for cell in (
@@ -73,6 +75,11 @@ CELLS = {
         Cell("af3.3-py3.13", "==3.3.*", "3.13"),
         # Airflow 3.0.6 bounds none of fastapi, cadwyn, starlette...: their 2026 releases break its
         # execution API (422 on every task start). Its constraints file pinned them; approximate it.
+        # Airflow 3.2.2 bounds neither fastapi nor cadwyn (3.3 caps fastapi below 0.137): with their
+        # later releases its execution API fails every task (a pydantic discriminator error, then a
+        # missing svcs_registry on the app state). Resolve its ecosystem as of its release.
+        Cell("af3.2-py3.11", "==3.2.*", "3.11", as_of=AIRFLOW_3_2_2_RELEASED),
+        Cell("af3.1-py3.12", "==3.1.*", "3.12"),
         Cell("af3.0-py3.11", "==3.0.*", "3.11", as_of=AIRFLOW_3_0_6_RELEASED),
         Cell("af3.0-py3.12-lowest", "==3.0.*", "3.12", "lowest", as_of=AIRFLOW_3_0_6_RELEASED),
         Cell("af2.11-py3.11", "==2.11.*", "3.11"),
@@ -332,7 +339,7 @@ def main() -> int:
     cells = [CELLS[name] for name in args.cells] or list(CELLS.values())
     uv = os.environ.get("UV", shutil.which("uv") or "uv")
     root = REPO / os.environ.get("MATRIX_DIR", ".matrix")
-    pytest_args = shlex.split(os.environ.get("MATRIX_PYTEST_ARGS", '-m "not drill" -q'))
+    pytest_args = shlex.split(os.environ.get("MATRIX_PYTEST_ARGS", '-m "not drill"'))
     strict = os.environ.get("MATRIX_STRICT", "") == "1"
 
     start = time.monotonic()

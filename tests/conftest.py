@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 
 from airflow_provider_modelroute._compat import AIRFLOW_V_3_0_PLUS, AIRFLOW_V_3_1_PLUS  # noqa: E402
 from airflow_provider_modelroute.testing import ModelRouteServer  # noqa: E402
+from airflow_provider_modelroute.testing.dialects import PRESETS, Dialect  # noqa: E402
 
 if AIRFLOW_V_3_0_PLUS and not AIRFLOW_V_3_1_PLUS:
     # Two gaps of Airflow 3.0's in-process dag.test() (a worker does not have them):
@@ -48,8 +49,10 @@ if AIRFLOW_V_3_0_PLUS and not AIRFLOW_V_3_1_PLUS:
 
     TaskInstanceOperations.get_reschedule_start_date = _get_reschedule_start_date  # type: ignore[method-assign]
 
-#: Retry quickly in tests; the policy is the same, only the waits are shorter.
-FAST_RETRY_EXTRAS = {"retry_base_wait": 0.01, "retry_max_wait": 0.2, "max_retries": 4, "timeout": 5}
+#: Retry quickly in tests; the policy is the same, only the waits are shorter. The read timeout stays
+#: long: on a loaded machine a slow answer must not turn into a retry that a test's counts do not expect
+#: (tests of timeouts set their own).
+FAST_RETRY_EXTRAS = {"retry_base_wait": 0.01, "retry_max_wait": 0.2, "max_retries": 4, "timeout": 60}
 
 
 def connection_json(server: ModelRouteServer, **extra: object) -> str:
@@ -59,18 +62,39 @@ def connection_json(server: ModelRouteServer, **extra: object) -> str:
     return json.dumps(conn)
 
 
+#: The rate limit of the shared test server: its headers are on every answer, the limit never bites.
+TEST_RATE_LIMIT = 1_000_000
+
+
 @pytest.fixture(scope="session")
 def modelroute_server() -> Iterator[ModelRouteServer]:
-    with ModelRouteServer(pending_seconds=0.05, processing_seconds=0.1) as server:
+    with ModelRouteServer(
+        pending_seconds=0.05,
+        processing_seconds=0.1,
+        awaiting_webhook_seconds=0.05,
+        rate_limit=TEST_RATE_LIMIT,
+        dialect="literal",
+    ) as server:
         yield server
 
 
 @pytest.fixture
-def server(modelroute_server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch) -> ModelRouteServer:
-    """The local server, reset, with ``modelroute_default`` pointing at it."""
+def server(
+    modelroute_server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ModelRouteServer]:
+    """The local server (literal dialect), reset, with ``modelroute_default`` pointing at it."""
     modelroute_server.reset()
+    modelroute_server.dialect = "literal"
     monkeypatch.setenv("AIRFLOW_CONN_MODELROUTE_DEFAULT", connection_json(modelroute_server))
-    return modelroute_server
+    yield modelroute_server
+    modelroute_server.dialect = "literal"
+
+
+@pytest.fixture(params=list(PRESETS))
+def dialect(request: pytest.FixtureRequest, server: ModelRouteServer) -> Dialect:
+    """Each dialect preset in turn, played by ``server`` (see ``testing/dialects.py``)."""
+    server.dialect = request.param
+    return server.dialect
 
 
 @pytest.fixture(scope="session")
@@ -85,24 +109,26 @@ def airflow_db() -> None:
         DagBundlesManager().sync_bundles_to_db()
 
 
+def _dagbag_module() -> Any:
+    """``airflow.dag_processing.dagbag`` from Airflow 3.2, ``airflow.models.dagbag`` before."""
+    try:
+        from airflow.dag_processing import dagbag
+    except ImportError:  # 2.11 to 3.1
+        from airflow.models import dagbag
+    return dagbag
+
+
 def dag_bag(folder: str | Path) -> Any:
     """A DagBag of one folder (LOAD_EXAMPLES is off for the session)."""
-    if AIRFLOW_V_3_1_PLUS:
-        from airflow.dag_processing.dagbag import DagBag
-    else:  # 2.11 and 3.0
-        from airflow.models.dagbag import DagBag
-    return DagBag(dag_folder=str(folder))
+    return _dagbag_module().DagBag(dag_folder=str(folder))
 
 
 def run_dag(dag: Any, **kwargs: Any) -> Any:
     """Run a DAG in-process with ``dag.test()`` and return its DagRun (whatever the outcome)."""
-    # 3.1 and 3.2 are not in the matrix: these branches assume they behave as 3.3 does.
-    if AIRFLOW_V_3_1_PLUS:  # a DAG built in a test must be serialized before dag.test() on 3.3
-        from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
-
-        bag = DagBag(dag_folder=os.devnull)
+    if AIRFLOW_V_3_1_PLUS:  # from 3.1, a DAG built in a test must be serialized before dag.test()
+        bag = dag_bag(os.devnull)
         bag.bag_dag(dag)
-        sync_bag_to_db(bag, "dags-folder", None)
+        _dagbag_module().sync_bag_to_db(bag, "dags-folder", None)
         return dag.test(**kwargs)
     # 2.11's and 3.0's dag.test() add a StreamHandler to "airflow.task" once per process, bound to
     # the sys.stdout of that moment (the first test's capture): drop it so that it is added again

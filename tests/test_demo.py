@@ -19,13 +19,25 @@ from tests.conftest import REPO, needs_airflow_sdk
     reason="`airflow dags test` on Airflow 3.0 fails a DAG whose outlets' assets no DAG processor has "
     "registered yet (AirflowInactiveAssetInInletOrOutletException); test_example_dags runs this DAG on 3.0",
 )
-def test_demo_writes_a_png() -> None:
+def line(stdout: str, pattern: str) -> re.Match[str]:
+    """The summary line matching ``pattern`` (anchored at both ends)."""
+    match = re.search(f"^{pattern}$", stdout, re.M)
+    assert match, f"no line matching {pattern!r} in:\n{stdout}"
+    return match
+
+
+def test_demo_writes_a_png_and_prints_a_short_summary() -> None:
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "demo.py")], capture_output=True, text=True, timeout=240
+        [sys.executable, str(REPO / "scripts" / "demo.py")], capture_output=True, text=True, timeout=540
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    match = re.search(r"Output file: (\S+\.png) \((\d+) bytes, PNG\)", result.stdout)
-    assert match, result.stdout[-3000:]
-    path = Path(match[1])
+    out = result.stdout
+    assert len(out.splitlines()) <= 10, out  # a summary for a person; Airflow's output is in the log file
+    line(out, r"DAG run: +success")
+    line(out, r"Execution: +exec_\S+ COMPLETED \(1 created\)")
+    path = Path(line(out, r"Output: +(\S+\.png)")[1])
+    size = int(line(out, r" +(\d+) bytes, PNG, sha256 \w+\.\.\. \(matches the server's\)")[1])
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert path.stat().st_size == int(match[2]) > 0
+    assert path.stat().st_size == size > 0
+    log = Path(line(out, r"Full log: +(\S+)")[1])
+    assert "DagRun Finished" in log.read_text()

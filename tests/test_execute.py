@@ -9,11 +9,13 @@ import pytest
 
 from airflow_provider_modelroute._compat import AIRFLOW_V_3_0_PLUS
 from airflow_provider_modelroute.exceptions import ModelRouteConfigError
+from airflow_provider_modelroute.operators import modelroute as operator_module
 from airflow_provider_modelroute.operators.modelroute import (
     ModelRouteExecuteOperator,
     ModelRouteExecutionLink,
 )
 from airflow_provider_modelroute.testing import ModelRouteServer
+from airflow_provider_modelroute.testing.dialects import Dialect
 from tests.conftest import make_dag, run_dag, task_instance, task_states, xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -125,7 +127,7 @@ def test_timeout_cancels_the_remote_execution(
     deferrable: bool,
 ) -> None:
     dr = run_execute(
-        request, deferrable=deferrable, timeout=0.5, input={"prompt": "p", "_simulate": {"seconds": 60}}
+        request, deferrable=deferrable, timeout=0.5, input={"prompt": "p", "_simulate": {"seconds": 3600}}
     )
     assert dr.state == "failed"
     execution_id = xcom(dr, "generate", "execution_id")
@@ -140,8 +142,11 @@ def test_timeout_cancels_the_remote_execution(
 def test_execution_timeout_leaves_time_to_cancel(
     server: ModelRouteServer, request: pytest.FixtureRequest
 ) -> None:
+    # Our deadline falls 20 % (2 s) before Airflow's: time enough to cancel on a loaded machine.
     dr = run_execute(
-        request, execution_timeout=timedelta(seconds=3), input={"prompt": "p", "_simulate": {"seconds": 60}}
+        request,
+        execution_timeout=timedelta(seconds=10),
+        input={"prompt": "p", "_simulate": {"seconds": 3600}},
     )
     assert dr.state == "failed"
     execution_id = xcom(dr, "generate", "execution_id")
@@ -173,9 +178,22 @@ def test_retry_after_failure_mid_wait_reattaches(
     assert xcom(dr, "generate")["id"] == server.execution_ids()[0]
 
 
+@pytest.fixture(params=["state-store", "no-state-store"])
+def state_store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """With Airflow 3.3's task state store (where there is one), and as on Airflow < 3.3 without it."""
+    if request.param == "no-state-store":
+        monkeypatch.setattr(operator_module, "task_state_store", lambda context: None)
+    return str(request.param)
+
+
 def test_failed_execution_is_not_replayed_forever(
-    server: ModelRouteServer, request: pytest.FixtureRequest
+    server: ModelRouteServer,
+    request: pytest.FixtureRequest,
+    dialect: Dialect,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # as on Airflow < 3.3, without a task state store: only the try number bounds the replays
+    monkeypatch.setattr(operator_module, "task_state_store", lambda context: None)
     server.add_fault(
         "POST /v1/executions", "outcome", count=1, outcome="FAILED", error_code="GENERATION_FAILED"
     )
@@ -183,10 +201,120 @@ def test_failed_execution_is_not_replayed_forever(
     assert dr.state == "success"
     assert task_instance(dr, "generate").try_number == 2
     stats = server.stats()
-    assert stats["executions_created"] == 2
+    assert stats["executions_created"] == 2  # the retryable failure was retried, once
     keys = sorted(stats["idempotency_keys"])
     assert [key[-3:] for key in keys] == ["-g0", "-g1"]
     assert keys[0][:-3] == keys[1][:-3]  # same task instance, next generation
+
+
+@pytest.mark.parametrize("reading", ["sync", "literal"])
+def test_each_try_starts_at_most_one_execution(
+    server: ModelRouteServer, request: pytest.FixtureRequest, state_store: str, reading: str
+) -> None:
+    # A create answered FAILED at once (sync) or soon after: never taken for an earlier try's replay.
+    server.dialect = reading
+    simulate = {"outcome": "FAILED", "error_code": "GENERATION_FAILED", "seconds": 0}
+    dr = run_execute(request, retries=2, input={"prompt": "p", "_simulate": simulate})
+    assert dr.state == "failed"
+    assert task_instance(dr, "generate").try_number == 3
+    assert server.stats()["executions_created"] == 3  # one per try, never a loop
+
+
+@pytest.mark.parametrize("deferrable", [False, True], ids=["sync", "deferrable"])
+@pytest.mark.parametrize("reading", ["literal", "sync"])
+def test_a_failure_a_new_execution_would_repeat_fails_at_once(
+    server: ModelRouteServer,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+    deferrable: bool,
+    reading: str,
+) -> None:
+    server.dialect = reading
+    simulate = {"outcome": "FAILED", "error_code": "CONTENT_MODERATION_REJECTED"}
+    dr = run_execute(request, retries=3, deferrable=deferrable, input={"prompt": "p", "_simulate": simulate})
+    assert dr.state == "failed"
+    assert task_instance(dr, "generate").try_number == 1  # no Airflow retry...
+    assert server.stats()["executions_created"] == 1  # ...and no new execution
+    logs = capsys.readouterr().out
+    assert "CONTENT_MODERATION_REJECTED" in logs and "change it" in logs  # the code and a hint
+    assert "A new execution would fail the same way" in logs
+
+
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [(None, "FILE_NOT_FOUND"), ({"code": "UNAUTHORIZED"}, "UNAUTHORIZED"), ({"code": "X_NEW"}, "X_NEW")],
+)
+def test_errors_at_submit_that_no_retry_fixes_fail_at_once(
+    server: ModelRouteServer,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+    fault: dict[str, Any] | None,
+    code: str,
+) -> None:
+    image = "file_00000000-0000-0000-0000-000000000000"  # a new user's input that does not exist
+    if fault is not None:
+        status = {"X_NEW": 422}.get(code)  # a code the docs do not list: a non-retryable 4xx
+        server.add_fault(
+            "POST /v1/executions", "error", count=None, **fault, **({"status": status} if status else {})
+        )
+    dr = run_execute(request, retries=2, input={"prompt": "p", "image": image})
+    assert dr.state == "failed"
+    assert task_instance(dr, "generate").try_number == 1
+    assert code in capsys.readouterr().out
+    assert server.stats()["executions_created"] == 0
+    assert server.stats()["requests"]["POST /v1/executions"] == 1  # no HTTP retry either
+
+
+def test_a_finished_answer_needs_no_wait(
+    server: ModelRouteServer, request: pytest.FixtureRequest, defer_calls: list[dict[str, Any]]
+) -> None:
+    server.dialect = "sync"  # the POST answers the COMPLETED execution, with its result
+    dr = run_execute(request, deferrable=True)
+    assert dr.state == "success"
+    assert xcom(dr, "generate")["files"][0]["file_id"].startswith("file_")
+    assert defer_calls == []
+    assert "GET /v1/executions/{id}" not in server.stats()["requests"]
+    assert server.stats()["executions_created"] == 1
+
+
+@pytest.mark.parametrize("deferrable", [False, True], ids=["sync", "deferrable"])
+def test_a_timed_out_wait_is_resumed_by_the_retry(
+    server: ModelRouteServer,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+    deferrable: bool,
+) -> None:
+    dr = run_execute(
+        request,
+        deferrable=deferrable,
+        timeout=1,
+        retries=1,
+        input={"prompt": "p", "_simulate": {"seconds": 1.5}},
+    )
+    assert dr.state == "success"
+    assert task_instance(dr, "generate").try_number == 2
+    stats = server.stats()
+    assert stats["executions_created"] == 1 and stats["cancels"] == {}  # re-attached, paid once
+    logs = capsys.readouterr().out
+    assert "timeout=1 s (this operator's `timeout` parameter)" in logs  # names the limit
+    assert "the next try re-attaches" in logs
+
+
+def test_restart_on_timeout_cancels_and_starts_again(
+    server: ModelRouteServer, request: pytest.FixtureRequest
+) -> None:
+    dr = run_execute(
+        request,
+        timeout=0.5,
+        retries=1,
+        restart_on_timeout=True,
+        input={"prompt": "p", "_simulate": {"seconds": 30}},
+    )
+    assert dr.state == "failed"
+    stats = server.stats()
+    assert stats["executions_created"] == 2  # the user asked for a new one per try
+    assert sorted(stats["cancels"]) == sorted(server.execution_ids())
+    assert {server.execution(e)["status"] for e in server.execution_ids()} == {"CANCELLED"}
 
 
 def test_retry_of_a_finished_execution_returns_it_at_once(
@@ -204,7 +332,8 @@ def test_retry_of_a_finished_execution_returns_it_at_once(
     assert dr.state == "success"
     stats = server.stats()
     assert stats["executions_created"] == 1
-    assert stats["requests"]["GET /v1/executions/{id}"] == 1  # only the failed poll: no wait on retry
+    # the failed poll, then the retry's one read of the replayed execution: no wait on retry
+    assert stats["requests"]["GET /v1/executions/{id}"] == 2
     assert xcom(dr, "generate")["status"] == "COMPLETED"
 
 

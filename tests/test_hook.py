@@ -20,22 +20,24 @@ from airflow_provider_modelroute.exceptions import (
     ModelRouteConnectionError,
     ModelRouteInputError,
     ModelRouteNotFoundError,
+    ModelRoutePermanentError,
     ModelRouteRateLimitError,
     ModelRouteTransferError,
 )
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.testing import ModelRouteServer
+from airflow_provider_modelroute.testing.dialects import Dialect
+from airflow_provider_modelroute.testing.wire import CODE_STATUSES
 from tests.conftest import connection_json
+from tests.waiting import wait_for
 
 
-def wait_until_terminal(hook: ModelRouteHook, execution_id: str, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        doc = hook.get_execution(execution_id)
-        if api.is_terminal(doc["status"]):
-            return doc
-        time.sleep(0.05)
-    raise AssertionError(f"{execution_id} did not finish")
+def wait_until_terminal(hook: ModelRouteHook, execution_id: str) -> dict:
+    return wait_for(
+        f"{execution_id} to end",
+        lambda: hook.get_execution(execution_id),
+        until=lambda doc: api.is_terminal(doc["status"]),
+    )
 
 
 def use_connection(
@@ -91,7 +93,21 @@ def test_execution_url_uses_dashboard_extra(
     assert ModelRouteHook("mr").execution_url("exec_1") == "https://dash.example.com/executions/exec_1"
 
 
-def test_download_streams_exact_bytes(server: ModelRouteServer) -> None:
+def _file_id(hook: ModelRouteHook, size: int = 2 * 1024 * 1024) -> str:
+    created = hook.create_execution("test-file", {"size_bytes": size, "seed": str(size)})
+    return api.result_files(wait_until_terminal(hook, created["id"]))[0]["file_id"]
+
+
+DOWNLOAD = "GET /v1/files/{file_id}/download"
+STORAGE = "GET /files/{file_id}"
+
+
+def serving_endpoint(dialect: Dialect) -> str:
+    """Where the bytes come from: /download itself (bytes reading) or the presigned URL."""
+    return DOWNLOAD if dialect.download == "bytes" else STORAGE
+
+
+def test_download_streams_exact_bytes(server: ModelRouteServer, dialect: Dialect) -> None:
     hook = ModelRouteHook()
     created = hook.create_execution("test-file", {"size_bytes": 3 * 1024 * 1024 + 17, "seed": "dl"})
     file_id = api.result_files(wait_until_terminal(hook, created["id"]))[0]["file_id"]
@@ -103,61 +119,76 @@ def test_download_streams_exact_bytes(server: ModelRouteServer) -> None:
         digest.update(chunk)
         chunks += 1
     info = server.file_info(file_id)
-    assert download.size_bytes == info["size_bytes"] == 3 * 1024 * 1024 + 17
+    assert download.size_bytes == info["size_bytes"] == 3 * 1024 * 1024 + 17  # known before the bytes
+    assert download.content_type == "application/octet-stream"
     assert digest.hexdigest() == info["sha256"]
     assert chunks > 1
     assert "Signature" not in repr(download)
+    requests_seen = server.stats()["requests"]
+    assert requests_seen[DOWNLOAD] == 1  # the seed page's endpoint, in every reading...
+    assert "GET /v1/files/{file_id}/url" not in requests_seen  # ...never the llms.txt-only one
+    assert requests_seen.get(STORAGE, 0) == (0 if dialect.download == "bytes" else 1)
     assert server.stats()["storage_requests_with_authorization"] == 0
 
 
-def _file_id(hook: ModelRouteHook, size: int = 2 * 1024 * 1024) -> str:
-    created = hook.create_execution("test-file", {"size_bytes": size, "seed": str(size)})
-    return api.result_files(wait_until_terminal(hook, created["id"]))[0]["file_id"]
-
-
-def test_download_resumes_after_truncation(server: ModelRouteServer) -> None:
+def test_download_resumes_after_truncation(server: ModelRouteServer, dialect: Dialect) -> None:
     hook = ModelRouteHook()
     file_id = _file_id(hook)
-    server.add_fault("GET /files/{file_id}", "truncate", count=2, after_bytes=300_000)
+    server.add_fault(serving_endpoint(dialect), "truncate", count=2, after_bytes=300_000)
     digest = hashlib.sha256()
     for chunk in hook.download_file(file_id):
         digest.update(chunk)
     assert digest.hexdigest() == server.file_info(file_id)["sha256"]
-    assert server.stats()["requests"]["GET /files/{file_id}"] == 3
+    assert server.stats()["requests"][serving_endpoint(dialect)] == 3  # resumed twice, with Range
 
 
-def test_download_gets_fresh_url_when_expired(server: ModelRouteServer) -> None:
+@pytest.mark.parametrize("reading", ["presigned", "redirect"])
+def test_download_gets_fresh_url_when_expired(server: ModelRouteServer, reading: str) -> None:
+    server.dialect = reading
     hook = ModelRouteHook()
     file_id = _file_id(hook)
-    download = hook.download_file(file_id)
-    server.add_fault("GET /files/{file_id}", "expire_url", count=1)
-    data = b"".join(download)
+    server.add_fault(STORAGE, "truncate", count=1, after_bytes=300_000)  # a drop...
+    server.add_fault(STORAGE, "expire_url", count=1)  # ...then the resume finds the URL expired
+    data = b"".join(hook.download_file(file_id))
     assert hashlib.sha256(data).hexdigest() == server.file_info(file_id)["sha256"]
-    assert server.stats()["requests"]["GET /v1/files/{file_id}/url"] == 2
+    requests_seen = server.stats()["requests"]
+    assert requests_seen[DOWNLOAD] == 2  # a fresh URL, once
+    assert requests_seen[STORAGE] == 3  # truncated, expired, resumed
 
 
 def test_download_gives_up_without_leaking_the_signature(
-    server: ModelRouteServer, caplog: pytest.LogCaptureFixture
+    server: ModelRouteServer, dialect: Dialect, caplog: pytest.LogCaptureFixture
 ) -> None:
     hook = ModelRouteHook()
     file_id = _file_id(hook)
-    server.add_fault("GET /files/{file_id}", "truncate", count=None, after_bytes=1000)
+    server.add_fault(serving_endpoint(dialect), "truncate", count=None, after_bytes=1000)
     caplog.set_level(logging.DEBUG)
     with pytest.raises(ModelRouteTransferError, match="stopped at byte") as err:
         for _ in hook.download_file(file_id):
             pass
     assert "Signature" not in str(err.value)
     assert "Signature" not in caplog.text
+    assert server.api_key not in str(err.value) + caplog.text
 
 
+def test_a_json_file_served_as_bytes_is_not_mistaken_for_a_url_document(server: ModelRouteServer) -> None:
+    document = json.dumps({"url": "https://example.com/x", "note": "a model's JSON output"}).encode()
+    file_id = server.add_file(document, "application/json")
+    download = ModelRouteHook().download_file(file_id)
+    assert download.size_bytes == len(document) and download.content_type == "application/json"
+    assert b"".join(download) == document
+
+
+@pytest.mark.parametrize("reading", ["presigned", "redirect"])
 def test_storage_url_refused_unless_local_testing_allowed(
-    server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch
+    server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch, reading: str
 ) -> None:
+    server.dialect = reading
     file_id = _file_id(ModelRouteHook(), 1000)
     use_connection(monkeypatch, server, allow_insecure_storage_urls=False)
     with pytest.raises(ModelRouteTransferError, match="allow_insecure_storage_urls"):
         ModelRouteHook("mr").download_file(file_id)
-    assert server.stats()["requests"].get("GET /files/{file_id}", 0) == 0
+    assert server.stats()["requests"].get(STORAGE, 0) == 0
 
 
 def test_upload_then_use_as_input(server: ModelRouteServer) -> None:
@@ -212,9 +243,9 @@ def test_same_key_returns_original_execution(server: ModelRouteServer) -> None:
     first = hook.create_execution("test-image", {"prompt": "p"}, idempotency_key="same")
     second = hook.create_execution("test-image", {"prompt": "p"}, idempotency_key="same")
     assert first["id"] == second["id"]
-    with pytest.raises(ModelRouteInputError) as err:
+    with pytest.raises(ModelRoutePermanentError) as err:  # a 409 with a code the docs do not list
         hook.create_execution("test-image", {"prompt": "other"}, idempotency_key="same")
-    assert err.value.code == "IDEMPOTENCY_CONFLICT"
+    assert err.value.http_status == 409
     assert isinstance(err.value, AirflowFailException)
     assert server.stats()["executions_created"] == 1
 
@@ -242,7 +273,7 @@ def test_non_retryable_codes_fail_at_once(server: ModelRouteServer, code: str) -
     exc = err.value
     assert exc.code == code
     assert exc.retryable is False
-    assert exc.http_status == api.ERROR_CODES[code].http_status
+    assert exc.http_status == CODE_STATUSES[code]
     assert exc.request_id and exc.request_id.startswith("req_")
     assert api.ERROR_CODES[code].hint in str(exc)
     assert server.stats()["requests"]["GET /v1/executions/{id}"] == 1
@@ -254,8 +285,9 @@ def test_error_classes_and_fail_fast_marking(server: ModelRouteServer) -> None:
     expected = {
         "UNAUTHORIZED": (ModelRouteAuthError, True),
         "INPUT_VALIDATION_ERROR": (ModelRouteInputError, True),
-        "FILE_NOT_FOUND": (ModelRouteNotFoundError, False),
-        "INSUFFICIENT_BALANCE": (ModelRouteApiError, False),
+        "FILE_NOT_FOUND": (ModelRouteNotFoundError, True),
+        "INSUFFICIENT_BALANCE": (ModelRoutePermanentError, True),
+        "INTERNAL_ERROR": (ModelRouteApiError, False),  # a server fault: a later try may succeed
     }
     for code, (cls, fail_fast) in expected.items():
         server.add_fault("GET /v1/executions/{id}", "error", count=1, code=code)
@@ -272,10 +304,11 @@ def test_validation_details_name_the_field(server: ModelRouteServer) -> None:
     assert server.stats()["requests"]["POST /v1/executions"] == 1
 
 
-def test_unknown_execution_is_not_found(server: ModelRouteServer) -> None:
-    with pytest.raises(ModelRouteNotFoundError) as err:
+def test_unknown_execution_is_not_found_in_every_reading(server: ModelRouteServer, dialect: Dialect) -> None:
+    with pytest.raises(ModelRouteNotFoundError) as err:  # a documented error body, or a bare 404
         ModelRouteHook().get_execution("exec_00000000-0000-0000-0000-00000000abcd")
-    assert err.value.code == "EXECUTION_NOT_FOUND"
+    assert err.value.http_status == 404 and isinstance(err.value, AirflowFailException)
+    assert server.stats()["requests"]["GET /v1/executions/{id}"] == 1  # not retried
 
 
 def test_retry_after_is_honoured(server: ModelRouteServer) -> None:
@@ -309,22 +342,53 @@ def test_retry_deadline_bounds_total_time(server: ModelRouteServer, monkeypatch:
     started = time.monotonic()
     with pytest.raises(ModelRouteRateLimitError):
         hook.get_execution(created["id"])
-    assert time.monotonic() - started < 4
+    # 50 retries 1 s apart would take 50 s: the deadline stopped them after the first few
+    assert time.monotonic() - started < 30
     assert server.stats()["requests"]["GET /v1/executions/{id}"] <= 3
 
 
+@pytest.mark.parametrize("reset", ["unix", "delta", "absent"])
 def test_rate_limit_headers_are_read(
-    modelroute_server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch
+    modelroute_server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch, reset: str
 ) -> None:
-    with ModelRouteServer(rate_limit=3, rate_window=2.0, pending_seconds=0, processing_seconds=0) as small:
+    with ModelRouteServer(
+        rate_limit=3,
+        rate_window=2.0,
+        pending_seconds=0,
+        processing_seconds=0,
+        dialect=f"literal,rate_limit_reset={reset}",
+    ) as small:
         use_connection(monkeypatch, small, max_retries=3)
         hook = ModelRouteHook("mr")
+        started = time.time()
         created = hook.create_execution("test-image", {"prompt": "p"})
-        assert hook.core.rate_limit.limit == 3
-        assert hook.core.rate_limit.remaining == 2
-        for _ in range(4):  # the 4th request must wait for the window to reset instead of getting a 429
+        seen = hook.core.rate_limit
+        assert seen.limit == 3
+        if reset == "absent":  # no window end: Remaining cannot pace, Retry-After will
+            assert seen.remaining is None and seen.reset is None
+        else:  # a unix time or a delta: both read as the same absolute time
+            assert seen.remaining == 2
+            assert seen.reset is not None and started - 1 <= seen.reset <= started + 4
+        for _ in range(4):  # the 4th request must wait for the window's end
             hook.get_execution(created["id"])
-        assert small.stats()["rate_limited"] == 0
+        # With Reset the client waits before sending; without it, one 429 and its Retry-After.
+        assert small.stats()["rate_limited"] == (1 if reset == "absent" else 0)
+
+
+def test_async_client_is_not_paced_without_a_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+    with ModelRouteServer(
+        rate_limit=3, rate_window=2.0, processing_seconds=30, dialect="literal,rate_limit_reset=absent"
+    ) as small:
+        use_connection(monkeypatch, small, max_retries=3, retry_max_wait=0.1)
+        created = ModelRouteHook("mr").create_execution("test-image", {"prompt": "p"})
+
+        async def poll(times: int) -> None:
+            async with ModelRouteHook("mr").async_client() as client:
+                for _ in range(times):
+                    await client.get_execution(created["id"])
+
+        asyncio.run(asyncio.wait_for(poll(5), 30))  # over the limit: 429s and Retry-After, no stall
+        assert small.stats()["requests"]["GET /v1/executions/{id}"] >= 5
 
 
 def test_connection_errors_are_retried_then_reported(
@@ -338,10 +402,11 @@ def test_connection_errors_are_retried_then_reported(
 def test_slow_response_times_out_and_retries(
     server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    use_connection(monkeypatch, server, timeout=0.3)
+    # a 2 s read timeout: only the answer held for 5 s can exceed it, even on a loaded machine
+    use_connection(monkeypatch, server, timeout=2)
     hook = ModelRouteHook("mr")
     created = hook.create_execution("test-image", {"prompt": "p"})
-    server.add_fault("GET /v1/executions/{id}", "slow", count=1, seconds=1.0)
+    server.add_fault("GET /v1/executions/{id}", "slow", count=1, seconds=5)
     assert hook.get_execution(created["id"])["id"] == created["id"]
     assert server.stats()["requests"]["GET /v1/executions/{id}"] == 2
 
@@ -349,15 +414,39 @@ def test_slow_response_times_out_and_retries(
 # --- configuration and secrets ----------------------------------------------------------------
 
 
-def test_malformed_key_fails_before_any_request(
+def test_the_docs_example_key_is_sent_with_a_warning(
+    server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    example = "sk_your_api_key_here"
+    monkeypatch.setattr(server, "api_keys", [*server.api_keys, example])
+    use_connection(monkeypatch, server, fields={"password": example})
+    caplog.set_level(logging.WARNING)
+    created = ModelRouteHook("mr").create_execution("test-image", {"prompt": "p"})
+    assert created["id"].startswith("exec_")  # the server took the key: it was sent
+    warning = " ".join(r.getMessage() for r in caplog.records if "API key" in r.getMessage())
+    assert "password field" in warning and "64 hex digits" in warning  # names the field and the shape
+    assert example not in caplog.text
+
+
+def test_a_key_the_server_refuses_fails_at_once_with_a_hint(
     server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bad = server.api_key[:-1] + ("0" if server.api_key[-1] != "0" else "1")
-    use_connection(monkeypatch, server, fields={"password": bad})
-    with pytest.raises(ModelRouteConfigError, match="checksum") as err:
+    mistyped = server.api_key[:-1] + ("0" if server.api_key[-1] != "0" else "1")  # well-formed shape
+    use_connection(monkeypatch, server, fields={"password": mistyped})
+    with pytest.raises(ModelRouteAuthError, match="password field") as err:
         ModelRouteHook("mr").get_execution("exec_1")
-    assert bad not in str(err.value)
+    assert err.value.code == "UNAUTHORIZED"
+    assert mistyped not in str(err.value)
     assert isinstance(err.value, AirflowFailException)
+    assert server.stats()["requests"] == {"GET /v1/executions/{id}": 1}  # sent once, not retried
+
+
+def test_an_empty_key_fails_before_any_request(
+    server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_connection(monkeypatch, server, fields={"password": ""})
+    with pytest.raises(ModelRouteConfigError, match="no ModelRoute API key: put it in the password field"):
+        ModelRouteHook("mr").get_execution("exec_1")
     assert server.stats()["requests"] == {}
 
 
@@ -417,9 +506,10 @@ def test_secrets_never_in_logs_errors_or_reprs(
     with pytest.raises(ModelRouteAuthError) as err:
         hook.get_execution(created["id"])
     done = wait_until_terminal(hook, created["id"])
-    url = hook.get_file_url(api.result_files(done)[0]["file_id"])["url"]
-    signature = url.split("Signature=")[1].split("&")[0]
-    for _ in hook.download_file(api.result_files(done)[0]["file_id"]):
+    server.dialect = "presigned"  # /download answers the URL document: a signature to keep secret
+    download = hook.download_file(api.result_files(done)[0]["file_id"])
+    signature = str(download._source.url).split("Signature=")[1].split("&")[0]  # type: ignore[attr-defined]
+    for _ in download:
         pass
     captured = capsys.readouterr()
     logs = caplog.text + captured.out + captured.err  # Airflow 3 logs hooks through structlog (stdout)
@@ -431,8 +521,8 @@ def test_secrets_never_in_logs_errors_or_reprs(
         assert signature not in text
 
 
-def test_test_connection(server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    ok, message = ModelRouteHook().test_connection()
+def test_test_connection(server: ModelRouteServer, dialect: Dialect, monkeypatch: pytest.MonkeyPatch) -> None:
+    ok, message = ModelRouteHook().test_connection()  # the unknown probe id: a 404, with a body or bare
     assert ok, message
     use_connection(monkeypatch, server, fields={"password": api.make_api_key()})
     ok, message = ModelRouteHook("mr").test_connection()

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute.hooks.core import rate_limit_reset
+from airflow_provider_modelroute.api import rate_limit_reset
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.hooks.rate_budget import RateBudget, RateLimit, shared_rate_budget
 from tests.conftest import FAST_RETRY_EXTRAS

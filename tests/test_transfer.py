@@ -6,6 +6,7 @@ fsspec's memory filesystem and S3 on a loopback moto server reached through the 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -48,7 +49,7 @@ pytestmark = pytest.mark.usefixtures("airflow_db")
 MiB = 1024 * 1024
 RECORD_KEYS = {"file_id", "uri", "size_bytes", "content_type", "sha256"}
 STORAGE = "GET /files/{file_id}"
-URL = "GET /v1/files/{file_id}/url"
+DOWNLOAD = "GET /v1/files/{file_id}/download"
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -298,7 +299,7 @@ def test_executions_without_files_fail_clearly(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     hook = ModelRouteHook()
-    running = hook.create_execution("test-image", {"prompt": "slow", "_simulate": {"seconds": 60}})["id"]
+    running = hook.create_execution("test-image", {"prompt": "slow", "_simulate": {"seconds": 3600}})["id"]
     failed = hook.create_execution("test-image", {"prompt": "x", "_simulate": {"outcome": "FAILED"}})["id"]
     server.set_execution_status(failed, "FAILED", "GENERATION_FAILED")
     out = f"file://{tmp_path}/out/"
@@ -395,6 +396,7 @@ def test_a_retry_finishes_a_multi_file_copy_with_the_default_overwrite(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    server.dialect = "presigned"  # the bytes come from presigned URLs
     execution_id, file_ids = produce(server, "test-multi", prompt="two", count=2)
     server.add_fault(STORAGE, "slow", count=1, seconds=0)  # the first file arrives...
     server.add_fault(STORAGE, "truncate", count=5, after_bytes=0)  # ...the second fails the first try
@@ -434,6 +436,7 @@ def test_download_faults_are_survived_and_never_leak_the_url(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     caplog.set_level(logging.DEBUG)  # urllib3's debug lines quote request URLs
+    server.dialect = "presigned"  # the bytes come from a presigned URL, which can expire
     _, (file_id,) = produce(server, "test-file", size_bytes=3 * MiB + 1)
     server.add_fault(STORAGE, "truncate", count=2, after_bytes=700_000)
     server.add_fault(STORAGE, "drop", count=2)
@@ -455,7 +458,7 @@ def test_download_faults_are_survived_and_never_leak_the_url(
     assert record["size_bytes"] == info["size_bytes"]
     stats = server.stats()
     assert stats["faults_fired"] == 5
-    assert stats["requests"][URL] == 2  # the expired URL was replaced once
+    assert stats["requests"][DOWNLOAD] == 2  # the expired URL was replaced once
     assert stats["requests"][STORAGE] == 6
     assert stats["storage_requests_with_authorization"] == 0
     logs = capsys.readouterr()
@@ -467,8 +470,9 @@ def test_download_faults_are_survived_and_never_leak_the_url(
 
 def partial_then_stuck(server: ModelRouteServer, after_bytes: int) -> None:
     """The first response breaks after ``after_bytes``; every resume after it breaks at once."""
-    server.add_fault(STORAGE, "truncate", count=1, after_bytes=after_bytes)
-    server.add_fault(STORAGE, "truncate", count=None, after_bytes=0)
+    serving = DOWNLOAD if server.dialect.download == "bytes" else STORAGE
+    server.add_fault(serving, "truncate", count=1, after_bytes=after_bytes)
+    server.add_fault(serving, "truncate", count=None, after_bytes=0)
 
 
 def test_persistent_truncation_leaves_nothing_locally(
@@ -575,7 +579,7 @@ def test_unauthorized_fails_at_once_naming_the_api_key(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     _, (file_id,) = produce(server, "test-image", prompt="x")
-    server.add_fault(URL, "error", count=None, code="UNAUTHORIZED")
+    server.add_fault(DOWNLOAD, "error", count=None, code="UNAUTHORIZED")
     dr = run_tasks(
         request,
         {
@@ -588,7 +592,7 @@ def test_unauthorized_fails_at_once_naming_the_api_key(
     assert dr.state == "failed"
     assert task_states(dr) == {"copy": "failed"}
     assert task_instance(dr, "copy").try_number == 1  # AirflowFailException: no task retry
-    assert server.stats()["requests"][URL] == 1  # and no HTTP retry
+    assert server.stats()["requests"][DOWNLOAD] == 1  # and no HTTP retry
     logs = capsys.readouterr().out
     assert "UNAUTHORIZED" in logs and "API key" in logs
     assert list(tmp_path.iterdir()) == []
@@ -620,7 +624,7 @@ def test_150_mb_copy_runs_in_bounded_memory(server: ModelRouteServer, tmp_path: 
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=480,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -631,6 +635,42 @@ def test_150_mb_copy_runs_in_bounded_memory(server: ModelRouteServer, tmp_path: 
     assert record["sha256"] == server.file_info(file_id)["sha256"] == file_sha256(path)
     assert result["growth_kib"] < 100 * 1024, f"peak RSS grew {result['growth_kib'] / 1024:.0f} MiB"
     assert_no_secret(done.stdout, done.stderr)
+
+
+_FULL_DISK_COPY = textwrap.dedent(
+    """
+    import json, resource, signal, sys
+    from airflow_provider_modelroute.transfers.modelroute import ModelRouteToStorageOperator
+
+    op = ModelRouteToStorageOperator(task_id="copy", source_file_id=sys.argv[1], destination=sys.argv[2])
+    op.hook.core
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.RLIM_INFINITY))
+    try:
+        op.transfer()
+    except OSError as exc:
+        print(json.dumps({"errno": exc.errno}))
+    """
+)
+
+
+def test_a_failed_local_write_fails_the_copy_and_leaves_nothing(
+    server: ModelRouteServer, tmp_path: Path
+) -> None:
+    """The write-behind thread's failure (here: a file size limit, as a full disk would) reaches the task."""
+    _, (file_id,) = produce(server, "test-file", size_bytes=8 * MiB)
+    env = {**os.environ, "AIRFLOW_CONN_MODELROUTE_DEFAULT": connection_json(server)}
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_COPY, file_id, f"file://{tmp_path}/out/", str(3 * MiB)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"errno": errno.EFBIG}
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["out"]  # no file, no hidden partial
 
 
 # --- upload -------------------------------------------------------------------------------------
@@ -711,3 +751,54 @@ def test_upload_of_a_missing_source_fails(
     assert task_states(dr) == {"upload": "failed"}
     assert "missing.png does not exist" in capsys.readouterr().out
     assert server.stats()["requests"].get("POST /v1/files/upload", 0) == 0
+
+
+def test_upload_refused_by_the_api_fails_at_once(
+    server: ModelRouteServer,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "in.png").write_bytes(content.png_from_prompt("x", 4, 4))
+    server.add_fault("POST /v1/files/upload", "error", count=None, code="INSUFFICIENT_BALANCE")
+    with make_dag(request.node.name) as dag:
+        StorageToModelRouteOperator(task_id="upload", source=f"file://{tmp_path}/in.png", retries=2)
+    dr = run_dag(dag)
+    assert task_states(dr) == {"upload": "failed"}
+    assert task_instance(dr, "upload").try_number == 1  # no retry can top up the balance
+    assert "INSUFFICIENT_BALANCE" in capsys.readouterr().out
+    assert server.stats()["requests"]["POST /v1/files/upload"] == 1
+
+
+@pytest.mark.parametrize("reading", ["literal", "presigned", "sync"])  # confirm: required, 404, 405
+def test_upload_options_and_confirm_readings(server: ModelRouteServer, tmp_path: Path, reading: str) -> None:
+    server.dialect = reading
+    png = content.png_from_prompt("y", 4, 4)
+    (tmp_path / "in.png").write_bytes(png)
+    upload = StorageToModelRouteOperator(
+        task_id="upload", source=f"file://{tmp_path}/in.png", purpose="UPLOAD", region="APAC", ttl_days=30
+    )
+    record = upload.upload()
+    info = server.file_info(record["file_id"])
+    assert info["sha256"] == sha256(png)
+    assert info["upload"] == {
+        "content_type": "image/png",
+        "purpose": "UPLOAD",
+        "region": "APAC",
+        "ttl_days": 30,
+    }
+    assert server.stats()["requests"]["POST /v1/files/confirm"] == 1  # asked once, never "upload again"
+    assert server.stats()["requests"]["PUT /files/{file_id}"] == 1
+    created = ModelRouteHook().create_execution("test-image", {"prompt": "x", "image": record["file_id"]})
+    assert created["status"] in ("PENDING", "COMPLETED")  # the file is usable in every reading
+
+
+def test_upload_options_are_checked_when_the_dag_is_parsed() -> None:
+    for options, field in (
+        ({"purpose": "OUTPUT"}, "purpose"),
+        ({"region": "MARS"}, "region"),
+        ({"ttl_days": 0}, "ttl_days"),
+        ({"ttl_days": 366}, "ttl_days"),
+    ):
+        with pytest.raises(ModelRouteConfigError, match=field):
+            StorageToModelRouteOperator(task_id="upload", source="file:///x.png", **options)

@@ -57,7 +57,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def tls_server(pki: dict[str, Any]) -> Iterator[ModelRouteServer]:
     """The local ModelRoute API and storage host, both on https with the local CA's certificate."""
-    with ModelRouteServer(pending_seconds=0.05, processing_seconds=0.1, ssl_certfile=pki["server"]) as server:
+    # the presigned reading of /download, so that downloads reach the storage host too
+    with ModelRouteServer(
+        pending_seconds=0.05,
+        processing_seconds=0.1,
+        awaiting_webhook_seconds=0,
+        rate_limit=None,
+        dialect="presigned",
+        ssl_certfile=pki["server"],
+    ) as server:
         yield server
 
 
@@ -312,6 +320,7 @@ def test_bytes_after_a_response_do_not_desynchronise_the_next(
 
 
 def test_storage_5xx_during_a_download_is_retried(server: ModelRouteServer) -> None:
+    server.dialect = "presigned"  # /download answers a presigned URL: the bytes come from storage
     execution_id = start("modelroute_default", seconds=0.05)
     assert [e["status"] for e in trigger_events(execution_id, "modelroute_default")] == ["done"]
     server.add_fault("GET /files/{file_id}", "error", count=2)

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import tenacity
 
+from airflow_provider_modelroute import api
+from airflow_provider_modelroute.exceptions import ModelRouteApiError
 from airflow_provider_modelroute.hooks.core import ApiCore, execution_path
 from airflow_provider_modelroute.hooks.network import Route, route
 
@@ -125,7 +127,7 @@ class ModelRouteAsyncClient:
                 f"{settings.read_timeout:g} s (read)"
             ) from exc
 
-    async def _request_once(self, method: str, path: str, tolerate: frozenset[str]) -> Any:
+    async def _request_once(self, method: str, path: str) -> Any:
         url = self.core.url(path)
         budget = self.core.budget
         await budget.acquire(self.core.log)
@@ -135,16 +137,15 @@ class ModelRouteAsyncClient:
                 status, headers, content = await self._send(method, url)
             except Exception as exc:
                 raise self.core.transport_error(exc, method, url) from None
-            try:
-                return self.core.parse(method, path, status, headers, content, tolerate)
-            finally:
-                seen = self.core.rate_limit
+            self.core.note_rate_limit(headers)
+            seen = self.core.rate_limit
+            return self.core.parse(method, path, status, headers, content)
         finally:
             budget.observe(seen)
 
-    async def _request(self, method: str, path: str, tolerate: frozenset[str] = frozenset()) -> Any:
+    async def _request(self, method: str, path: str) -> Any:
         retrying = tenacity.AsyncRetrying(**self.core.retry_kwargs())
-        return await retrying(self._request_once, method, path, tolerate)
+        return await retrying(self._request_once, method, path)
 
     async def get_execution(self, execution_id: str) -> dict[str, Any]:
         return await self._request("GET", execution_path(execution_id))
@@ -153,10 +154,15 @@ class ModelRouteAsyncClient:
         return await self._request("GET", execution_path(execution_id, "/result"))
 
     async def cancel_execution(self, execution_id: str) -> dict[str, Any] | None:
-        """Cancel an execution; returns None if it had already finished."""
-        return await self._request(
-            "POST", execution_path(execution_id, "/cancel"), frozenset({"EXECUTION_NOT_CANCELLABLE"})
-        )
+        """Cancel an execution; None if it had already finished (a refusal is checked by reading it)."""
+        try:
+            return await self._request("POST", execution_path(execution_id, "/cancel"))
+        except ModelRouteApiError as exc:
+            if not exc.permanent or not api.is_terminal(
+                (await self.get_execution(execution_id)).get("status")
+            ):
+                raise
+            return None
 
     async def aclose(self) -> None:
         shared, self._shared = self._shared, None

@@ -84,22 +84,6 @@ def _proxy_refusal(exc: BaseException) -> int | None:
     return int(match[1]) if match else None
 
 
-#: ASSUMPTION: an ``X-RateLimit-Reset`` below this is a delta in seconds, at or above it a unix time.
-_UNIX_TIME_FLOOR = 1_000_000_000
-
-
-def rate_limit_reset(value: str | None, now: float) -> float | None:
-    """``X-RateLimit-Reset`` as an absolute unix time: the header may be a unix time, a delta in
-    seconds, or absent (None)."""
-    try:
-        number = float(value) if value is not None else None
-    except ValueError:
-        return None
-    if number is None or number < 0:
-        return None
-    return number if number >= _UNIX_TIME_FLOOR else now + number
-
-
 def _scrub(text: str, url: str) -> str:
     """Remove a URL's query (a presigned signature) from an error text that may quote it."""
     parts = urlsplit(url)
@@ -132,7 +116,7 @@ class ApiCore:
 
     # -- responses --------------------------------------------------------------------------
 
-    def _note_rate_limit(self, headers: Mapping[str, str]) -> None:
+    def note_rate_limit(self, headers: Mapping[str, str]) -> None:
         """Remember the window the ``X-RateLimit-*`` headers describe, its reset as a unix time.
 
         ``Reset`` may be a unix time, a delta in seconds, or absent. Without it the window's end is
@@ -147,7 +131,7 @@ class ApiCore:
                 return None
 
         limit, remaining = as_int("X-RateLimit-Limit"), as_int("X-RateLimit-Remaining")
-        reset = rate_limit_reset(headers.get("X-RateLimit-Reset"), time.time())
+        reset = api.rate_limit_reset(headers.get("X-RateLimit-Reset"), time.time())
         if limit is not None or remaining is not None:
             self.rate_limit = RateLimit(limit, remaining if reset is not None else None, reset)
 
@@ -172,10 +156,8 @@ class ApiCore:
         status: int,
         headers: Mapping[str, str],
         content: bytes,
-        tolerate: frozenset[str] = frozenset(),
     ) -> Any:
-        """Return a 2xx response's JSON, None for a tolerated error code, else raise the API error."""
-        self._note_rate_limit(headers)
+        """Return a 2xx response's JSON, else raise the API error."""
         if 200 <= status < 300:
             if not content:
                 return {}
@@ -185,10 +167,7 @@ class ApiCore:
                 raise ModelRouteConnectionError(
                     f"ModelRoute {method} {path} answered HTTP {status} with a body that is not JSON"
                 ) from None
-        error = self.error_from_response(status, headers, content)
-        if error.code in tolerate:
-            return None
-        raise error
+        raise self.error_from_response(status, headers, content)
 
     def error_from_response(
         self, status: int, headers: Mapping[str, str], content: bytes

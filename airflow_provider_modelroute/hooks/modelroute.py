@@ -2,8 +2,9 @@
 
 The sync calls use one ``requests.Session`` per hook; triggers get a :class:`ModelRouteAsyncClient`
 from :meth:`ModelRouteHook.async_client`. Both go through one :class:`ApiCore` (URLs, headers,
-error parsing, retry policy), so the two paths cannot drift apart. Presigned-URL transfers live in
-``hooks/storage.py``, pacing in ``hooks/rate_budget.py``, TLS and proxies in ``hooks/network.py``.
+error parsing, retry policy), so the two paths cannot drift apart. The readings of ``/download``
+live in ``hooks/download.py``, presigned-URL transfers in ``hooks/storage.py``, pacing in
+``hooks/rate_budget.py``, TLS and proxies in ``hooks/network.py``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ from airflow_provider_modelroute._compat import (
     aget_connection,
 )
 from airflow_provider_modelroute.exceptions import (
+    ModelRouteApiError,
+    ModelRouteAuthError,
     ModelRouteConfigError,
     ModelRouteError,
 )
 from airflow_provider_modelroute.hooks.async_client import ModelRouteAsyncClient
-from airflow_provider_modelroute.hooks.core import ApiCore, execution_path, file_path
+from airflow_provider_modelroute.hooks.core import ApiCore, execution_path
+from airflow_provider_modelroute.hooks.download import ApiDownloadSource
 from airflow_provider_modelroute.hooks.network import route
 from airflow_provider_modelroute.hooks.settings import ConnectionSettings
 from airflow_provider_modelroute.hooks.storage import FileDownload, StorageClient, check_storage_url
@@ -99,15 +103,8 @@ class ModelRouteHook(BaseHook):
     def get_conn(self) -> requests.Session:
         return self.session
 
-    def _request_once(
-        self,
-        method: str,
-        path: str,
-        json_body: Any,
-        headers: Mapping[str, str] | None,
-        tolerate: frozenset[str],
-    ) -> Any:
-        url = self.core.url(path)
+    def send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        """One request to the API, paced by the key's rate budget; transport errors in the error model."""
         budget = self.core.budget
         budget.acquire_blocking(self.log)
         seen = None
@@ -116,34 +113,44 @@ class ModelRouteHook(BaseHook):
                 response = self.session.request(
                     method,
                     url,
-                    json=json_body,
-                    headers=dict(headers or {}),
                     timeout=(self.core.settings.connect_timeout, self.core.settings.read_timeout),
                     allow_redirects=False,
                     **self._route_options,
+                    **kwargs,
                 )
             except requests.RequestException as exc:
                 raise self.core.transport_error(exc, method, url) from None
-            try:
-                return self.core.parse(
-                    method, path, response.status_code, response.headers, response.content, tolerate
-                )
-            finally:
-                seen = self.core.rate_limit
+            self.core.note_rate_limit(response.headers)
+            seen = self.core.rate_limit
+            return response
         finally:
             budget.observe(seen)
 
-    def _request(
+    def _request_once(
+        self,
+        method: str,
+        path: str,
+        json_body: Any,
+        headers: Mapping[str, str] | None,
+    ) -> tuple[Any, Mapping[str, str]]:
+        response = self.send(method, self.core.url(path), json=json_body, headers=dict(headers or {}))
+        body = self.core.parse(method, path, response.status_code, response.headers, response.content)
+        return body, response.headers
+
+    def _exchange(
         self,
         method: str,
         path: str,
         *,
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
-        tolerate: frozenset[str] = frozenset(),
-    ) -> Any:
+    ) -> tuple[Any, Mapping[str, str]]:
+        """One API call with the retry policy: the answer's JSON and headers."""
         retrying = tenacity.Retrying(**self.core.retry_kwargs())
-        return retrying(self._request_once, method, path, json_body, headers, tolerate)
+        return retrying(self._request_once, method, path, json_body, headers)
+
+    def _request(self, method: str, path: str, *, json_body: Any = None) -> Any:
+        return self._exchange(method, path, json_body=json_body)[0]
 
     # -- executions -------------------------------------------------------------------------
 
@@ -156,7 +163,28 @@ class ModelRouteHook(BaseHook):
         metadata: dict[str, Any] | None = None,
         webhook_url: str | None = None,
     ) -> dict[str, Any]:
-        """Start an execution. Every HTTP retry re-sends the same ``Idempotency-Key``, so it runs once."""
+        """Start an execution. Every HTTP retry re-sends the same ``Idempotency-Key``, so it runs once.
+
+        Returns the POST's answer: usually ``PENDING`` (202), but it may already be terminal (a
+        ``COMPLETED`` one carries its ``result``), and for a repeated key it may replay an old answer.
+        """
+        return self.submit_execution(
+            model, input, idempotency_key=idempotency_key, metadata=metadata, webhook_url=webhook_url
+        )[0]
+
+    def submit_execution(
+        self,
+        model: str,
+        input: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        webhook_url: str | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """:meth:`create_execution`, also saying whether the server marked the answer a replay.
+
+        A replayed answer may be stale (the original ``PENDING``): read the execution before deciding.
+        """
         if not isinstance(model, str) or not model:
             raise ModelRouteConfigError("model must be a non-empty string, e.g. 'flux-1.1-pro'")
         if not isinstance(input, dict):
@@ -167,7 +195,11 @@ class ModelRouteHook(BaseHook):
         if webhook_url is not None:
             body["webhook_url"] = webhook_url
         key = idempotency_key or f"airflow-{uuid.uuid4()}"
-        return self._request("POST", "/executions", json_body=body, headers={"Idempotency-Key": key})
+        execution, headers = self._exchange(
+            "POST", "/executions", json_body=body, headers={"Idempotency-Key": key}
+        )
+        replayed = str(headers.get(api.REPLAY_HEADER, "")).strip().lower() == "true"
+        return execution, replayed
 
     def get_execution(self, execution_id: str) -> dict[str, Any]:
         return self._request("GET", execution_path(execution_id))
@@ -176,10 +208,16 @@ class ModelRouteHook(BaseHook):
         return self._request("GET", execution_path(execution_id, "/result"))
 
     def cancel_execution(self, execution_id: str) -> dict[str, Any] | None:
-        """Cancel an execution; returns None if it had already finished."""
-        return self._request(
-            "POST", execution_path(execution_id, "/cancel"), tolerate=frozenset({"EXECUTION_NOT_CANCELLABLE"})
-        )
+        """Cancel an execution; returns None if it had already finished.
+
+        The docs give no code for cancelling a finished execution: a refusal is checked by reading it.
+        """
+        try:
+            return self._request("POST", execution_path(execution_id, "/cancel"))
+        except ModelRouteApiError as exc:
+            if not exc.permanent or not api.is_terminal(self.get_execution(execution_id).get("status")):
+                raise
+            return None
 
     def execution_url(self, execution_id: str) -> str:
         """The execution's page in the ModelRoute dashboard."""
@@ -187,53 +225,68 @@ class ModelRouteHook(BaseHook):
 
     # -- files --------------------------------------------------------------------------------
 
-    def get_file_url(self, file_id: str) -> dict[str, Any]:
-        """The presigned download document (``url``, ``expires_at``, ``content_type``, ``size_bytes``).
-
-        The URL is a credential: never log it or put it in XCom.
-        """
-        document = self._request("GET", file_path(file_id, "/url"))
-        check_storage_url(self.core, str(document.get("url", "")))
-        return document
-
     def download_file(self, file_id: str, *, chunk_size: int = 1024 * 1024) -> FileDownload:
-        """Open a file for streaming: iterate the result for its bytes, never the whole file in memory."""
-        document = self.get_file_url(file_id)
-        size = document.get("size_bytes")
+        """Open a file for streaming: iterate the result for its bytes, never the whole file in memory.
+
+        Asks ``GET /v1/files/{id}/download`` at once, so the size and type are known before the first
+        byte is read; any of its readings works (the bytes, a URL document, a redirect).
+        """
+        source = ApiDownloadSource(self.core, self.send, self.storage, file_id)
+        first = source.prefetch()
+        document = source.document or {}
+        size = document.get("size_bytes") if source.document else _announced_size(first)
+        content_type = document.get("content_type") or first.headers.get("Content-Type")
         return FileDownload(
             file_id=file_id,
             size_bytes=int(size) if size is not None else None,
-            content_type=str(document.get("content_type") or "application/octet-stream"),
+            content_type=str(content_type or "application/octet-stream").split(";")[0].strip(),
+            _source=source,
             _storage=self.storage,
-            _url=str(document["url"]),
-            _refresh_url=lambda: str(self.get_file_url(file_id)["url"]),
             chunk_size=chunk_size,
         )
 
     def upload_file(
-        self, open_source: Callable[[], IO[bytes]], *, filename: str, content_type: str, size_bytes: int
+        self,
+        open_source: Callable[[], IO[bytes]],
+        *,
+        filename: str,
+        content_type: str,
+        size_bytes: int,
+        purpose: str = "INPUT",
+        region: str | None = None,
+        ttl_days: int | None = None,
     ) -> dict[str, Any]:
         """Upload an input file through the documented flow; returns ``{file_id, content_type, size_bytes}``.
 
+        The request carries the fields of both documented versions (llms.txt's ``filename``,
+        ``content_type``, ``size_bytes``; the uploading page's ``purpose``, ``region``, ``ttl_days``).
         ``open_source`` opens the bytes afresh for each attempt, so a dropped upload can be retried.
         """
         if size_bytes > api.MAX_FILE_SIZE:
             raise ModelRouteConfigError(
                 f"{filename} is {size_bytes} bytes; ModelRoute accepts files up to {api.MAX_FILE_SIZE} bytes"
             )
-        slot = self._request(
-            "POST",
-            "/files/upload",
-            json_body={"filename": filename, "content_type": content_type, "size_bytes": size_bytes},
-        )
+        body: dict[str, Any] = {
+            "filename": filename,
+            "content_type": content_type,
+            "size_bytes": size_bytes,
+            "purpose": purpose,
+        }
+        if region is not None:
+            body["region"] = region
+        if ttl_days is not None:
+            body["ttl_days"] = ttl_days
+        slot = self._request("POST", "/files/upload", json_body=body)
         file_id, url = str(slot["file_id"]), check_storage_url(self.core, str(slot["upload_url"]))
-        self.storage.put(url, open_source, filename=filename, size_bytes=size_bytes)
-        confirmed = self._request(
-            "POST",
-            "/files/confirm",
-            json_body={"file_id": file_id},
-            tolerate=frozenset({"HTTP_404", "HTTP_405"}),  # older API versions have no confirm step
+        self.storage.put(
+            url, open_source, filename=filename, size_bytes=size_bytes, content_type=content_type
         )
+        try:
+            confirmed = self._request("POST", "/files/confirm", json_body={"file_id": file_id})
+        except ModelRouteApiError as exc:
+            if exc.http_status not in api.CONFIRM_ABSENT_STATUSES:
+                raise
+            confirmed = None  # a server without the confirm step: nothing to confirm
         result = {"file_id": file_id, "content_type": content_type, "size_bytes": size_bytes}
         result.update({k: v for k, v in (confirmed or {}).items() if k in result})
         return result
@@ -241,11 +294,17 @@ class ModelRouteHook(BaseHook):
     # -- connection test ----------------------------------------------------------------------
 
     def test_connection(self) -> tuple[bool, str]:
-        """Check the key and base URL with a harmless read (a lookup of a made-up execution id)."""
+        """Check the key and base URL with a harmless read: a lookup of a made-up execution id.
+
+        Any 4xx other than an auth refusal means the key was accepted and the id is unknown.
+        """
         try:
-            self._request(
-                "GET", execution_path(_PROBE_EXECUTION_ID), tolerate=frozenset({"EXECUTION_NOT_FOUND"})
-            )
+            self._request("GET", execution_path(_PROBE_EXECUTION_ID))
+        except ModelRouteAuthError as exc:
+            return False, str(exc)
+        except ModelRouteApiError as exc:
+            if not exc.permanent:
+                return False, str(exc)
         except ModelRouteError as exc:
             return False, str(exc)
         return True, f"Connected to ModelRoute at {self.core.settings.base_url}"
@@ -264,3 +323,11 @@ class ModelRouteHook(BaseHook):
             yield client
         finally:
             await client.aclose()
+
+
+def _announced_size(response: requests.Response) -> int | None:
+    """The file's size from a response to a GET from byte 0, when it says (and is not compressed)."""
+    if response.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        return None
+    length = response.headers.get("Content-Length")
+    return int(length) if length is not None and length.isdigit() else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from airflow_provider_modelroute._compat import Connection
 
 USER_AGENT = f"airflow-provider-modelroute/{__version__}"
+log = logging.getLogger(__name__)
 
 
 def _extra(extras: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -112,15 +114,22 @@ class ConnectionSettings:
 
     @classmethod
     def from_connection(cls, conn: Connection) -> ConnectionSettings:
-        """Validate a connection: a malformed API key fails here, before any request is made."""
+        """Validate a connection. An unusual API key only gets a warning: the server judges keys."""
         api_key = (conn.password or "").strip()
-        problem = api.api_key_problem(api_key)
-        if problem:
+        if not api_key:
             raise ModelRouteConfigError(
-                f"Connection {conn.conn_id!r} has an unusable ModelRoute API key: {problem}. "
-                "Copy the whole key from app.modelroute.ai > Settings > API Keys into the password field."
+                f"Connection {conn.conn_id!r} has no ModelRoute API key: put it in the password field "
+                "(app.modelroute.ai > Settings > API Keys)."
             )
         mask_secret(api_key)
+        warning = api.api_key_warning(api_key)
+        if warning:
+            log.warning(
+                "The API key in connection %r (password field): %s. Sending it anyway; if ModelRoute "
+                "answers UNAUTHORIZED, copy the whole key again.",
+                conn.conn_id,
+                warning,
+            )
         extras = conn.extra_dejson
         return cls(
             base_url=_base_url(conn.host, conn.port),

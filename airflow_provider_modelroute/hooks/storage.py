@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import IO
+from typing import IO, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -90,21 +90,34 @@ def _public_host(host: str) -> bool:
         return True  # a name: whatever it resolves to is the proxy's or resolver's business
 
 
+class DownloadSource(Protocol):
+    """Opens a file's bytes at an offset, in whichever reading the API serves them (see hooks/download.py)."""
+
+    def open(self, offset: int) -> requests.Response: ...
+
+    def expired(self) -> None:
+        """The presigned URL answered 403: the next ``open`` asks the API for a fresh one."""
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class FileDownload:
-    """A file being downloaded from its presigned URL; iterate it for the bytes (resumes on drops)."""
+    """A file being downloaded; iterate it for the bytes (resumes on drops, refreshes an expired URL)."""
 
     file_id: str
     size_bytes: int | None
     content_type: str
+    _source: DownloadSource = field(repr=False)
     _storage: StorageClient = field(repr=False)
-    _url: str = field(repr=False)
-    #: Fetches a fresh presigned URL once the current one has expired.
-    _refresh_url: Callable[[], str] = field(repr=False)
     chunk_size: int = 1024 * 1024
 
     def __iter__(self) -> Iterator[bytes]:
         return self._storage.iter_download(self)
+
+    def close(self) -> None:
+        """Release a response opened ahead of iteration (when the bytes are not needed after all)."""
+        self._source.close()
 
 
 class StorageClient:
@@ -127,7 +140,7 @@ class StorageClient:
     def _timeout(self) -> tuple[float, float]:
         return (self.core.settings.connect_timeout, self.core.settings.read_timeout)
 
-    def _get(self, url: str, offset: int) -> requests.Response:
+    def get(self, url: str, offset: int) -> requests.Response:
         """GET a presigned URL from ``offset``, following redirects only to URLs that pass the checks."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         for _ in range(5):
@@ -147,12 +160,13 @@ class StorageClient:
 
     def iter_download(self, download: FileDownload) -> Iterator[bytes]:
         """Yield a file's bytes; resume with Range after a drop, and get a fresh URL once it expires."""
-        offset, failures, url = 0, 0, download._url
+        offset, failures, url = 0, 0, ""
         size = download.size_bytes
         log = self.core.log
         while True:
             try:
-                with self._get(url, offset) as response:
+                with download._source.open(offset) as response:
+                    url = response.url
                     if response.status_code == 403:
                         raise _UrlExpired()
                     if response.status_code >= 500:
@@ -179,11 +193,11 @@ class StorageClient:
                 reason: Exception = ModelRouteConnectionError(f"body ended at byte {offset} of {size}")
             except _UrlExpired as exc:
                 reason = exc
-                url = download._refresh_url()
+                download._source.expired()
             except ModelRouteConnectionError as exc:
                 reason = exc
             except requests.RequestException as exc:
-                reason = self.core.transport_error(exc, "GET", url)
+                reason = self.core.transport_error(exc, "GET", getattr(exc.request, "url", None) or url)
                 if not getattr(reason, "retryable", False):
                     raise reason from None
             failures += 1
@@ -197,8 +211,21 @@ class StorageClient:
             )
             time.sleep(self.core.backoff(failures))
 
-    def put(self, url: str, open_source: Callable[[], IO[bytes]], *, filename: str, size_bytes: int) -> None:
-        """PUT a file's bytes to a presigned upload URL, retried per the policy (reopened each time)."""
+    def put(
+        self,
+        url: str,
+        open_source: Callable[[], IO[bytes]],
+        *,
+        filename: str,
+        size_bytes: int,
+        content_type: str,
+    ) -> None:
+        """PUT a file's bytes to a presigned upload URL, retried per the policy (reopened each time).
+
+        The Content-Type is the one declared when the URL was issued: a URL presigned for it
+        rejects any other.
+        """
+        headers = {"Content-Length": str(size_bytes), "Content-Type": content_type}
 
         def put_once() -> None:
             with open_source() as source:
@@ -206,7 +233,7 @@ class StorageClient:
                     response = self.session.put(
                         url,
                         data=source,
-                        headers={"Content-Length": str(size_bytes)},
+                        headers=headers,
                         timeout=self._timeout,
                         **route(self.core.settings, url).requests_options(),
                     )

@@ -42,15 +42,23 @@ def is_stale_resume(context: Context, event: Any) -> bool:
     return isinstance(deferred_on, int) and context["ti"].try_number > deferred_on
 
 
-def execution_from_event(event: Any, execution_id: str | None = None) -> dict[str, Any]:
-    """Validate a trigger event: return the COMPLETED execution's summary, or raise what it reports."""
+def execution_from_event(
+    event: Any, execution_id: str | None = None, *, limit: str = "its deadline", final: bool = False
+) -> dict[str, Any]:
+    """Validate a trigger event: return the COMPLETED execution's summary, or raise what it reports.
+
+    ``limit`` names what set the wait's deadline (for the timeout message); ``final``: an execution
+    that ended unsuccessfully fails the task without retries (see ``raise_for_execution``).
+    """
     if not isinstance(event, dict) or event.get("status") not in ("done", "timeout", "error"):
         raise ModelRouteError(f"Unexpected event from ModelRouteExecutionTrigger: {event!r}")
     event_id = str(event.get("execution_id"))
     if execution_id is not None and event_id != execution_id:
         raise ModelRouteError(f"Got an event for execution {event_id} while waiting for {execution_id}")
     if event["status"] == "timeout":
-        raise ModelRouteExecutionTimeout(event_id, message="the wait reached its deadline")
+        raise ModelRouteExecutionTimeout(
+            event_id, message=f"it was still running when the wait reached {limit}"
+        )
     if event["status"] == "error":
         error = event.get("error") or {}
         if "http_status" in error:
@@ -65,7 +73,7 @@ def execution_from_event(event: Any, execution_id: str | None = None) -> dict[st
             f"Waiting for ModelRoute execution {event_id} failed: {error.get('code')}: {error.get('message')}"
         )
     summary: dict[str, Any] = event["execution"]
-    raise_for_execution(summary)
+    raise_for_execution(summary, final=final)
     return summary
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute._compat import (
+    AirflowFailException,
     BaseOperator,
     BaseOperatorLink,
     conf,
@@ -27,6 +28,7 @@ from airflow_provider_modelroute.exceptions import (
     ModelRouteConfigError,
     ModelRouteError,
     ModelRouteExecutionError,
+    ModelRouteExecutionTimeout,
     raise_for_execution,
 )
 
@@ -67,10 +69,12 @@ class ModelRouteExecuteOperator(BaseOperator):
     Submit a ModelRoute execution and (by default) wait for it, deferrably if asked.
 
     A retry never pays twice: the ``Idempotency-Key`` derives from the task instance (dag, run,
-    task, map index) and the request, not the try number, so a retry after a crash re-attaches to
-    the execution the earlier try started. A COMPLETED execution is returned at once; a FAILED,
-    CANCELLED or EXPIRED one fails this try, and the next try starts a new execution. On Airflow
-    3.3+ the execution id is also kept in the task state store.
+    task, map index) and the request, not the try number, so a retry after a crash or a timed-out
+    wait re-attaches to the execution the earlier try started. A COMPLETED execution is returned at
+    once (also when the POST itself answers it); a FAILED, CANCELLED or EXPIRED one fails this try,
+    and the next try starts at most one new execution. A failure that a new execution would repeat
+    (e.g. ``CONTENT_MODERATION_REJECTED``) fails the task without Airflow retries. On Airflow 3.3+
+    the execution id is also kept in the task state store.
 
     The execution id is pushed to XCom (key ``execution_id``) as soon as it is known; the return
     value is the execution's summary: ``id``, ``status``, ``result``, ``files``, cost fields.
@@ -83,9 +87,13 @@ class ModelRouteExecuteOperator(BaseOperator):
     :param wait_for_completion: Wait for the execution to end (default) or return once submitted.
     :param deferrable: Wait in the triggerer instead of holding a worker slot.
     :param poll_interval: Seconds between status polls while waiting.
-    :param timeout: Longest wait (seconds or timedelta); then the execution is cancelled and the
-        task fails. Default: no limit of our own (ModelRoute expires executions that never end).
-        With ``execution_timeout`` set, the wait also ends in time to cancel before it.
+    :param timeout: Longest wait of one try (seconds or timedelta); then the try fails. With retries
+        left, the execution is left running and the next try re-attaches to it (see
+        ``restart_on_timeout``); on the last try it is cancelled. Default: no limit of our own
+        (ModelRoute expires executions that never end). With ``execution_timeout`` set, the wait
+        also ends in time to cancel before it.
+    :param restart_on_timeout: Cancel the execution whenever a try's wait times out, so that the
+        next try starts a new one (paid again) instead of re-attaching.
     :param cancel_on_kill: Cancel the execution when the task is killed, times out or gives up.
     :param force_new_execution: Start a new execution even if an earlier try started one.
     """
@@ -107,6 +115,7 @@ class ModelRouteExecuteOperator(BaseOperator):
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = 5.0,
         timeout: float | timedelta | None = None,
+        restart_on_timeout: bool = False,
         cancel_on_kill: bool = True,
         force_new_execution: bool = False,
         **kwargs: Any,
@@ -121,6 +130,7 @@ class ModelRouteExecuteOperator(BaseOperator):
         self.deferrable = deferrable
         self.poll_interval = _seconds(poll_interval, "poll_interval") or 5.0
         self.timeout = _seconds(timeout, "timeout")
+        self.restart_on_timeout = restart_on_timeout
         self.cancel_on_kill = cancel_on_kill
         self.force_new_execution = force_new_execution
         self.execution_id: str | None = None
@@ -160,15 +170,6 @@ class ModelRouteExecuteOperator(BaseOperator):
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
         return f"airflow-{digest[:40]}"
 
-    def _create(self, key: str) -> dict[str, Any]:
-        return self.hook.create_execution(
-            self.model,
-            self.input,
-            idempotency_key=key,
-            metadata=self.metadata,
-            webhook_url=self.webhook_url,
-        )
-
     def _remember(self, context: Context, execution: dict[str, Any], base: str, generation: int) -> None:
         """Make the execution id known at once: log, XCom, extra link, and the durable task store."""
         self.execution_id = execution_id = str(execution["id"])
@@ -180,37 +181,56 @@ class ModelRouteExecuteOperator(BaseOperator):
         if store is not None:
             store.set(STATE_KEY, {"base": base, "generation": generation, "execution_id": execution_id})
 
-    def _advance_generation(self, context: Context, execution_id: str) -> None:
-        """After this execution failed, the next try must start a new one rather than replay it."""
+    @staticmethod
+    def _resume_point(context: Context, base: str) -> tuple[int, int]:
+        """The generation to start from, and how many generations' keys earlier tries may have sent.
+
+        Airflow 3.3+ keeps the generation in the task state store. Elsewhere, ASSUMPTION: each try
+        sends at most one generation's key that no try sent before (see ``submit``), so before try
+        ``n`` at most ``n - 1`` keys were sent.
+        """
         store = task_state_store(context)
-        state = store.get(STATE_KEY) if store is not None else None
-        if store is not None and isinstance(state, dict) and state.get("execution_id") == execution_id:
-            store.set(STATE_KEY, {**state, "generation": int(state["generation"]) + 1})
+        if store is not None:
+            state = store.get(STATE_KEY)
+            if isinstance(state, dict) and state.get("base") == base:
+                generation = int(state.get("generation", 0))
+                return generation, generation + 1
+            return 0, 0
+        return 0, max(int(context["ti"].try_number) - 1, 0)
 
     def submit(self, context: Context) -> dict[str, Any]:
-        """Start the execution, or find the one an earlier try of this task instance started."""
+        """Start the execution, or find the one an earlier try of this task instance started.
+
+        Keys are ``<base>-g<generation>``. A key an earlier try may have sent can replay that try's
+        answer, perhaps a stale one: the execution is read again before deciding. If it has failed
+        since, the next generation starts a new execution, unless it failed in a way a new one would
+        repeat. The answer to a key no try sent before is this try's own execution, whatever its
+        status: it is never submitted again.
+        """
         self._request_body()  # validates model and input before any request
         if self.force_new_execution:
-            base, first = f"airflow-{uuid.uuid4()}", 0
+            base, first, sent_before = f"airflow-{uuid.uuid4()}", 0, 0
         else:
-            base, first = self._key_base(context), 0
-            store = task_state_store(context)
-            state = store.get(STATE_KEY) if store is not None else None
-            if isinstance(state, dict) and state.get("base") == base:
-                first = int(state.get("generation", 0))
+            base = self._key_base(context)
+            first, sent_before = self._resume_point(context, base)
         for generation in range(first, MAX_GENERATIONS):
-            execution = self._create(f"{base}-g{generation}")
+            answer, replayed = self.hook.submit_execution(
+                self.model,
+                self.input,
+                idempotency_key=f"{base}-g{generation}",
+                metadata=self.metadata,
+                webhook_url=self.webhook_url,
+            )
+            earlier = generation < sent_before
+            execution = self.hook.get_execution(str(answer["id"])) if replayed or earlier else answer
             self._remember(context, execution, base, generation)
-            if str(execution.get("status")) not in api.FAILED_STATUSES:
+            status = str(execution.get("status"))
+            if not earlier or status not in api.FAILED_STATUSES:
                 return execution
-            # The key replayed an execution an earlier try started, and it has failed since.
-            if task_state_store(context) is not None:
-                self._advance_generation(context, str(execution["id"]))
-                raise_for_execution(execution)
+            if status == "FAILED" and api.is_final_failure(execution.get("error")):
+                raise_for_execution(execution)  # a new execution would fail alike: start none
             self.log.warning(
-                "Execution %s from an earlier try ended %s; starting a new one",
-                execution["id"],
-                execution.get("status"),
+                "Execution %s from an earlier try ended %s; starting a new one", execution["id"], status
             )
         raise ModelRouteError(
             f"This task instance already has {MAX_GENERATIONS} failed executions; not starting another. "
@@ -261,7 +281,7 @@ class ModelRouteExecuteOperator(BaseOperator):
         return self.execute_complete(context, event)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        """Turn the trigger's event into the task's result; cancel what we stop waiting for."""
+        """Turn the trigger's event into the task's result; cancel what no later try will wait for."""
         from airflow_provider_modelroute.operators.deferral import execution_from_event, is_stale_resume
 
         if is_stale_resume(context, event):
@@ -270,22 +290,41 @@ class ModelRouteExecuteOperator(BaseOperator):
 
         execution_id = str(event.get("execution_id")) if isinstance(event, dict) else None
         self.execution_id = execution_id
+        ti = context["ti"]
+        retry_left = ti.try_number <= ti.max_tries
         try:
-            return execution_from_event(event)
-        except ModelRouteExecutionError as exc:
-            if exc.status not in api.FAILED_STATUSES:  # our own deadline, not the execution's end
-                self._cancel(exc.execution_id, "the wait timed out")
-            self._advance_generation(context, exc.execution_id)
+            return execution_from_event(event, limit=self._limit())
+        except ModelRouteExecutionTimeout:
+            if self.restart_on_timeout or not retry_left:
+                self._cancel(execution_id, "the wait timed out")
+            else:
+                self.log.warning(
+                    "Execution %s is left running: the next try re-attaches to it (restart_on_timeout=True "
+                    "cancels it instead)",
+                    execution_id,
+                )
             raise
-        except ModelRouteError:
-            ti = context["ti"]
-            if ti.try_number <= ti.max_tries:
+        except ModelRouteExecutionError:
+            raise  # it ended: nothing to cancel
+        except ModelRouteError as exc:
+            if retry_left and not isinstance(exc, AirflowFailException):
                 self.log.warning(
                     "Waiting failed; execution %s is left running for the retry to re-attach to", execution_id
                 )
             else:
-                self._cancel(execution_id, "the wait failed on the last try")
+                self._cancel(execution_id, "the wait failed and no retry will re-attach")
             raise
+
+    def _limit(self) -> str:
+        """Which limit a timed-out wait reached, named as the parameter that sets it."""
+        limits = []
+        if self.timeout:
+            limits.append(f"timeout={self.timeout:g} s (this operator's `timeout` parameter)")
+        if self.execution_timeout:
+            limits.append(
+                f"execution_timeout={self.execution_timeout.total_seconds():g} s (less a margin to cancel)"
+            )
+        return " or ".join(limits) or "its deadline"
 
     def _cancel(self, execution_id: str | None, reason: str) -> None:
         """Best-effort cancel that says honestly what happened."""

@@ -26,9 +26,11 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
     """
     Wait until a ModelRoute execution is COMPLETED; fail at once if it ends FAILED, CANCELLED or EXPIRED.
 
-    Works in ``poke``, ``reschedule`` and deferrable mode; ``timeout`` and ``soft_fail`` behave as
-    for any Airflow sensor in all three. Returns (XCom) the execution's summary. The sensor never
-    cancels the execution: it did not start it.
+    An execution that ended unsuccessfully, or an id ModelRoute does not know, fails the task
+    without Airflow retries: no retry can change them. Works in ``poke``, ``reschedule`` and
+    deferrable mode; ``timeout`` and ``soft_fail`` behave as for any Airflow sensor in all three.
+    Returns (XCom) the execution's summary. The sensor never cancels the execution: it did not
+    start it.
 
     :param execution_id: The execution to wait for, e.g. from
         ``ModelRouteExecuteOperator``'s XCom ``execution_id``. (templated)
@@ -64,7 +66,7 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
         self.log.info("ModelRoute execution %s is %s", self.execution_id, status)
         if not api.is_terminal(status):
             return PokeReturnValue(is_done=False)
-        raise_for_execution(execution)
+        raise_for_execution(execution, final=True)
         return PokeReturnValue(is_done=True, xcom_value=api.execution_summary(execution))
 
     def execute(self, context: Context) -> Any:
@@ -93,7 +95,8 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
             return self.execute(context)
 
         try:
-            return execution_from_event(event, self.execution_id)
+            limit = f"timeout={float(self.timeout):g} s (this sensor's `timeout` parameter)"
+            return execution_from_event(event, self.execution_id, limit=limit, final=True)
         except ModelRouteExecutionTimeout as exc:
             if self.soft_fail:
                 raise AirflowSkipException(f"Skipping (soft_fail): {exc}") from exc

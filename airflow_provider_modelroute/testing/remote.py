@@ -36,6 +36,10 @@ class RemoteModelRouteServer:
     def reset(self) -> None:
         self._call("POST", "reset", {})
 
+    def set_dialect(self, dialect: str) -> dict[str, Any]:
+        """Play another dialect (a preset name with optional overrides, see ``testing.dialects``)."""
+        return dict(self._call("POST", "dialect", {"dialect": dialect}))
+
     def stats(self) -> dict[str, Any]:
         return dict(self._call("GET", "stats"))
 

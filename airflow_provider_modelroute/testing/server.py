@@ -1,10 +1,11 @@
 """A ModelRoute-compatible API and presigned-storage server on loopback, with fault injection.
 
-It follows ``airflow_provider_modelroute.api`` (the documented contract and our assumptions), so the
-provider and this server read the docs the same way. Two plain ASGI apps run on uvicorn in one
-background thread: the API (``/v1/...`` plus ``/_admin/...`` for out-of-process control) and the
-storage host that serves and accepts presigned URLs. Nothing large is held in memory: generated
-files are a function of (seed, offset) and uploads are spooled to disk.
+It follows ``airflow_provider_modelroute.api`` (the documented codes and statuses) and, where the docs
+disagree or are silent, plays one of several dialects (``testing/dialects.py``; the default reads the
+docs literally), so that the provider is tested against every reading. Two plain ASGI apps run on
+uvicorn in one background thread: the API (``/v1/...`` plus ``/_admin/...`` for out-of-process
+control) and the storage host that serves and accepts presigned URLs. Nothing large is held in
+memory: generated files are a function of (seed, offset) and uploads are spooled to disk.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -32,10 +33,22 @@ from urllib.parse import parse_qs
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.testing import content
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+from airflow_provider_modelroute.testing.dialects import Dialect, dialect_from
+from airflow_provider_modelroute.testing.wire import (
+    ApiFailure,
+    Receive,
+    Reply,
+    Scope,
+    Send,
+    drop_connection,
+    invalid_field,
+    json_reply,
+    raw_headers,
+    read_json,
+    request_header,
+    s3_error,
+    send_reply,
+)
 
 #: Fake models. ``flux-1.1-pro`` answers like the docs' example model.
 IMAGE_MODELS = frozenset({"test-image", "flux-1.1-pro"})
@@ -63,47 +76,6 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class ApiFailure(Exception):
-    """An API error response, in the documented body format."""
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        *,
-        status: int | None = None,
-        details: list[dict[str, str]] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        spec = api.ERROR_CODES.get(code)
-        self.code, self.message, self.details = code, message, details or []
-        self.status = status or (spec.http_status if spec else 500)
-        self.retryable = spec.retryable if spec else self.status >= 500
-        self.headers = headers or {}
-
-
-def _invalid(field_name: str, message: str) -> ApiFailure:
-    return ApiFailure(
-        "INPUT_VALIDATION_ERROR",
-        f"{field_name}: {message}",
-        details=[{"field": field_name, "code": "invalid", "message": message}],
-    )
-
-
-@dataclass
-class Reply:
-    status: int
-    body: bytes = b""
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-def _json_reply(status: int, document: Any, headers: dict[str, str] | None = None) -> Reply:
-    return Reply(
-        status, json.dumps(document).encode(), {"content-type": "application/json", **(headers or {})}
-    )
-
-
 @dataclass
 class Fault:
     """One injected fault: ``kind`` on requests to ``endpoint`` (a route key), ``remaining`` times."""
@@ -126,6 +98,8 @@ class StoredFile:
     width: int | None = None
     height: int | None = None
     sha256: str | None = None
+    #: what the upload request asked for: the type the PUT must carry, purpose, region, ttl_days
+    upload: dict[str, Any] = field(default_factory=dict)
 
     def chunks(self, start: int = 0, chunk_size: int = 256 * 1024) -> Iterator[bytes]:
         if self.data is not None:
@@ -151,6 +125,14 @@ class StoredFile:
 
 
 @dataclass
+class FileReply(Reply):
+    """A file's bytes, streamed from the API app itself (``/download`` in the bytes reading)."""
+
+    stored: StoredFile | None = None
+    fault: Fault | None = None
+
+
+@dataclass
 class Execution:
     id: str
     model: str
@@ -165,6 +147,8 @@ class Execution:
     error_code: str | None
     final_status: str | None = None
     files: list[StoredFile] = field(default_factory=list)
+    #: the answer to the POST that created it: what a replay repeats in the "original" reading
+    first_answer: tuple[int, dict[str, Any]] | None = None
 
 
 class ModelRouteServer:
@@ -173,15 +157,20 @@ class ModelRouteServer:
     :param host: interface to bind (loopback by default).
     :param port: API port (0: any free port).
     :param storage_port: storage host port (0: any free port).
-    :param api_keys: accepted API keys (default: one fresh, well-formed key, in ``api_key``).
+    :param dialect: how to read the docs where they disagree or are silent: a preset name of
+        ``testing.dialects.PRESETS`` with optional overrides (``"sync,download=json"``) or a
+        ``Dialect``; default: ``$MODELROUTE_DIALECT``, else the literal reading. Settable later.
+    :param api_keys: accepted API keys, any strings (default: one fresh key of the llms.txt shape,
+        in ``api_key``).
     :param pending_seconds: time an execution stays ``PENDING``.
     :param processing_seconds: time it stays ``PROCESSING`` (``input._simulate.seconds`` overrides).
-    :param awaiting_webhook_seconds: time in ``AWAITING_WEBHOOK`` before the terminal state.
+    :param awaiting_webhook_seconds: time in ``AWAITING_WEBHOOK`` (waiting for the AI provider's
+        callback) before the terminal state.
     :param execution_ttl: an execution still running after this many seconds becomes ``EXPIRED``.
-    :param rate_limit: requests per window per key on ``/v1`` (None: unlimited, no rate-limit headers).
+    :param rate_limit: requests per window per key on ``/v1``; every answer carries the
+        ``X-RateLimit-*`` headers (None: unlimited, no such headers).
     :param rate_window: the rate-limit window in seconds.
     :param url_ttl: lifetime of presigned URLs in seconds.
-    :param require_confirm: uploads are usable only after ``POST /v1/files/confirm``.
     :param ssl_certfile: serve https on both ports with this PEM certificate chain (and
         ``ssl_keyfile``, unless the file holds the key too).
     """
@@ -192,22 +181,20 @@ class ModelRouteServer:
         port: int = 0,
         storage_port: int = 0,
         *,
+        dialect: str | Dialect | None = None,
         api_keys: Iterable[str] | None = None,
         pending_seconds: float = 0.2,
         processing_seconds: float = 0.3,
-        awaiting_webhook_seconds: float = 0.0,
+        awaiting_webhook_seconds: float = 2.0,
         execution_ttl: float = 300.0,
-        rate_limit: int | None = None,
+        rate_limit: int | None = 60,
         rate_window: float = 60.0,
         url_ttl: float = 3600.0,
-        require_confirm: bool = False,
         ssl_certfile: str | None = None,
         ssl_keyfile: str | None = None,
     ) -> None:
+        self.dialect = dialect_from(dialect)
         self.api_keys = list(api_keys or [api.make_api_key()])
-        for key in self.api_keys:
-            if api.api_key_problem(key):
-                raise ValueError(f"malformed API key for the local server: {api.api_key_problem(key)}")
         self.api_key = self.api_keys[0]
         self.pending_seconds = pending_seconds
         self.processing_seconds = processing_seconds
@@ -216,7 +203,6 @@ class ModelRouteServer:
         self.rate_limit = rate_limit
         self.rate_window = rate_window
         self.url_ttl = url_ttl
-        self.require_confirm = require_confirm
         self.ssl_certfile, self.ssl_keyfile = ssl_certfile, ssl_keyfile
         self._lock = threading.RLock()
         self._secret = secrets.token_bytes(32)
@@ -311,6 +297,15 @@ class ModelRouteServer:
 
     # -- control and inspection (in-process; the same over HTTP at /_admin) ------------------
 
+    @property
+    def dialect(self) -> Dialect:
+        """The reading of the docs the server plays; set it to a preset name, a spec or a ``Dialect``."""
+        return self._dialect
+
+    @dialect.setter
+    def dialect(self, value: str | Dialect | None) -> None:
+        self._dialect = dialect_from(value)
+
     def airflow_connection(self) -> dict[str, Any]:
         """An Airflow connection (as a dict) to this server; it allows the loopback storage URLs."""
         return {
@@ -329,10 +324,11 @@ class ModelRouteServer:
 
         ``endpoint`` is a route key as in ``stats()["requests"]`` (e.g. ``"GET /v1/executions/{id}"``,
         ``"GET /files/{file_id}"``) or ``"*"`` for every API route. Kinds: ``error`` (``code``,
-        ``retry_after``), ``rate_limit`` (``retry_after``), ``slow`` (``seconds``), ``drop`` (close the
-        connection; a create is dropped after the execution exists), ``truncate`` (``after_bytes``),
-        ``expire_url`` (storage answers 403) and ``outcome`` (the next created execution ends
-        ``outcome`` with ``error_code``).
+        ``status`` when not the code's own, ``retry_after``), ``rate_limit`` (``retry_after``),
+        ``slow`` (``seconds``), ``drop`` (close the connection; a create is dropped after the
+        execution exists), ``truncate`` (``after_bytes``; storage, or ``/download`` in the bytes
+        reading), ``expire_url`` (storage answers 403) and ``outcome`` (the next created execution
+        ends ``outcome`` with ``error_code``).
         """
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; use one of {sorted(FAULT_KINDS)}")
@@ -371,6 +367,7 @@ class ModelRouteServer:
                 "faults_fired": self._counters["faults_fired"],
                 "storage_requests_with_authorization": self._counters["storage_auth"],
                 "bytes_served": self._counters["bytes_served"],
+                "dialect": self.dialect.name,
             }
 
     def execution(self, execution_id: str) -> dict[str, Any]:
@@ -388,12 +385,20 @@ class ModelRouteServer:
             return list(self._executions)
 
     def file_info(self, file_id: str) -> dict[str, Any]:
-        """``file_id``, ``size_bytes``, ``content_type`` and ``sha256`` (computed by streaming)."""
+        """``file_id``, ``size_bytes``, ``content_type``, ``sha256`` (computed by streaming) and, for
+        an upload, what its request asked for (``upload``: content_type, purpose, region, ttl_days)."""
         with self._lock:
             stored = self._files[file_id]
         if stored.sha256 is None:
             stored.sha256 = content.sha256_of(stored.chunks())
-        return {**stored.describe(), "sha256": stored.sha256}
+        return {**stored.describe(), "sha256": stored.sha256, "upload": dict(stored.upload)}
+
+    def add_file(self, data: bytes, content_type: str) -> str:
+        """Store a file as if it had been uploaded and confirmed; returns its ``file_...`` id."""
+        stored = StoredFile(f"file_{uuid.uuid4()}", content_type, len(data), data=data)
+        with self._lock:
+            self._files[stored.file_id] = stored
+        return stored.file_id
 
     def set_execution_status(
         self, execution_id: str, status: str, error_code: str | None = None
@@ -485,14 +490,14 @@ class ModelRouteServer:
     def _create(self, body: dict[str, Any], key: str | None, outcome: Fault | None) -> Reply:
         model, params = body.get("model"), body.get("input")
         if not isinstance(model, str) or not model:
-            raise _invalid("model", "is required (a model name such as 'flux-1.1-pro')")
+            raise invalid_field("model", "is required (a model name such as 'flux-1.1-pro')")
         if model not in MODELS:
-            raise _invalid("model", f"unknown model {model!r}; available: {sorted(MODELS)}")
+            raise invalid_field("model", f"unknown model {model!r}; available: {sorted(MODELS)}")
         if not isinstance(params, dict):
-            raise _invalid("input", "is required and must be an object")
+            raise invalid_field("input", "is required and must be an object")
         metadata = body.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
-            raise _invalid("metadata", "must be an object of key-value pairs")
+            raise invalid_field("metadata", "must be an object of key-value pairs")
         fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         with self._lock:
             if key is not None and key in self._idempotency:
@@ -503,7 +508,7 @@ class ModelRouteServer:
                         "This Idempotency-Key was already used with a different request body",
                     )
                 self._counters["idempotent_replays"] += 1
-                return _json_reply(202, self._execution_document(original), {"idempotent-replayed": "true"})
+                return self._replay(original)
             self._validate_input(model, params)
             simulate = params.get("_simulate") or {}
             outcome_name = str(simulate.get("outcome", "COMPLETED")).upper()
@@ -512,7 +517,9 @@ class ModelRouteServer:
                 outcome_name = str(outcome.params.get("outcome", "FAILED")).upper()
                 error_code = outcome.params.get("error_code")
             if outcome_name not in _SIMULATED_OUTCOMES:
-                raise _invalid("input._simulate.outcome", f"must be one of {sorted(_SIMULATED_OUTCOMES)}")
+                raise invalid_field(
+                    "input._simulate.outcome", f"must be one of {sorted(_SIMULATED_OUTCOMES)}"
+                )
             execution = Execution(
                 id=f"exec_{uuid.uuid4()}",
                 model=model,
@@ -530,23 +537,35 @@ class ModelRouteServer:
             if key is not None:
                 self._idempotency[key] = execution.id
                 self._idempotency_counts[key] += 1
-            return _json_reply(202, self._execution_document(execution))
+            if self.dialect.submit == "sync":  # the seed's example: the answer is the finished execution
+                self._finish(execution, execution.outcome)
+            answer = (200 if self.dialect.submit == "sync" else 202, self._execution_document(execution))
+            execution.first_answer = answer
+            return json_reply(*answer)
+
+    def _replay(self, execution: Execution) -> Reply:
+        """The answer to a repeated Idempotency-Key: the original answer or the current state."""
+        status, document = execution.first_answer or (202, {})
+        if self.dialect.replay == "current":
+            document = self._execution_document(execution)
+        headers = {api.REPLAY_HEADER.lower(): "true"} if self.dialect.replay_header else {}
+        return json_reply(status, document, headers)
 
     def _validate_input(self, model: str, params: dict[str, Any]) -> None:
         if model == "test-file":
             size = params.get("size_bytes")
             if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= api.MAX_FILE_SIZE:
-                raise _invalid("input.size_bytes", f"must be an integer from 1 to {api.MAX_FILE_SIZE}")
+                raise invalid_field("input.size_bytes", f"must be an integer from 1 to {api.MAX_FILE_SIZE}")
             return
         prompt = params.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise _invalid("input.prompt", "is required and must be a non-empty string")
+            raise invalid_field("input.prompt", "is required and must be a non-empty string")
         if "forbidden" in prompt.lower():
             raise ApiFailure("CONTENT_MODERATION_REJECTED", "The prompt was rejected by safety filters")
         for name in ("width", "height"):
             value = params.get(name, 64)
             if not isinstance(value, int) or not 1 <= value <= 1024:
-                raise _invalid(f"input.{name}", "must be an integer from 1 to 1024")
+                raise invalid_field(f"input.{name}", "must be an integer from 1 to 1024")
         image = params.get("image")
         if image is not None:
             stored = self._files.get(image) if isinstance(image, str) else None
@@ -554,6 +573,7 @@ class ModelRouteServer:
                 raise ApiFailure(
                     "FILE_NOT_FOUND",
                     f"input.image: file {image!r} does not exist, has expired, or belongs to another org",
+                    status=400,
                     details=[{"field": "input.image", "code": "not_found", "message": "unknown file"}],
                 )
             if not stored.content_type.startswith("image/"):
@@ -564,7 +584,8 @@ class ModelRouteServer:
     def _get_execution(self, execution_id: str) -> Execution:
         execution = self._executions.get(execution_id)
         if execution is None:
-            raise ApiFailure("EXECUTION_NOT_FOUND", f"No execution {execution_id}", status=404)
+            bare = self.dialect.unknown_id == "bare-404"
+            raise ApiFailure("EXECUTION_NOT_FOUND", f"No execution {execution_id}", bare=bare)
         return execution
 
     def _result(self, execution_id: str) -> Reply:
@@ -583,7 +604,7 @@ class ModelRouteServer:
                 for f in execution.files
             ]
             kind = "images" if execution.model != "test-file" else "files"
-            return _json_reply(
+            return json_reply(
                 200, {"id": execution.id, "status": status, "cost": "0.040", "output": {kind: outputs}}
             )
 
@@ -595,7 +616,7 @@ class ModelRouteServer:
             if api.is_terminal(status):
                 raise ApiFailure("EXECUTION_NOT_CANCELLABLE", f"Execution {execution_id} is already {status}")
             execution.final_status = "CANCELLED"
-            return _json_reply(200, self._execution_document(execution))
+            return json_reply(200, self._execution_document(execution))
 
     def _presign(self, file_id: str, method: str) -> tuple[str, float]:
         expires = math.ceil(time.time() + self.url_ttl)
@@ -614,11 +635,11 @@ class ModelRouteServer:
             raise ApiFailure("FILE_NOT_FOUND", f"No file {file_id}", status=404)
         return stored
 
-    def _file_url(self, file_id: str) -> Reply:
+    def _url_document(self, file_id: str) -> Reply:
         with self._lock:
             stored = self._file(file_id)
         url, expires = self._presign(file_id, "GET")
-        return _json_reply(
+        return json_reply(
             200,
             {
                 "url": url,
@@ -628,33 +649,63 @@ class ModelRouteServer:
             },
         )
 
-    def _download(self, file_id: str) -> Reply:
+    def _download(self, file_id: str, fault: Fault | None) -> Reply:
+        """``/download`` in the dialect's reading: the bytes, the URL document, or a redirect."""
+        if self.dialect.download == "json":
+            return self._url_document(file_id)
         with self._lock:
-            self._file(file_id)
+            stored = self._file(file_id)
+        if self.dialect.download == "bytes":
+            return FileReply(200, stored=stored, fault=fault)
         return Reply(302, b"", {"location": self._presign(file_id, "GET")[0]})
 
     def _upload(self, body: dict[str, Any]) -> Reply:
+        """``/files/upload``: v1 (llms.txt) needs filename and size_bytes, v2 (the uploading page) purpose."""
         filename, content_type, size = body.get("filename"), body.get("content_type"), body.get("size_bytes")
-        if not isinstance(filename, str) or not filename:
-            raise _invalid("filename", "is required")
-        if not isinstance(size, int) or not 0 < size <= api.MAX_FILE_SIZE:
-            raise _invalid("size_bytes", f"must be an integer from 1 to {api.MAX_FILE_SIZE}")
+        if self.dialect.upload == "v1":
+            if not isinstance(filename, str) or not filename:
+                raise invalid_field("filename", "is required")
+            if not isinstance(size, int) or not 0 < size <= api.MAX_FILE_SIZE:
+                raise invalid_field("size_bytes", f"must be an integer from 1 to {api.MAX_FILE_SIZE}")
+        else:
+            self._check_v2_upload(body)
+        if content_type is not None and not isinstance(content_type, str):
+            raise invalid_field("content_type", "must be a MIME type string")
         file_id = f"file_{uuid.uuid4()}"
+        asked: dict[str, Any] = {
+            name: body[name] for name in ("content_type", "purpose", "region", "ttl_days") if name in body
+        }
         with self._lock:
             self._files[file_id] = StoredFile(
-                file_id, str(content_type or "application/octet-stream"), size, ready=False
+                file_id, str(content_type or "application/octet-stream"), 0, ready=False, upload=asked
             )
         url, expires = self._presign(file_id, "PUT")
-        return _json_reply(200, {"file_id": file_id, "upload_url": url, "expires_at": _iso(expires)})
+        return json_reply(200, {"file_id": file_id, "upload_url": url, "expires_at": _iso(expires)})
+
+    @staticmethod
+    def _check_v2_upload(body: dict[str, Any]) -> None:
+        if body.get("purpose") not in api.UPLOAD_PURPOSES:
+            raise invalid_field("purpose", f"is required: one of {list(api.UPLOAD_PURPOSES)}")
+        if "region" in body and body["region"] not in api.UPLOAD_REGIONS:
+            raise invalid_field("region", f"must be one of {list(api.UPLOAD_REGIONS)}")
+        low, high = api.TTL_DAYS_RANGE
+        ttl = body.get("ttl_days", low)
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or not low <= ttl <= high:
+            raise invalid_field("ttl_days", f"must be an integer from {low} to {high}")
 
     def _confirm(self, body: dict[str, Any]) -> Reply:
+        if self.dialect.confirm != "required":  # an API version without the confirm step
+            status = int(self.dialect.confirm)
+            raise ApiFailure(
+                "NOT_FOUND" if status == 404 else "METHOD_NOT_ALLOWED", "No such route", status=status
+            )
         file_id = body.get("file_id")
         with self._lock:
             stored = self._files.get(file_id) if isinstance(file_id, str) else None
             if stored is None or stored.path is None:
                 raise ApiFailure("FILE_NOT_FOUND", f"No uploaded bytes for file {file_id!r}: PUT them first")
             stored.ready = True
-            return _json_reply(200, {**stored.describe(), "status": "READY"})
+            return json_reply(200, {**stored.describe(), "status": "READY"})
 
     # -- the API app --------------------------------------------------------------------------
 
@@ -694,8 +745,10 @@ class ModelRouteServer:
             headers = {
                 "x-ratelimit-limit": str(self.rate_limit),
                 "x-ratelimit-remaining": str(max(0, self.rate_limit - counts[key])),
-                "x-ratelimit-reset": str(reset),
             }
+            if self.dialect.rate_limit_reset != "absent":
+                delta = self.dialect.rate_limit_reset == "delta"
+                headers["x-ratelimit-reset"] = str(max(0, math.ceil(reset - now)) if delta else reset)
             if over:
                 self._counters["rate_limited"] += 1
                 headers["retry-after"] = str(max(1, math.ceil(reset - now)))
@@ -706,7 +759,9 @@ class ModelRouteServer:
             return
         method, path = scope["method"], scope["path"]
         if path.startswith("/_admin/"):
-            await _send(send, await self._admin(method, path[len("/_admin/") :], await _read_json(receive)))
+            await send_reply(
+                send, await self._admin(method, path[len("/_admin/") :], await read_json(receive))
+            )
             return
         request_id = f"req_{uuid.uuid4().hex[:16]}"
         routed = self._route(method, path)
@@ -717,25 +772,32 @@ class ModelRouteServer:
         try:
             reply = await self._handle(scope, receive, send, routed, headers)
         except ApiFailure as failure:
-            reply = _json_reply(
-                failure.status,
-                {
-                    "error": {
-                        "code": failure.code,
-                        "message": failure.message,
-                        "retryable": failure.retryable,
-                        "details": failure.details,
-                        "request_id": request_id,
-                    }
-                },
-                failure.headers,
+            reply = (
+                Reply(failure.status, b"", failure.headers)
+                if failure.bare
+                else json_reply(
+                    failure.status,
+                    {
+                        "error": {
+                            "code": failure.code,
+                            "message": failure.message,
+                            "retryable": failure.retryable,
+                            "details": failure.details,
+                            "request_id": request_id,
+                        }
+                    },
+                    failure.headers,
+                )
             )
         if reply is None:  # the connection was dropped
             return
         reply.headers.update(headers)
         with self._lock:
             self._responses[reply.status] += 1
-        await _send(send, reply)
+        if isinstance(reply, FileReply) and reply.stored is not None:
+            await self._serve_file(reply.stored, scope, send, reply.fault, reply.headers)
+        else:
+            await send_reply(send, reply)
 
     async def _handle(
         self,
@@ -748,17 +810,17 @@ class ModelRouteServer:
         if routed is None:
             raise ApiFailure("NOT_FOUND", f"No route {scope['method']} {scope['path']}", status=404)
         endpoint, params = routed
-        authorization = _header(scope, "authorization") or ""
+        authorization = request_header(scope, "authorization") or ""
         key = authorization.removeprefix("Bearer ").strip()
+        limit_headers, over = self._rate_limit_headers(key)  # on every answer, a refusal too
+        headers.update(limit_headers)
         if not authorization.startswith("Bearer ") or key not in self.api_keys:
             raise ApiFailure("UNAUTHORIZED", "Invalid or missing API key")
-        limit_headers, over = self._rate_limit_headers(key)
-        headers.update(limit_headers)
         if over:
             raise ApiFailure(
                 "RATE_LIMITED", "Rate limit exceeded", headers={"retry-after": headers["retry-after"]}
             )
-        body = await _read_json(receive)
+        body = await read_json(receive)
         fault = self._take_fault(endpoint, FAULT_KINDS - {"outcome", "truncate", "expire_url"})
         if fault is not None:
             if fault.kind == "rate_limit" or (
@@ -769,15 +831,20 @@ class ModelRouteServer:
             if fault.kind in ("error", "rate_limit"):
                 retry_after = fault.params.get("retry_after", 1 if fault.kind == "rate_limit" else None)
                 extra = {"retry-after": str(retry_after)} if retry_after is not None else {}
-                raise ApiFailure(fault.params.get("code", "RATE_LIMITED"), "Injected fault", headers=extra)
+                raise ApiFailure(
+                    fault.params.get("code", "RATE_LIMITED"),
+                    "Injected fault",
+                    status=fault.params.get("status"),
+                    headers=extra,
+                )
             if fault.kind == "slow":
                 await asyncio.sleep(float(fault.params.get("seconds", 1.0)))
             if fault.kind == "drop" and endpoint != "POST /v1/executions":
-                await _drop(send)
+                await drop_connection(send)
                 return None
         reply = self._dispatch(endpoint, params, body, scope)
         if fault is not None and fault.kind == "drop":  # the execution exists; the answer is lost
-            await _drop(send)
+            await drop_connection(send)
             return None
         return reply
 
@@ -785,21 +852,23 @@ class ModelRouteServer:
         if endpoint in ("POST /v1/executions", "POST /v1/files/upload", "POST /v1/files/confirm") and not (
             isinstance(body, dict)
         ):
-            raise _invalid("body", "must be a JSON object")
+            raise invalid_field("body", "must be a JSON object")
         if endpoint == "POST /v1/executions":
             outcome = self._take_fault(endpoint, {"outcome"})
-            return self._create(body, _header(scope, "idempotency-key"), outcome)
+            return self._create(body, request_header(scope, "idempotency-key"), outcome)
         if endpoint == "GET /v1/executions/{id}":
             with self._lock:
-                return _json_reply(200, self._execution_document(self._get_execution(params["id"])))
+                return json_reply(200, self._execution_document(self._get_execution(params["id"])))
         if endpoint == "GET /v1/executions/{id}/result":
             return self._result(params["id"])
         if endpoint == "POST /v1/executions/{id}/cancel":
             return self._cancel(params["id"])
         if endpoint == "GET /v1/files/{file_id}/url":
-            return self._file_url(params["id"])
+            if not self.dialect.url_endpoint:
+                raise ApiFailure("NOT_FOUND", "No route GET /v1/files/{file_id}/url")
+            return self._url_document(params["id"])
         if endpoint == "GET /v1/files/{file_id}/download":
-            return self._download(params["id"])
+            return self._download(params["id"], self._take_fault(endpoint, {"truncate"}))
         if endpoint == "POST /v1/files/upload":
             return self._upload(body)
         return self._confirm(body)
@@ -815,39 +884,39 @@ class ModelRouteServer:
         with self._lock:
             self._requests[endpoint] += 1
         if match is None or method not in ("GET", "PUT"):
-            await _send(send, _s3_error(404, "NoSuchKey", "No such object"))
+            await send_reply(send, s3_error(404, "NoSuchKey", "No such object"))
             return
         file_id = match["id"]
-        if _header(scope, "authorization") is not None:
+        if request_header(scope, "authorization") is not None:
             with self._lock:
                 self._counters["storage_auth"] += 1
-            await _send(send, _s3_error(400, "InvalidArgument", "Only one auth mechanism allowed"))
+            await send_reply(send, s3_error(400, "InvalidArgument", "Only one auth mechanism allowed"))
             return
         query = parse_qs(scope["query_string"].decode())
         expires = int((query.get("X-Amz-Expires") or ["0"])[0] or 0)
         signature = (query.get("X-Amz-Signature") or [""])[0]
         if not hmac.compare_digest(signature, self._signature(method, file_id, expires)):
-            await _send(send, _s3_error(403, "SignatureDoesNotMatch", "The signature does not match"))
+            await send_reply(send, s3_error(403, "SignatureDoesNotMatch", "The signature does not match"))
             return
         fault = self._take_fault(endpoint)
         if (fault is not None and fault.kind == "expire_url") or time.time() > expires:
-            await _send(send, _s3_error(403, "AccessDenied", "Request has expired"))
+            await send_reply(send, s3_error(403, "AccessDenied", "Request has expired"))
             return
         if fault is not None and fault.kind in ("error", "rate_limit"):
-            await _send(send, _s3_error(503, "SlowDown", "Please reduce your request rate"))
+            await send_reply(send, s3_error(503, "SlowDown", "Please reduce your request rate"))
             return
         if fault is not None and fault.kind == "slow":
             await asyncio.sleep(float(fault.params.get("seconds", 1.0)))
         if fault is not None and fault.kind == "drop":
-            await _drop(send)
+            await drop_connection(send)
             return
         if method == "PUT":
-            await _send(send, await self._store_upload(file_id, scope, receive))
+            await send_reply(send, await self._store_upload(file_id, scope, receive))
             return
         with self._lock:
             stored = self._files.get(file_id)
         if stored is None or not stored.ready:
-            await _send(send, _s3_error(404, "NoSuchKey", "No such object"))
+            await send_reply(send, s3_error(404, "NoSuchKey", "No such object"))
             return
         await self._serve_file(stored, scope, send, fault)
 
@@ -855,7 +924,12 @@ class ModelRouteServer:
         with self._lock:
             stored = self._files.get(file_id)
         if stored is None:
-            return _s3_error(404, "NoSuchUpload", "No such upload")
+            return s3_error(404, "NoSuchUpload", "No such upload")
+        declared, sent = stored.upload.get("content_type"), request_header(scope, "content-type")
+        if declared and sent != declared:  # the URL was presigned for the declared type
+            return s3_error(
+                403, "SignatureDoesNotMatch", f"Content-Type {sent!r} is not the signed {declared!r}"
+            )
         path = os.path.join(self._spool, file_id)
         size, head = 0, b""
         with open(path, "wb") as handle:
@@ -866,7 +940,7 @@ class ModelRouteServer:
                 if size > api.MAX_FILE_SIZE:
                     handle.close()
                     os.unlink(path)
-                    return _s3_error(400, "EntityTooLarge", "Your proposed upload exceeds the maximum size")
+                    return s3_error(400, "EntityTooLarge", "Your proposed upload exceeds the maximum size")
                 if len(head) < 16:
                     head += chunk[: 16 - len(head)]
                 handle.write(chunk)
@@ -878,28 +952,38 @@ class ModelRouteServer:
         with self._lock:
             stored.path, stored.size_bytes, stored.sha256 = path, size, None
             stored.content_type = content.sniff_content_type(head, stored.content_type)
-            stored.ready = not self.require_confirm
+            stored.ready = self.dialect.confirm != "required"
         return Reply(200, b"", {"etag": f'"{file_id}"'})
 
-    async def _serve_file(self, stored: StoredFile, scope: Scope, send: Send, fault: Fault | None) -> None:
+    async def _serve_file(
+        self,
+        stored: StoredFile,
+        scope: Scope,
+        send: Send,
+        fault: Fault | None,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         start = 0
-        status, headers = 200, {"content-type": stored.content_type, "accept-ranges": "bytes"}
-        range_header = _header(scope, "range")
+        status = 200
+        headers = {**(extra or {}), "content-type": stored.content_type, "accept-ranges": "bytes"}
+        range_header = request_header(scope, "range")
         if range_header:
             match = re.fullmatch(r"bytes=(\d+)-", range_header.strip())
             if match is None or int(match[1]) >= stored.size_bytes:
-                await _send(send, _s3_error(416, "InvalidRange", "The requested range is not satisfiable"))
+                await send_reply(
+                    send, s3_error(416, "InvalidRange", "The requested range is not satisfiable")
+                )
                 return
             start, status = int(match[1]), 206
             headers["content-range"] = f"bytes {start}-{stored.size_bytes - 1}/{stored.size_bytes}"
         headers["content-length"] = str(stored.size_bytes - start)
-        await send({"type": "http.response.start", "status": status, "headers": _raw(headers)})
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers(headers)})
         budget = int(fault.params.get("after_bytes", 0)) if fault and fault.kind == "truncate" else None
         sent = 0
         for chunk in stored.chunks(start):
             if budget is not None and sent + len(chunk) > budget:
                 await send({"type": "http.response.body", "body": chunk[: budget - sent], "more_body": True})
-                await _drop(send)
+                await drop_connection(send)
                 self._count_bytes(budget)
                 return
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -918,80 +1002,29 @@ class ModelRouteServer:
         try:
             if action == "faults" and method == "POST":
                 self.add_fault(body["endpoint"], body["kind"], body.get("count", 1), **body.get("params", {}))
-                return _json_reply(200, {})
+                return json_reply(200, {})
             if action == "faults" and method == "DELETE":
                 self.clear_faults()
-                return _json_reply(200, {})
+                return json_reply(200, {})
             if action == "reset" and method == "POST":
                 self.reset()
-                return _json_reply(200, {})
+                return json_reply(200, {})
             if action == "stats":
-                return _json_reply(200, self.stats())
+                return json_reply(200, self.stats())
+            if action == "dialect" and method == "POST":
+                self.dialect = body["dialect"]
+                return json_reply(200, {"name": self.dialect.name, **self.dialect.readings()})
             if action == "executions":
-                return _json_reply(200, self.execution_ids())
+                return json_reply(200, self.execution_ids())
             kind, _, ident = action.partition("/")
             if kind == "executions" and method == "POST":
-                return _json_reply(
+                return json_reply(
                     200, self.set_execution_status(ident, body["status"], body.get("error_code"))
                 )
             if kind == "executions":
-                return _json_reply(200, self.execution(ident))
+                return json_reply(200, self.execution(ident))
             if kind == "files":
-                return _json_reply(200, self.file_info(ident))
+                return json_reply(200, self.file_info(ident))
         except (KeyError, ValueError, TypeError) as exc:
-            return _json_reply(400, {"error": {"code": "ADMIN_ERROR", "message": repr(exc)}})
-        return _json_reply(404, {"error": {"code": "NOT_FOUND", "message": action}})
-
-
-# -- ASGI helpers --------------------------------------------------------------------------------
-
-
-def _header(scope: Scope, name: str) -> str | None:
-    wanted = name.encode()
-    for key, value in scope["headers"]:
-        if key.lower() == wanted:
-            return str(value.decode("latin-1"))
-    return None
-
-
-def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()]
-
-
-async def _read_json(receive: Receive) -> Any:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            break
-    raw = b"".join(chunks)
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
-
-
-async def _send(send: Send, reply: Reply) -> None:
-    headers = {"content-length": str(len(reply.body)), **reply.headers}
-    await send({"type": "http.response.start", "status": reply.status, "headers": _raw(headers)})
-    await send({"type": "http.response.body", "body": reply.body})
-
-
-async def _drop(send: Send) -> None:
-    """Close the client's connection without (the rest of) a response, as a network fault would."""
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if transport is None:  # not uvicorn: the closest we can do is an error
-        raise ConnectionAbortedError("injected drop")
-    transport.abort()
-    await asyncio.sleep(0)  # let the server notice the disconnect before the app returns
-
-
-def _s3_error(status: int, code: str, message: str) -> Reply:
-    body = (
-        "<?xml version='1.0' encoding='UTF-8'?>"
-        f"<Error><Code>{code}</Code><Message>{message}</Message></Error>"
-    )
-    return Reply(status, body.encode(), {"content-type": "application/xml"})
+            return json_reply(400, {"error": {"code": "ADMIN_ERROR", "message": repr(exc)}})
+        return json_reply(404, {"error": {"code": "NOT_FOUND", "message": action}})

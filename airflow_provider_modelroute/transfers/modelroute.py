@@ -27,6 +27,8 @@ import contextlib
 import hashlib
 import mimetypes
 import os
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -59,6 +61,11 @@ _LOCAL_PROTOCOLS = frozenset({"file", "local"})
 #: S3 refuses multipart parts under 5 MiB (except the last one).
 _MIN_BLOCK_SIZE = 5 * 1024 * 1024
 _TEMP_SUFFIX = ".modelroute-partial"
+#: Chunks received but not yet written (each up to 1 MiB: the hook's network read).
+_WRITE_BEHIND_CHUNKS = 4
+#: Local files are written this much at a time: on the benchmark VM a write of 512 KiB or more into
+#: fresh page cache took up to 10x longer than the same bytes written 128 KiB at a time (BENCHMARKS.md).
+_LOCAL_WRITE_SIZE = 128 * 1024
 
 
 class ModelRouteDestinationExistsError(ModelRouteConfigError):
@@ -89,6 +96,24 @@ def open_storage_path(url: str, conn_id: str | None, field: str) -> Any:
             f"provider installed) and check {field}_conn_id"
         ) from None
     return path
+
+
+def _check_upload_options(purpose: str, region: str | None, ttl_days: int | None) -> None:
+    """The uploading page's options, checked when the DAG is parsed."""
+    if purpose not in api.UPLOAD_PURPOSES:
+        raise ModelRouteConfigError(f"purpose must be one of {list(api.UPLOAD_PURPOSES)}, got {purpose!r}")
+    if region is not None and region not in api.UPLOAD_REGIONS:
+        raise ModelRouteConfigError(
+            f"region must be one of {list(api.UPLOAD_REGIONS)} (or None), got {region!r}"
+        )
+    low, high = api.TTL_DAYS_RANGE
+    if ttl_days is not None and (
+        isinstance(ttl_days, bool) or not isinstance(ttl_days, int) or not low <= ttl_days <= high
+    ):
+        raise ModelRouteConfigError(
+            f"ttl_days must be a whole number of days from {low} to {high} (or None: the organization's "
+            f"default), got {ttl_days!r}"
+        )
 
 
 def _is_deferred(value: Any) -> bool:
@@ -149,7 +174,9 @@ class _LocalSink:
         self.handle = open(self.temp, "xb")  # noqa: SIM115 - closed in finish() or abort()
 
     def write(self, chunk: bytes) -> None:
-        self.handle.write(chunk)
+        view = memoryview(chunk)
+        for start in range(0, len(view), _LOCAL_WRITE_SIZE):
+            self.handle.write(view[start : start + _LOCAL_WRITE_SIZE])
 
     def finish(self, size: int) -> None:
         """Flush to disk (the rename must never publish bytes still in the page cache), check the size."""
@@ -249,6 +276,48 @@ class _StagedSink:
             self.handle.close()
         with contextlib.suppress(Exception):
             self.fs.rm(self.temp)
+
+
+class _WriteBehind:
+    """Writes chunks to a sink from a thread, so that disk or upload time overlaps the next network reads.
+
+    File writes, socket reads and sha256 updates all release the GIL. At most a few chunks wait in
+    memory; a failed write is raised by the next ``write`` or by ``close``.
+    """
+
+    def __init__(self, sink: _LocalSink | _CommitOnCloseSink | _StagedSink) -> None:
+        self.sink = sink
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_WRITE_BEHIND_CHUNKS)
+        self.thread = threading.Thread(target=self._run, name="modelroute-write-behind", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self.queue.get()) is not None:
+            if self.error is None and not self.cancelled:  # after a failure: drain, never block the reader
+                try:
+                    self.sink.write(chunk)
+                except BaseException as exc:
+                    self.error = exc
+
+    def write(self, chunk: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(chunk)
+
+    def close(self) -> None:
+        """Wait until every chunk is written (or dropped, after ``cancel``); raise a write's failure."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if self.error is not None and not self.cancelled:
+            raise self.error
+
+    def cancel(self) -> None:
+        """Drop the chunks not yet written and wait for the write in progress (before the sink is aborted)."""
+        self.cancelled = True
+        self.close()
 
 
 def _exists_error(shown: str) -> ModelRouteDestinationExistsError:
@@ -367,12 +436,16 @@ class ModelRouteToStorageOperator(BaseOperator):
         self._check_source()
         self._check_destination()
         destination = open_storage_path(self.destination, self.destination_conn_id, "destination")
-        downloads = [
-            self.hook.download_file(file_id, chunk_size=self.chunk_size) for file_id in self._file_ids()
-        ]
-        targets = self._targets(destination, downloads)
-        self._compare_existing(targets)
-        return [self._copy(target) for target in targets]
+        downloads: list[FileDownload] = []
+        try:
+            for file_id in self._file_ids():
+                downloads.append(self.hook.download_file(file_id, chunk_size=self.chunk_size))
+            targets = self._targets(destination, downloads)
+            self._compare_existing(targets)
+            return [self._copy(target) for target in targets]
+        finally:
+            for download in downloads:  # the responses opened ahead, when a file was not copied
+                download.close()
 
     def _compare_existing(self, targets: list[_Target]) -> None:
         """Find the destinations that already hold their file; with "fail", refuse before copying any byte.
@@ -511,16 +584,19 @@ class ModelRouteToStorageOperator(BaseOperator):
         digest, size = hashlib.sha256(), 0
         progress = _Progress(self.log, f"Copying file {download.file_id}", download.size_bytes)
         sink = self._open_sink(path)
+        writer = _WriteBehind(sink)
         try:
             for chunk in download:
-                sink.write(chunk)
+                writer.write(chunk)  # written by the thread while this one hashes and reads on
                 digest.update(chunk)
                 size += len(chunk)
                 progress.add(len(chunk))
+            writer.close()
             self._check_size(download, size)
             sink.finish(size)
             sink.publish(no_clobber=self.overwrite == "fail")
         except BaseException as exc:
+            writer.cancel()
             sink.abort()
             # A local copy never touches the final name before the rename; an object that someone
             # else created meanwhile (the "fail" race) is theirs, not ours to remove.
@@ -570,6 +646,10 @@ class StorageToModelRouteOperator(BaseOperator):
         default credentials. (templated)
     :param filename: The file name to give ModelRoute. Default: the source's name. (templated)
     :param content_type: The file's MIME type. Default: guessed from the file name. (templated)
+    :param purpose: ``"INPUT"`` (default: a file for an execution's input) or ``"UPLOAD"``.
+    :param region: Where ModelRoute stores the file: ``"US"``, ``"EU"`` or ``"APAC"``. Default: the
+        account's (``US``).
+    :param ttl_days: Days until the file expires, 1-365. Default: the organization's.
     :param modelroute_conn_id: The Airflow connection to ModelRoute.
     """
 
@@ -583,6 +663,9 @@ class StorageToModelRouteOperator(BaseOperator):
         source_conn_id: str | None = None,
         filename: str | None = None,
         content_type: str | None = None,
+        purpose: str = "INPUT",
+        region: str | None = None,
+        ttl_days: int | None = None,
         modelroute_conn_id: str = "modelroute_default",
         **kwargs: Any,
     ) -> None:
@@ -591,11 +674,15 @@ class StorageToModelRouteOperator(BaseOperator):
         self.source_conn_id = source_conn_id
         self.filename = filename
         self.content_type = content_type
+        self.purpose = purpose
+        self.region = region
+        self.ttl_days = ttl_days
         self.modelroute_conn_id = modelroute_conn_id
         if not _is_deferred(source) and (not isinstance(source, str) or not source.strip()):
             raise ModelRouteConfigError(
                 f"source must be an object storage URL such as 's3://bucket/in/photo.png', got {source!r}"
             )
+        _check_upload_options(purpose, region, ttl_days)
 
     @cached_property
     def hook(self) -> ModelRouteHook:
@@ -626,7 +713,13 @@ class StorageToModelRouteOperator(BaseOperator):
         self.log.info("Uploading %s (%s, %d bytes) to ModelRoute as %s", shown, content_type, size, filename)
         started = time.monotonic()
         result = self.hook.upload_file(
-            lambda: source.open("rb"), filename=filename, content_type=content_type, size_bytes=size
+            lambda: source.open("rb"),
+            filename=filename,
+            content_type=content_type,
+            size_bytes=size,
+            purpose=self.purpose,
+            region=self.region,
+            ttl_days=self.ttl_days,
         )
         elapsed = max(time.monotonic() - started, 1e-6)
         self.log.info(

@@ -53,10 +53,13 @@ import httpx
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.testing import RemoteModelRouteServer
+from tests import waiting
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_DAG_FILE = REPO / "example_dags" / "example_modelroute_generate_and_store.py"
 EXAMPLE_DAG = "example_modelroute_generate_and_store"
+#: The example DAG's shape with executions that run until a drill ends them (drill 2).
+HELD_DAG = "drill_modelroute_held"
 DRILL_DAGS = Path(__file__).resolve().parent / "dags"
 PYTHON = sys.executable
 
@@ -75,6 +78,11 @@ CONNECTION_EXTRAS: dict[str, Any] = {
 #: 0.3 s execution already COMPLETED on its first poke and never reach the triggerer).
 PROCESSING_SECONDS = 8.0
 PENDING_SECONDS = 0.5
+#: An execution not ended by then becomes EXPIRED: longer than any drill, so only a drill ends one.
+EXECUTION_TTL_SECONDS = 3600
+#: How long a drill waits for the stack to get somewhere (start, parse, finish runs): minutes, for a
+#: loaded 2-core machine; a wait that is met returns at once.
+WAIT_SECONDS = 600
 #: What the cluster policy sets ``retry_delay`` to (the example DAG says 30 s).
 RETRY_DELAY_SECONDS = 1
 PARALLELISM = 8
@@ -88,6 +96,9 @@ _STALE_EVENT_RE = re.compile(
     r"reported that the task instance <TaskInstance: [\w-]+\.(?P<task>\w+) (?P<run>\S+) \[\w+\]"
     r"[^>]*> finished with state success, but the task instance's state attribute is (?P<state>\w+)"
 )
+
+#: An api-server access line of a request answered below 500 (one per REST call: noise in a report).
+_ROUTINE_ACCESS_RE = re.compile(r"\[http\.access\].*\bstatus_code=[1-4]\d\d\b")
 
 T = TypeVar("T")
 
@@ -118,26 +129,14 @@ class DrillError(AssertionError):
 def wait_for(
     what: str,
     check: Callable[[], T | None],
-    timeout: float,
+    timeout: float = WAIT_SECONDS,
     interval: float = 0.5,
     describe: Callable[[], str] | None = None,
 ) -> T:
-    """Poll ``check`` until it returns something truthy; raise with ``describe()`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while True:
-        try:
-            result = check()
-        except (httpx.HTTPError, OSError) as exc:  # a component restarting: keep polling
-            result, last_error = None, exc
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            detail = describe() if describe else ""
-            raise DrillError(
-                f"Timed out after {timeout:.0f} s waiting for {what}. {detail} {last_error or ''}"
-            )
-        time.sleep(interval)
+    """``tests.waiting.wait_for`` for drills: an HTTP or OS error (a component restarting) is "not yet"."""
+    return waiting.wait_for(
+        what, check, timeout=timeout, interval=interval, describe=describe, ignore=(httpx.HTTPError, OSError)
+    )
 
 
 def free_port() -> int:
@@ -226,7 +225,7 @@ class Component:
         _signal_pids(pids, signal.SIGKILL)
         if self.process is not None:
             self.process.wait(timeout=30)
-        wait_for(f"{self.name} to be gone", lambda: not self.members() or None, timeout=30, interval=0.1)
+        wait_for(f"{self.name} to be gone", lambda: not self.members() or None, timeout=120, interval=0.1)
         return pids
 
     def stop(self, grace: float = 15.0) -> None:
@@ -243,11 +242,12 @@ class Component:
             self.process.wait(timeout=10)
 
     def tail(self, lines: int = 40) -> str:
+        """The log's last lines, less the api-server's access lines of requests that did not fail."""
         try:
             text = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return "(no log)"
-        return "\n".join(text[-lines:])
+        return "\n".join([line for line in text if not _ROUTINE_ACCESS_RE.search(line)][-lines:])
 
 
 class AirflowApi:
@@ -255,7 +255,7 @@ class AirflowApi:
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
-        self.client = httpx.Client(base_url=base_url, timeout=30)
+        self.client = httpx.Client(base_url=base_url, timeout=120)
 
     def login(self) -> None:
         # SimpleAuthManager with simple_auth_manager_all_admins: a token without credentials.
@@ -455,6 +455,12 @@ class AirflowStack:
             str(PENDING_SECONDS),
             "--processing-seconds",
             str(PROCESSING_SECONDS),
+            "--execution-ttl",
+            str(EXECUTION_TTL_SECONDS),
+            "--rate-limit",  # X-RateLimit-* on every answer, as documented; a limit no drill reaches
+            "1000000",
+            "--dialect",  # /download answers presigned URLs: drill 5's storage faults reach them
+            "presigned",
         ]
         component = Component("modelroute-server", argv, self.components_dir / "modelroute-server.log")
         self.components["modelroute-server"] = component
@@ -476,7 +482,7 @@ class AirflowStack:
             line = info_path.read_text().strip()
             return json.loads(line) if line else None
 
-        self.modelroute_info = wait_for("the ModelRoute server", ready, timeout=60, interval=0.1)
+        self.modelroute_info = wait_for("the ModelRoute server", ready, timeout=300, interval=0.1)
         self.modelroute = RemoteModelRouteServer(self.modelroute_info["admin_url"])
 
     def _start_moto(self) -> None:
@@ -559,7 +565,8 @@ class AirflowStack:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
             "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "10",
-            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
+            # Airflow's default: a loaded machine's late heartbeats must not fail a healthy task.
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "300",
             "AIRFLOW_CONN_MODELROUTE_DEFAULT": json.dumps(conn),
             "AIRFLOW_CONN_MODELROUTE_WRONG_KEY": json.dumps(wrong_key),
             "AIRFLOW_CONN_MODELROUTE_MALFORMED_KEY": json.dumps(malformed_key),
@@ -623,7 +630,7 @@ class AirflowStack:
             self._check_components()
             return self.healthy()
 
-        wait_for("Airflow to report healthy", up, timeout=180, interval=1, describe=self.tails)
+        wait_for("Airflow to report healthy", up, interval=1, describe=self.tails)
         api_client.login()
         expected = [EXAMPLE_DAG, *self.drill_dag_ids()]
 
@@ -634,7 +641,7 @@ class AirflowStack:
                 raise DrillError(f"DAG import errors: {json.dumps(errors, indent=1)[:4000]}")
             return all(api_client.dag(dag_id) for dag_id in expected)
 
-        wait_for(f"the DAGs {expected} to be parsed", parsed, timeout=120, interval=1, describe=self.tails)
+        wait_for(f"the DAGs {expected} to be parsed", parsed, interval=1, describe=self.tails)
 
     @staticmethod
     def drill_dag_ids() -> list[str]:
@@ -649,6 +656,7 @@ class AirflowStack:
     # -- observing runs -------------------------------------------------------------------------
 
     def tails(self, lines: int = 30) -> str:
+        """The last lines of each component's log, for failure reports (the full logs stay on disk)."""
         parts = [f"--- {name} ({c.log_path}) ---\n{c.tail(lines)}" for name, c in self.components.items()]
         return "\n".join(parts)
 
@@ -657,7 +665,9 @@ class AirflowStack:
         self.api.trigger(dag_id, run_id, conf)
         return run_id
 
-    def wait_for_runs(self, dag_id: str, run_ids: list[str], timeout: float = 240) -> dict[str, RunResult]:
+    def wait_for_runs(
+        self, dag_id: str, run_ids: list[str], timeout: float = WAIT_SECONDS
+    ) -> dict[str, RunResult]:
         """Wait until every run is success or failed; return each with its task instances."""
         assert self.api is not None
         api_client = self.api

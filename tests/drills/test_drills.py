@@ -28,6 +28,7 @@ from airflow_provider_modelroute._compat import AIRFLOW_V_3_0_PLUS
 from tests.drills.harness import (
     CONNECTION_EXTRAS,
     EXAMPLE_DAG,
+    HELD_DAG,
     PARALLELISM,
     PROCESSING_SECONDS,
     REPO,
@@ -40,7 +41,7 @@ from tests.drills.harness import (
 
 pytestmark = [
     pytest.mark.drill,
-    pytest.mark.timeout(900),
+    pytest.mark.timeout(1800),  # a backstop: every wait in a drill has its own deadline and message
     pytest.mark.skipif(
         not AIRFLOW_V_3_0_PLUS,
         reason="the drills run Airflow 3's own components (api-server, dag-processor, execution API)",
@@ -109,8 +110,8 @@ def stack(request: pytest.FixtureRequest) -> Iterator[AirflowStack]:
         assert stack.api is not None
         # Triggered runs of a paused DAG never start. The scheduler creates no scheduled runs
         # ([scheduler] use_job_schedule is off), so every run in the drills is one a drill triggered.
-        stack.api.unpause(EXAMPLE_DAG)
-        stack.api.unpause(BAD_INPUTS_DAG)
+        for dag_id in (EXAMPLE_DAG, HELD_DAG, BAD_INPUTS_DAG):
+            stack.api.unpause(dag_id)
     except BaseException:
         print(f"\nThe drill stack did not start; its home is kept at {stack.home}\n{stack.tails(60)}")
         stack.stop()
@@ -224,10 +225,12 @@ def assert_no_leftovers(stack: AirflowStack) -> None:
     assert stack.pending_multipart_uploads() == [], stack.pending_multipart_uploads()
 
 
-def assert_nothing_left_or_leaked(stack: AirflowStack, run_ids: list[str]) -> list[str]:
+def assert_nothing_left_or_leaked(
+    stack: AirflowStack, run_ids: list[str], dag_id: str = EXAMPLE_DAG
+) -> list[str]:
     """The checks that end every drill: nothing partial at any destination, no secret in the logs."""
     assert_no_leftovers(stack)
-    secrets = secrets_in(stack, run_ids)
+    secrets = secrets_in(stack, run_ids, dag_id)
     assert secrets == [], secrets
     return secrets
 
@@ -240,7 +243,7 @@ def test_drill_1_happy_path(stack: AirflowStack) -> None:
     with drill(stack, "drill 1") as record:
         targets = destinations(stack, "drill1", 20)
         trigger_all(stack, "drill1", targets)
-        results = stack.wait_for_runs(EXAMPLE_DAG, list(targets), timeout=420)
+        results = stack.wait_for_runs(EXAMPLE_DAG, list(targets), timeout=900)
         succeeded, executions, files = check_outcome(stack, results, targets)
         retried, race = unexplained_retries(stack, results)
         assert retried == [], f"tasks needed a retry on the happy path: {retried}"
@@ -263,36 +266,65 @@ def test_drill_1_happy_path(stack: AirflowStack) -> None:
 
 
 def test_drill_2_triggerer_killed(stack: AirflowStack) -> None:
-    """SIGKILL the triggerer while runs are deferred, restart it: all complete, nothing paid twice."""
+    """SIGKILL the triggerer while every wait is deferred, restart it: the new one runs them all to the
+    end, nothing paid twice. The executions (held DAG) run until the drill ends them, after the restart."""
     with drill(stack, "drill 2") as record:
         targets = destinations(stack, "drill2", 10)
         run_ids = list(targets)
-        trigger_all(stack, "drill2", targets)
+        for run_id, destination in targets.items():
+            stack.trigger(HELD_DAG, run_id, {"prompt": f"drill2: {run_id}", "destination": destination})
+        assert stack.api is not None
+        api_client = stack.api
 
-        def all_deferred() -> tuple[list[str], list[str]] | None:
-            """(deferred waits, those whose trigger the triggerer has started), once no wait is before
-            its deferral any more and at least one trigger is polling; else None."""
-            assert stack.api is not None
-            tis = {ti["dag_run_id"]: ti for ti in stack.api.task_instances(EXAMPLE_DAG, run_ids, "wait")}
-            deferred = sorted(run for run, ti in tis.items() if ti["state"] == "deferred")
-            polling = [
-                run
-                for run in deferred
-                if (tis[run].get("trigger") or {}).get("triggerer_id")
-                and stack.trigger_log_jobs(EXAMPLE_DAG, run, "wait")  # its trigger has started
-            ]
-            before = [run for run, ti in tis.items() if ti["state"] not in ("deferred", "success")]
-            return (deferred, polling) if len(tis) == len(run_ids) and polling and not before else None
+        def waits() -> dict[str, dict[str, Any]]:
+            return {ti["dag_run_id"]: ti for ti in api_client.task_instances(HELD_DAG, run_ids, "wait")}
 
-        # Kill once every wait is deferred (or already done) and triggers are polling.
-        deferred, polling = wait_for("the waits to be deferred", all_deferred, timeout=180, interval=0.3)
+        def describe_waits() -> str:
+            shown = {
+                run: (ti["state"], (ti.get("trigger") or {}).get("triggerer_id"))
+                for run, ti in waits().items()
+            }
+            return f"wait tasks (state, triggerer job): {shown}"
+
+        def running_triggers(exclude: set[int]) -> dict[str, int] | None:
+            """run -> the triggerer job running its wait's trigger (not one of ``exclude``), once every
+            wait is deferred and its trigger has started there (its trigger log for that job exists)."""
+            found = {}
+            for run, ti in waits().items():
+                job = (ti.get("trigger") or {}).get("triggerer_id")
+                started = job in stack.trigger_log_jobs(HELD_DAG, run, "wait")
+                if ti["state"] == "deferred" and job and job not in exclude and started:
+                    found[run] = int(job)
+            return found if len(found) == len(run_ids) else None
+
+        before = wait_for(
+            "every wait to be deferred with its trigger running",
+            lambda: running_triggers(set()),
+            describe=describe_waits,
+        )
         killed = stack.components["triggerer"].kill()
         killed_at = time.monotonic()
-        time.sleep(3)  # the triggerer is down: the deferred tasks must not fail meanwhile
-        down_states = stack.task_states(EXAMPLE_DAG, deferred, "wait")
-        assert "failed" not in down_states.values(), down_states
+        # The triggerer is down until Airflow reports it (no heartbeat for the health threshold);
+        # the deferred tasks must not fail meanwhile.
+        wait_for(
+            "Airflow to report the killed triggerer unhealthy",
+            lambda: api_client.health()["triggerer"]["status"] == "unhealthy",
+            describe=lambda: f"health: {api_client.health()}",
+        )
+        down_for = time.monotonic() - killed_at
+        down_states = {run: ti["state"] for run, ti in waits().items()}
+        assert set(down_states.values()) == {"deferred"}, down_states
         stack.restart("triggerer")
-        results = stack.wait_for_runs(EXAMPLE_DAG, run_ids, timeout=300)
+        adopted = wait_for(
+            "the restarted triggerer to run every deferred wait",
+            lambda: running_triggers(set(before.values())),
+            describe=describe_waits,
+        )
+        # Only now do the executions end: the new triggerer's polls find them COMPLETED.
+        for run_id, executions in stack.executions_by_run().items():
+            for execution in executions if run_id in targets else []:
+                stack.server.set_execution_status(execution["id"], "COMPLETED")
+        results = stack.wait_for_runs(HELD_DAG, run_ids)
         recovered_in = time.monotonic() - killed_at
         succeeded, executions, files = check_outcome(stack, results, targets)
         retried, race = unexplained_retries(stack, results)
@@ -300,14 +332,11 @@ def test_drill_2_triggerer_killed(stack: AirflowStack) -> None:
         stats = stack.server.stats()
         assert stats["executions_created"] == 10, stats
         assert stats["cancels"] == {}, f"killing the triggerer cancelled executions: {stats['cancels']}"
-        # Trigger logs are per triggerer job (attempt=1.log.trigger.<job id>.log): the triggers that
-        # were polling when the old triggerer died were run again, to their end, by the new one.
-        trigger_jobs = {run: stack.trigger_log_jobs(EXAMPLE_DAG, run, "wait") for run in deferred}
-        new_job = max(job for jobs in trigger_jobs.values() for job in jobs)
-        adopted = [run for run, jobs in trigger_jobs.items() if new_job in jobs]
-        resumed = [run for run in polling if len(trigger_jobs[run]) == 2]
-        assert adopted, f"the restarted triggerer ran none of the deferred waits: {trigger_jobs}"
-        secrets = assert_nothing_left_or_leaked(stack, run_ids)
+        # Trigger logs are per triggerer job (attempt=1.log.trigger.<job id>.log): each wait's trigger
+        # was begun by the old triggerer and run to its end by the new one.
+        trigger_jobs = {run: stack.trigger_log_jobs(HELD_DAG, run, "wait") for run in run_ids}
+        assert all(jobs == {before[run], adopted[run]} for run, jobs in trigger_jobs.items()), trigger_jobs
+        secrets = assert_nothing_left_or_leaked(stack, run_ids, HELD_DAG)
     RESULTS.append(
         DrillResult(
             "2 triggerer SIGKILL + restart",
@@ -317,10 +346,10 @@ def test_drill_2_triggerer_killed(stack: AirflowStack) -> None:
             files,
             len(secrets),
             record["seconds"],
-            f"{len(deferred)} waits deferred at the kill, {len(polling)} of their triggers polling "
-            f"({len(killed)} processes killed); the new triggerer ran {len(adopted)}, resuming "
-            f"{len(resumed)}; all runs done {recovered_in:.0f} s after the kill; no task retry, no cancel"
-            f"{race_note(race)}",
+            f"10 waits deferred, their triggers polling, at the kill ({len(killed)} processes killed); "
+            f"none failed while Airflow saw the triggerer down ({down_for:.0f} s); the new triggerer ran "
+            f"all {len(adopted)}, then the executions were ended; all runs done {recovered_in:.0f} s after "
+            f"the kill; no task retry, no cancel{race_note(race)}",
         )
     )
 
@@ -338,7 +367,9 @@ def _proc_cmdline(pid: int) -> str:
 
 def test_drill_3_worker_killed_after_submit(stack: AirflowStack) -> None:
     """SIGKILL the submit task once the server has created its execution: the retry re-attaches."""
-    slow = 8.0  # below the connection's 10 s read timeout: the client is still waiting when killed
+    # Past the connection's 10 s read timeout: every HTTP retry of the create times out in turn, so the
+    # try hangs until its retry deadline (60 s), far longer than it takes to see it hang and kill it.
+    slow = 12.0
     with drill(stack, "drill 3") as record:
         targets = destinations(stack, "drill3", 3)
         run_ids = list(targets)
@@ -346,10 +377,10 @@ def test_drill_3_worker_killed_after_submit(stack: AirflowStack) -> None:
         for run_id, destination in targets.items():
             assert stack.api is not None
             posts_before = stack.server.stats()["requests"].get("POST /v1/executions", 0)
-            # The first answer is lost after the execution exists; the client's HTTP retry then hangs,
+            # The first answer is lost after the execution exists; the client's HTTP retries then hang,
             # and the worker is killed while it waits: the try never learns its execution's id.
             stack.server.add_fault("POST /v1/executions", "drop", count=1)
-            stack.server.add_fault("POST /v1/executions", "slow", count=1, seconds=slow)
+            stack.server.add_fault("POST /v1/executions", "slow", count=None, seconds=slow)
             stack.trigger(EXAMPLE_DAG, run_id, {"prompt": f"drill3: {run_id}", "destination": destination})
 
             def submitted_and_hanging(
@@ -361,18 +392,25 @@ def test_drill_3_worker_killed_after_submit(stack: AirflowStack) -> None:
                 ti = stack.api.task_instance(EXAMPLE_DAG, run_id, "submit") if stack.api else {}
                 return ti if ti.get("state") == "running" and ti.get("pid") else None
 
-            ti = wait_for(
-                f"{run_id}'s submit to hang after creating", submitted_and_hanging, timeout=90, interval=0.2
-            )
+            ti = wait_for(f"{run_id}'s submit to hang after creating", submitted_and_hanging, interval=0.2)
             pid = int(ti["pid"])
             assert ti["id"] in _proc_cmdline(pid), f"pid {pid} is not {run_id}'s task: {_proc_cmdline(pid)!r}"
             os.kill(pid, signal.SIGKILL)
             kills.append(pid)
+            stack.server.clear_faults()  # before the retry can start (retry_delay 1 s): it must get through
             # Let the retry re-attach before arming the next run's faults (they are global).
-            wait_for(
-                f"{run_id}'s submit retry", partial(task_succeeded, stack, run_id, "submit"), timeout=120
-            )
-        results = stack.wait_for_runs(EXAMPLE_DAG, run_ids, timeout=300)
+            wait_for(f"{run_id}'s submit retry", partial(task_succeeded, stack, run_id, "submit"))
+        results = stack.wait_for_runs(EXAMPLE_DAG, run_ids)
+        # The killed tries' held creates end on the server after their clients are gone (as idempotent
+        # replays): wait for them, or one would land after the next drill's reset as a new execution.
+        wait_for(
+            "the server to have processed every create (each dropped one or an idempotent replay)",
+            lambda: (
+                (stats := stack.server.stats())["requests"]["POST /v1/executions"]
+                == stats["executions_created"] + stats["idempotent_replays"]
+            ),
+            describe=lambda: f"server stats: {stack.server.stats()}",
+        )
         succeeded, executions, files = check_outcome(stack, results, targets)
         tries = {r.run_id: r.try_number("submit") for r in results.values()}
         assert set(tries.values()) == {2}, f"submit should have run exactly twice: {tries}"
@@ -414,10 +452,10 @@ API_FAULTS: list[tuple[str, str, int, dict[str, Any]]] = [
     ("GET /v1/executions/{id}", "rate_limit", 1, {"retry_after": 1}),
     ("GET /v1/executions/{id}", "drop", 1, {}),
     ("GET /v1/executions/{id}", "slow", 1, {"seconds": 2}),
-    ("GET /v1/files/{file_id}/url", "rate_limit", 2, {"retry_after": 1}),
-    ("GET /v1/files/{file_id}/url", "error", 1, {"code": "SERVICE_UNAVAILABLE"}),
-    ("GET /v1/files/{file_id}/url", "drop", 1, {}),
-    ("GET /v1/files/{file_id}/url", "slow", 1, {"seconds": 2}),
+    ("GET /v1/files/{file_id}/download", "rate_limit", 2, {"retry_after": 1}),
+    ("GET /v1/files/{file_id}/download", "error", 1, {"code": "SERVICE_UNAVAILABLE"}),
+    ("GET /v1/files/{file_id}/download", "drop", 1, {}),
+    ("GET /v1/files/{file_id}/download", "slow", 1, {"seconds": 2}),
 ]
 RETRY_LINE = re.compile(
     r"ModelRoute request failed \((?P<error>.*?)\); retry \d+ of \d+ in (?P<wait>[\d.]+) s"
@@ -433,7 +471,7 @@ def test_drill_4_api_faults(stack: AirflowStack) -> None:
         targets = destinations(stack, "drill4", 8)
         run_ids = list(targets)
         trigger_all(stack, "drill4", targets)
-        results = stack.wait_for_runs(EXAMPLE_DAG, run_ids, timeout=300)
+        results = stack.wait_for_runs(EXAMPLE_DAG, run_ids)
         succeeded, executions, files = check_outcome(stack, results, targets)
         retried, race = unexplained_retries(stack, results)
         assert retried == [], f"faults within the retry budget cost Airflow task retries: {retried}"
@@ -485,7 +523,7 @@ def test_drill_5_storage_faults(stack: AirflowStack) -> None:
         stack.server.add_fault("GET /files/{file_id}", "expire_url", count=3)
         targets_a = destinations(stack, "drill5a", 6)
         trigger_all(stack, "drill5a", targets_a)
-        results_a = stack.wait_for_runs(EXAMPLE_DAG, list(targets_a), timeout=300)
+        results_a = stack.wait_for_runs(EXAMPLE_DAG, list(targets_a))
         ok_a, executions_a, files_a = check_outcome(stack, results_a, targets_a)
         assert {r.try_number("store") for r in results_a.values()} == {1}, "in-task recovery needed a retry"
         assert stack.server.stats()["faults_fired"] == 6, stack.server.stats()
@@ -498,7 +536,7 @@ def test_drill_5_storage_faults(stack: AirflowStack) -> None:
         run_b = "drill5b-00"
         targets_b = {run_b: stack.s3_destination(f"drill5b/{run_b}")}
         trigger_all(stack, "drill5b", targets_b)
-        results_b = stack.wait_for_runs(EXAMPLE_DAG, [run_b], timeout=300)
+        results_b = stack.wait_for_runs(EXAMPLE_DAG, [run_b])
         ok_b, executions_b, files_b = check_outcome(stack, results_b, targets_b)
         assert results_b[run_b].try_number("store") == 2, results_b[run_b].tasks["store"]
         store_logs = stack.task_logs(EXAMPLE_DAG, run_b, "store")
@@ -513,7 +551,7 @@ def test_drill_5_storage_faults(stack: AirflowStack) -> None:
         run_c = "drill5c-00"
         destination_c, folder_c = stack.local_destination(f"drill5c/{run_c}")
         stack.trigger(EXAMPLE_DAG, run_c, {"prompt": "drill5c", "destination": destination_c})
-        failed_c = stack.wait_for_runs(EXAMPLE_DAG, [run_c], timeout=300)[run_c]
+        failed_c = stack.wait_for_runs(EXAMPLE_DAG, [run_c])[run_c]
         assert failed_c.state == "failed" and failed_c.task_state("store") == "failed", failed_c.tasks
         assert failed_c.try_number("store") == 3, failed_c.tasks["store"]
         assert stack.stored_objects(destination_c) == {}, f"a failed copy left {os.listdir(folder_c)}"
@@ -521,7 +559,7 @@ def test_drill_5_storage_faults(stack: AirflowStack) -> None:
         stack.server.clear_faults()
         assert stack.api is not None
         stack.api.clear(EXAMPLE_DAG, run_c, ["store"])
-        results_c = stack.wait_for_runs(EXAMPLE_DAG, [run_c], timeout=300)
+        results_c = stack.wait_for_runs(EXAMPLE_DAG, [run_c])
         ok_c, executions_c, files_c = check_outcome(stack, results_c, {run_c: destination_c})
 
         phase_c = time.monotonic() - record["started"] - phase_a - phase_b
@@ -551,7 +589,7 @@ BAD_INPUT_HINTS = {
     "unknown_model": "unknown model 'no-such-model'",
     "missing_connection": "connection 'modelroute_missing' does not exist: create it",
     "wrong_api_key": "check the API key in the Airflow connection's password field",
-    "malformed_api_key": "unusable ModelRoute API key",
+    "malformed_api_key": "check the API key in the Airflow connection's password field",
     "invalid_input": "input.prompt: is required and must be a non-empty string",
     "bad_destination": "destination 'nosuch://bucket/images/' cannot be opened",
 }
@@ -570,8 +608,8 @@ def test_drill_6_bad_inputs(stack: AirflowStack) -> None:
         stack.trigger(
             EXAMPLE_DAG, run_destination, {"prompt": "drill6", "destination": "nosuch://bucket/images/"}
         )
-        bad = stack.wait_for_runs(BAD_INPUTS_DAG, [run_bad], timeout=300)[run_bad]
-        examples = stack.wait_for_runs(EXAMPLE_DAG, [run_invalid, run_destination], timeout=300)
+        bad = stack.wait_for_runs(BAD_INPUTS_DAG, [run_bad])[run_bad]
+        examples = stack.wait_for_runs(EXAMPLE_DAG, [run_invalid, run_destination])
 
         cases: dict[str, tuple[str, str, str, RunResult]] = {
             task: (BAD_INPUTS_DAG, run_bad, task, bad)

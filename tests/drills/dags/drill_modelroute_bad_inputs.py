@@ -36,7 +36,7 @@ with DAG(
     )
     ModelRouteExecuteOperator(
         task_id="malformed_api_key",
-        modelroute_conn_id="modelroute_malformed_key",  # fails its checksum: no request is made
+        modelroute_conn_id="modelroute_malformed_key",  # sent (the server judges keys): UNAUTHORIZED
         model="flux-1.1-pro",
         input={"prompt": "a fox"},
     )
