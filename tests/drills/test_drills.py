@@ -2,10 +2,11 @@
 LocalExecutor) against the local ModelRoute server and moto S3, with processes killed and faults
 injected. Each drill ends with the runs' states, the server's counters and the stored files checked.
 
-    .venv/bin/python -m pytest tests/drills -m drill -q -x -s
+    make drills        # i.e. .venv/bin/python -m pytest tests/drills -m drill
 
-The drills share one stack (started once, ~30 s) and run in order; each resets the server's counters
-and faults first. The summary table is printed and written to ``build/drill-results.md``.
+The drills share one stack (started once, ~30 s on an idle machine) and run in order; each resets the
+server's counters and faults first. Every wait polls a condition with a deadline in minutes (no fixed
+sleep). The summary table is printed and written to ``build/drill-results.md``.
 """
 
 from __future__ import annotations
