@@ -46,6 +46,7 @@ test-matrix-list:
 bench: $(STAMP)
 	$(PY) benchmarks/bench_triggerer.py
 	$(PY) benchmarks/bench_transfer.py
+	$(PY) benchmarks/profile_transfer.py
 	$(PY) benchmarks/bench_import.py
 	$(PY) benchmarks/bench_hook.py
 
