@@ -52,8 +52,10 @@ test-matrix-list:
 bench: $(STAMP)
 	$(PY) benchmarks/bench_triggerer.py
 	$(PY) benchmarks/bench_transfer.py
+	$(PY) benchmarks/profile_transfer.py
 	$(PY) benchmarks/bench_import.py
 	$(PY) benchmarks/bench_hook.py
+	$(PY) benchmarks/bench_budget.py
 
 # The reliability proof of RELIABILITY.md: ROUNDS rounds of `make test` + `make drills` while two
 # busy loops keep both cores loaded; prints each round's results and times.

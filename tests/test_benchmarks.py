@@ -17,7 +17,14 @@ from tests.conftest import REPO, needs_airflow_sdk
 
 pytestmark = needs_airflow_sdk("the benchmarks (measured on Airflow 3.3)")
 
-SCRIPTS = ["bench_triggerer.py", "bench_transfer.py", "bench_import.py", "bench_hook.py", "bench_budget.py"]
+SCRIPTS = [
+    "bench_triggerer.py",
+    "bench_transfer.py",
+    "profile_transfer.py",
+    "bench_import.py",
+    "bench_hook.py",
+    "bench_budget.py",
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
