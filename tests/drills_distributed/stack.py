@@ -361,6 +361,6 @@ def describe_versions() -> dict[str, Any]:
         "celery provider": version("apache-airflow-providers-celery"),
         "celery": version("celery"),
         "psycopg2": version("psycopg2-binary").split()[0],
-        "postgresql": command_version([postgres, "--version"]).split()[-1],
+        "postgresql": command_version([postgres, "--version"]).split()[2],
         "redis": command_version(["redis-server", "--version"]).split()[2].removeprefix("v="),
     }

@@ -17,6 +17,9 @@ from airflow.sdk import DAG, Param, task, task_group
 from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
 from airflow_provider_modelroute.transfers.modelroute import ModelRouteToStorageOperator
 
+#: Seconds between status polls: with many executions waiting on one key at 60 requests/min, polling
+#: every few seconds would spend the budget on executions still running.
+POLL_INTERVAL = 15
 GENERATED_FILE = (
     "{{ ti.xcom_pull(task_ids='item.generate', map_indexes=ti.map_index)['files'][0]['file_id'] }}"
 )
@@ -26,7 +29,9 @@ with DAG(
     schedule=None,
     start_date=datetime(2026, 1, 1),
     catchup=False,
-    default_args={"retries": 3, "retry_delay": timedelta(seconds=2)},
+    # "upstream": an output is copied as soon as it is ready, before more submissions (Airflow's
+    # default ranks every generate above every store, so copies would wait for the whole batch).
+    default_args={"retries": 3, "retry_delay": timedelta(seconds=2), "weight_rule": "upstream"},
     params={
         "inputs": Param([], type="array", description="one model input per execution"),
         "destination": Param("", type="string", description="ObjectStoragePath URL of a folder"),
@@ -50,7 +55,7 @@ with DAG(
             input=model_input,
             metadata=metadata,
             deferrable=True,
-            poll_interval=5,
+            poll_interval=POLL_INTERVAL,
         )
         store = ModelRouteToStorageOperator(
             task_id="store",
