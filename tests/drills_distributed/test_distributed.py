@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import re
 import time
 from collections import Counter
@@ -30,7 +31,6 @@ import pytest
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute._compat import AIRFLOW_V_3_0_PLUS
 from tests.drills.harness import REPO, TERMINAL_RUN_STATES, DrillError, wait_for
-from tests.drills_distributed.dags.drill_modelroute_batch import POLL_INTERVAL
 from tests.drills_distributed.stack import DistributedStack, describe_versions
 
 ENABLE = "MODELROUTE_DRILLS_DISTRIBUTED"
@@ -54,22 +54,23 @@ def _setting(name: str, default: float) -> float:
 
 
 #: The batch: this many mapped executions per scenario, all on one API key.
-ITEMS = int(_setting("ITEMS", 30))
+ITEMS = int(_setting("ITEMS", 25))
 #: The documented limit: requests per minute per key (every /v1 answer carries X-RateLimit-*).
 RATE_LIMIT = int(_setting("RATE_LIMIT", 60))
 #: How long the server runs each execution: from MIN to MAX seconds, mixed over the batch's order.
 MIN_SECONDS = _setting("MIN_SECONDS", 5)
-MAX_SECONDS = _setting("MAX_SECONDS", 90)
+MAX_SECONDS = _setting("MAX_SECONDS", 60)
 AWAITING_WEBHOOK_SECONDS = 3.0
 WORKER_CONCURRENCY = 4
-HEARTBEAT_TIMEOUT = 60
-QUEUED_TIMEOUT = 180
+HEARTBEAT_TIMEOUT = 40
+QUEUED_TIMEOUT = 90
 OUTAGE_SECONDS = 30
 #: The fewest API requests an execution costs: its create, one status read, one file URL.
 REQUESTS_PER_EXECUTION = 3
 BATCH_TIMEOUT = _setting("BATCH_TIMEOUT", 900)
 
 DAG_ID = "drill_modelroute_batch"
+GENERATE, STORE = "item.generate", "item.store"
 RESULTS_FILE = REPO / "build" / "drill-distributed-results.md"
 RETRY_LINE = re.compile(r"ModelRoute request failed \((?P<error>[^)]*)")
 
@@ -98,9 +99,10 @@ SESSION: dict[str, Any] = {}
 
 
 def durations() -> list[float]:
-    """Each item's run time: evenly from MIN to MAX seconds, in a scrambled order (7 is coprime to N)."""
+    """Each item's run time: evenly from MIN to MAX seconds, in a fixed shuffled order."""
     steps = max(ITEMS - 1, 1)
-    return [MIN_SECONDS + (MAX_SECONDS - MIN_SECONDS) * ((7 * i) % ITEMS) / steps for i in range(ITEMS)]
+    order = random.Random(17).sample(range(ITEMS), ITEMS)
+    return [MIN_SECONDS + (MAX_SECONDS - MIN_SECONDS) * rank / steps for rank in order]
 
 
 def lower_bound() -> float:
@@ -128,6 +130,8 @@ def results_table() -> str:
 
 
 def write_results() -> None:
+    from tests.drills_distributed.dags.drill_modelroute_batch import POLL_INTERVAL  # defines the DAG
+
     versions = ", ".join(f"{k} {v}" for k, v in SESSION.get("versions", {}).items())
     setup = ", ".join(f"{k} {v:.0f} s" for k, v in SESSION.get("timings", {}).items())
     RESULTS_FILE.parent.mkdir(exist_ok=True)
@@ -285,7 +289,9 @@ class Batch:
 
     def wait_done(self) -> str:
         state = self.wait(
-            f"run {self.run_id} to end", lambda: (s := self.run_state()) in TERMINAL_RUN_STATES and s
+            f"run {self.run_id} to end",
+            lambda: (s := self.run_state()) in TERMINAL_RUN_STATES and s,
+            timeout=BATCH_TIMEOUT,
         )
         return str(state)
 
@@ -302,7 +308,7 @@ class Batch:
         for ti in tis:
             by_task.setdefault(ti["task_id"], Counter())[str(ti["state"])] += 1
         tasks_ok = ", ".join(f"{t} {c['success']}/{sum(c.values())}" for t, c in sorted(by_task.items()))
-        for task_id in ("item.generate", "item.store"):
+        for task_id in (GENERATE, STORE):
             if by_task.get(task_id, Counter())["success"] != ITEMS:
                 problems.append(f"{task_id}: {dict(by_task.get(task_id, {}))}")
         if state != "success":
@@ -339,14 +345,19 @@ class Batch:
         print(f"{self.name}: {result}", flush=True)
         return result
 
-    def check_executions(self) -> tuple[int, list[str]]:
-        """Exactly one execution per item, all COMPLETED: none lost, none paid twice."""
+    def executions_by_item(self) -> dict[int, list[dict[str, Any]]]:
+        """The server's executions of this run, by the item (map index) in their metadata."""
         by_item: dict[int, list[dict[str, Any]]] = {}
         for execution_id in self.stack.server.execution_ids():
             execution = self.stack.server.execution(execution_id)
             metadata = execution.get("metadata") or {}
             if metadata.get("run_id") == self.run_id:
                 by_item.setdefault(int(metadata["item"]), []).append(execution)
+        return by_item
+
+    def check_executions(self) -> tuple[int, list[str]]:
+        """Exactly one execution per item: none lost, none paid twice."""
+        by_item = self.executions_by_item()
         count = sum(len(found) for found in by_item.values())
         problems = []
         duplicated = {item: [e["id"] for e in found] for item, found in by_item.items() if len(found) > 1}
@@ -422,7 +433,7 @@ def waits_by_triggerer(batch: Batch) -> Counter[str]:
     """Deferred ``generate`` tasks per triggerer component holding their trigger."""
     names = triggerer_names(batch.stack)
     held: Counter[str] = Counter()
-    for ti in batch.task_instances("item.generate"):
+    for ti in batch.task_instances(GENERATE):
         triggerer_id = (ti.get("trigger") or {}).get("triggerer_id")
         if ti["state"] == "deferred" and triggerer_id is not None:
             held[names.get(int(triggerer_id), f"job {triggerer_id}")] += 1
@@ -473,20 +484,54 @@ def worker_tasks(batch: Batch, task_id: str) -> Counter[str]:
     return Counter(str(ti["hostname"]) for ti in batch.task_instances(task_id) if ti["state"] == "running")
 
 
-def kill_busiest_worker(batch: Batch, task_id: str, started_after: Callable[[], bool]) -> str:
-    """Once ``started_after()`` and a worker runs ``task_id`` tasks, SIGKILL that worker and restart it."""
+def kill_worker(batch: Batch, worker: str, what: str) -> None:
+    """SIGKILL a Celery worker with everything it started, then restart it (as a supervisor would)."""
+    pids = batch.stack.components[worker].kill()
+    print(f"SIGKILLed {worker} ({len(pids)} processes) {what}", flush=True)
+    batch.stack.restart(worker)
+
+
+def kill_worker_mid_submission(batch: Batch) -> tuple[str, list[int]]:
+    """Lose every create's answer (the execution exists; the client retries) until a worker runs a
+    submission whose execution exists, then SIGKILL that worker: that try never learns its id.
+
+    Returns the worker and the items whose tries were killed after their execution was created.
+    """
     stack = batch.stack
+    submitted = {"deferred", "success"}
+    batch.wait(
+        "a quarter of the batch submitted", lambda: count_states(batch, GENERATE, submitted) >= ITEMS // 4
+    )
+    created_before = set(batch.executions_by_item())
+    stack.server.add_fault("POST /v1/executions", "drop", count=None)
 
-    def busy() -> tuple[str, int] | None:
-        running = worker_tasks(batch, task_id)
-        candidates = [(n, c) for n, c in running.most_common() if n in stack.WORKERS]
-        return candidates[0] if candidates and started_after() else None
+    def caught() -> tuple[str, list[int]] | None:
+        lost_answers = set(batch.executions_by_item()) - created_before  # created while answers drop
+        hanging: dict[str, list[int]] = {}
+        for ti in batch.task_instances(GENERATE):
+            if ti["state"] == "running" and ti["map_index"] in lost_answers:
+                hanging.setdefault(str(ti["hostname"]), []).append(int(ti["map_index"]))
+        return max(hanging.items(), key=lambda found: len(found[1])) if hanging else None
 
-    worker, running = batch.wait(f"a worker running {task_id} tasks", busy)
-    pids = stack.components[worker].kill()
-    print(f"SIGKILLed {worker} ({len(pids)} processes) running {running} {task_id} tasks", flush=True)
-    stack.restart(worker)
-    return f"{worker} during {task_id} ({running} running)"
+    worker, items = batch.wait("a worker running a submission whose answer was lost", caught)
+    kill_worker(batch, worker, f"while {len(items)} submissions waited for a lost answer (items {items})")
+    stack.server.clear_faults()
+    return worker, items
+
+
+def kill_worker_mid_transfer(batch: Batch) -> tuple[str, int]:
+    """Once a quarter of the outputs are stored, SIGKILL the worker running the most copies."""
+    done = {"success"}
+
+    def copying() -> tuple[str, int] | None:
+        if count_states(batch, STORE, done) < ITEMS // 4:
+            return None
+        running = [(w, n) for w, n in worker_tasks(batch, STORE).most_common() if w in batch.stack.WORKERS]
+        return running[0] if running else None
+
+    worker, running = batch.wait("a worker copying outputs", copying)
+    kill_worker(batch, worker, f"while it ran {running} copies")
+    return worker, running
 
 
 def count_states(batch: Batch, task_id: str, states: set[str]) -> int:
@@ -497,17 +542,18 @@ def test_3_worker_killed(stack: DistributedStack) -> None:
     """SIGKILL a Celery worker during submissions, and one during transfers (each restarted at once):
     the killed tries are failed by the scheduler and retried; every retry re-attaches or re-copies."""
     batch = Batch(stack, "worker-kill").start()
-    submitted = {"deferred", "success"}
-    first = kill_busiest_worker(
-        batch, "item.generate", lambda: count_states(batch, "item.generate", submitted) >= ITEMS // 4
-    )
-    second = kill_busiest_worker(
-        batch, "item.store", lambda: count_states(batch, "item.store", {"success"}) >= ITEMS // 4
-    )
-    stats = stack.server.stats()
+    first, orphaned = kill_worker_mid_submission(batch)
+    second, copies = kill_worker_mid_transfer(batch)
     result = batch.finish(
-        f"SIGKILLed {first}, then {second}; {stats['idempotent_replays']} idempotent replays"
+        f"SIGKILLed {first} while {len(orphaned)} of its submissions had created their execution but "
+        f"lost the answer, then {second} while it ran {copies} copies (both restarted at once); "
+        f"{stack.server.stats()['idempotent_replays']} idempotent replays"
     )
+    tries = {ti["map_index"]: ti["try_number"] for ti in batch.task_instances(GENERATE)}
+    if any(tries[item] < 2 for item in orphaned):
+        result.problems.append(f"killed submissions were not retried: {tries}")
+    if stack.server.stats()["idempotent_replays"] < 1:
+        result.problems.append("no retry re-attached to its execution")
     wait_for("both workers back", stack.healthy, timeout=180, interval=2, describe=stack.tails)
     assert_correct(result)
 
@@ -529,8 +575,8 @@ def test_4_api_outage(stack: DistributedStack) -> None:
     batch.wait(
         "a quarter of the batch submitted and a copy done",
         lambda: (
-            count_states(batch, "item.generate", {"deferred", "success"}) >= ITEMS // 4
-            and count_states(batch, "item.store", {"success"}) >= 1
+            count_states(batch, GENERATE, {"deferred", "success"}) >= ITEMS // 4
+            and count_states(batch, STORE, {"success"}) >= 1
         ),
     )
     for endpoint, kind, params in OUTAGE_FAULTS:
