@@ -22,6 +22,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -64,7 +65,8 @@ def ensure_debian_package(package: str, binary_glob: str) -> str:
     for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", package]):
         result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, check=False)
         if result.returncode != 0:
-            raise DrillError(f"`{' '.join(argv)}` failed ({result.returncode}):\n{result.stdout[-3000:]}")
+            output = (result.stdout + result.stderr)[-3000:]
+            raise DrillError(f"`{' '.join(argv)}` failed ({result.returncode}):\n{output}")
     found = sorted(glob.glob(binary_glob))
     if not found:
         raise DrillError(f"apt-get installed {package!r} but {binary_glob} is still missing")
@@ -92,7 +94,13 @@ class PostgresServer:
             shutil.chown(self.data_root, self.user, self.user)
         initdb = [str(self.bin / "initdb"), "-D", str(data), "-U", PG_USER, "--auth=trust", "-E", "UTF8"]
         result = subprocess.run(
-            [*initdb, "--no-sync"], user=self.user, capture_output=True, text=True, timeout=120, check=False
+            [*initdb, "--no-sync"],
+            user=self.user,
+            cwd=self.data_root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         if result.returncode != 0:
             raise DrillError(f"initdb failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -135,7 +143,7 @@ class PostgresServer:
         # SIGTERM is PostgreSQL's "smart" shutdown (waits for clients); SIGINT is "fast".
         process = self.component.process
         if process is not None and process.poll() is None:
-            process.send_signal(2)
+            process.send_signal(signal.SIGINT)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=20)
         self.component.stop(grace=5)

@@ -35,19 +35,6 @@ from tests.drills_distributed.stack import DistributedStack, describe_versions
 
 ENABLE = "MODELROUTE_DRILLS_DISTRIBUTED"
 
-pytestmark = [
-    pytest.mark.drill,
-    pytest.mark.timeout(1800),
-    pytest.mark.skipif(
-        not AIRFLOW_V_3_0_PLUS,
-        reason="the drills run Airflow 3's own components (api-server, dag-processor, execution API)",
-    ),
-    pytest.mark.skipif(
-        not os.environ.get(ENABLE),
-        reason=f"~15 min, starts PostgreSQL and Redis: run with `make drills-distributed` ({ENABLE}=1)",
-    ),
-]
-
 
 def _setting(name: str, default: float) -> float:
     return float(os.environ.get(f"MODELROUTE_DISTRIBUTED_{name}", default))
@@ -60,6 +47,22 @@ RATE_LIMIT = int(_setting("RATE_LIMIT", 60))
 #: How long the server runs each execution: from MIN to MAX seconds, mixed over the batch's order.
 MIN_SECONDS = _setting("MIN_SECONDS", 5)
 MAX_SECONDS = _setting("MAX_SECONDS", 60)
+#: How long one scenario's batch may take to end.
+BATCH_TIMEOUT = _setting("BATCH_TIMEOUT", 900)
+
+pytestmark = [
+    pytest.mark.drill,
+    pytest.mark.timeout(BATCH_TIMEOUT + 900),  # the batch, what precedes it, and the stack's start
+    pytest.mark.skipif(
+        not AIRFLOW_V_3_0_PLUS,
+        reason="the drills run Airflow 3's own components (api-server, dag-processor, execution API)",
+    ),
+    pytest.mark.skipif(
+        not os.environ.get(ENABLE),
+        reason=f"~15 min, starts PostgreSQL and Redis: run with `make drills-distributed` ({ENABLE}=1)",
+    ),
+]
+
 AWAITING_WEBHOOK_SECONDS = 3.0
 WORKER_CONCURRENCY = 4
 HEARTBEAT_TIMEOUT = 40
@@ -67,7 +70,6 @@ QUEUED_TIMEOUT = 90
 OUTAGE_SECONDS = 30
 #: The fewest API requests an execution costs: its create, one status read, one file URL.
 REQUESTS_PER_EXECUTION = 3
-BATCH_TIMEOUT = _setting("BATCH_TIMEOUT", 900)
 
 DAG_ID = "drill_modelroute_batch"
 GENERATE, STORE = "item.generate", "item.store"
