@@ -287,6 +287,10 @@ class AirflowApi:
             )
         return response.json() if response.content else None
 
+    def get(self, path: str, **params: Any) -> Any:
+        """Any GET of the REST API (5xx answers and time-outs retried)."""
+        return self._json("GET", path, params=params)
+
     def health(self) -> dict[str, Any]:
         return dict(self._json("GET", "/api/v2/monitor/health"))
 

@@ -247,9 +247,7 @@ class Batch:
             params: dict[str, Any] = {"limit": 1000, "offset": len(found)}
             if task_id:
                 params["task_id"] = task_id
-            page = self.api._json(
-                "GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{self.run_id}/taskInstances", params=params
-            )
+            page = self.api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{self.run_id}/taskInstances", **params)
             found += page["task_instances"]
             if not page["task_instances"] or len(found) >= page["total_entries"]:
                 return found
@@ -287,7 +285,7 @@ class Batch:
         return f"{self.progress()}\n{self.stack.tails()}"
 
     def run_state(self) -> str:
-        return str(self.api._json("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{self.run_id}")["state"])
+        return str(self.api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{self.run_id}")["state"])
 
     def wait_done(self) -> str:
         state = self.wait(
@@ -427,7 +425,7 @@ def test_1_undisturbed(stack: DistributedStack) -> None:
 def triggerer_names(stack: DistributedStack) -> dict[int, str]:
     """Triggerer job id -> the component that runs it (each names itself, see ``DistributedStack``)."""
     assert stack.api is not None
-    jobs = stack.api._json("GET", "/api/v2/jobs", params={"job_type": "TriggererJob", "limit": 1000})["jobs"]
+    jobs = stack.api.get("/api/v2/jobs", job_type="TriggererJob", limit=1000)["jobs"]
     return {int(job["id"]): str(job["hostname"]) for job in jobs}
 
 
