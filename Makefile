@@ -65,3 +65,10 @@ under-load: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(UV_HOME) .matrix build dist *.egg-info
+
+# The distributed drills (RELIABILITY.md, "Distributed"): PostgreSQL and Redis from Debian's packages
+# (apt-get installs them when missing: run as root), a CeleryExecutor with two workers, two triggerers,
+# a batch against the rate-limited local ModelRoute server; four scenarios, ~15 min on 2 cores.
+.PHONY: drills-distributed
+drills-distributed: $(STAMP)
+	MODELROUTE_DRILLS_DISTRIBUTED=1 $(PY) -m pytest tests/drills_distributed -m drill -q -s

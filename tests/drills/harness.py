@@ -30,6 +30,7 @@ trigger logs). ``stop()`` always ends every process the stack started (by sessio
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -162,15 +163,16 @@ def _session_members(session_id: int) -> list[int]:
     return members
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: a child running as another user may not import
+
+
 def _die_with_parent() -> None:
     """Runs in each component's child before exec: SIGTERM it if the test process dies first.
 
     ``stop()`` is the normal way out; this covers a test process that is killed outright.
     """
-    import ctypes
-
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _signal_pids(pids: Iterable[int], sig: int) -> None:
@@ -189,6 +191,7 @@ class Component:
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
+    user: str | None = None  # run as this OS user (PostgreSQL refuses to run as root)
 
     def start(self, env: dict[str, str], cwd: Path) -> None:
         env = {**env, **self.extra_env}
@@ -205,6 +208,7 @@ class Component:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
+                user=self.user,
             )
         self.starts += 1
 
@@ -282,6 +286,10 @@ class AirflowApi:
                 f"Airflow API {method} {path}: HTTP {response.status_code}: {response.text[:2000]}"
             )
         return response.json() if response.content else None
+
+    def get(self, path: str, **params: Any) -> Any:
+        """Any GET of the REST API (5xx answers and time-outs retried)."""
+        return self._json("GET", path, params=params)
 
     def health(self) -> dict[str, Any]:
         return dict(self._json("GET", "/api/v2/monitor/health"))
@@ -399,8 +407,8 @@ class AirflowStack:
         self._prepare_home()
         self._migrate()
         self.timings["db_migrate"] = time.monotonic() - started
-        for name in ("dag-processor", "scheduler", "triggerer"):
-            self._component(name, [PYTHON, "-m", "airflow", name]).start(self.env, self.home)
+        for name, argv in self.airflow_commands().items():
+            self._component(name, argv).start(self.env, self.home)
         api_server = self._component(
             "api-server",
             [PYTHON, "-m", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(self.api_port)],
@@ -409,8 +417,9 @@ class AirflowStack:
         # its event loop. Waiting there for SQLite's write lock stalls every request, including the
         # one whose commit would release that lock: a long busy timeout turned that into a 30 s+
         # stall of the whole stack (measured). A short one turns it into a retried HTTP 500.
-        connect_args = "airflow_local_settings.SQLITE_CONNECT_ARGS_API_SERVER"
-        api_server.extra_env = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": connect_args}
+        if self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite"):
+            connect_args = "airflow_local_settings.SQLITE_CONNECT_ARGS_API_SERVER"
+            api_server.extra_env = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": connect_args}
         api_server.start(self.env, self.home)
         self.api = AirflowApi(f"http://127.0.0.1:{self.api_port}")
         self._wait_ready()
@@ -439,18 +448,15 @@ class AirflowStack:
     def cleanup(self) -> None:
         shutil.rmtree(self.home, ignore_errors=True)
 
-    def _component(self, name: str, argv: list[str]) -> Component:
-        component = Component(name, argv, self.components_dir / f"{name}.log")
-        self.components[name] = component
-        return component
+    # -- what a stack runs (a subclass may change these) -----------------------------------------
 
-    def _start_modelroute(self) -> None:
-        self.components_dir.mkdir(parents=True, exist_ok=True)
-        info_path = self.home / "modelroute-server.json"  # holds the API key: not in components/ or logs/
-        argv = [
-            PYTHON,
-            "-m",
-            "airflow_provider_modelroute.testing",
+    def airflow_commands(self) -> dict[str, list[str]]:
+        """The long-running Airflow components besides the api-server, by name."""
+        return {name: [PYTHON, "-m", "airflow", name] for name in ("dag-processor", "scheduler", "triggerer")}
+
+    def modelroute_args(self) -> list[str]:
+        """Options of the local ModelRoute server (``python -m airflow_provider_modelroute.testing``)."""
+        return [
             "--pending-seconds",
             str(PENDING_SECONDS),
             "--processing-seconds",
@@ -462,6 +468,27 @@ class AirflowStack:
             "--dialect",  # /download answers presigned URLs: drill 5's storage faults reach them
             "presigned",
         ]
+
+    def dag_files(self) -> list[Path]:
+        """The DAG files copied into the stack's DAGs folder."""
+        return [EXAMPLE_DAG_FILE, *sorted(DRILL_DAGS.glob("*.py"))]
+
+    def expected_dag_ids(self) -> list[str]:
+        """The DAGs that must be parsed before the stack is ready."""
+        found = []
+        for path in self.dag_files():
+            found += re.findall(r"dag_id=\"([a-z0-9_]+)\"", path.read_text())
+        return found
+
+    def _component(self, name: str, argv: list[str]) -> Component:
+        component = Component(name, argv, self.components_dir / f"{name}.log")
+        self.components[name] = component
+        return component
+
+    def _start_modelroute(self) -> None:
+        self.components_dir.mkdir(parents=True, exist_ok=True)
+        info_path = self.home / "modelroute-server.json"  # holds the API key: not in components/ or logs/
+        argv = [PYTHON, "-m", "airflow_provider_modelroute.testing", *self.modelroute_args()]
         component = Component("modelroute-server", argv, self.components_dir / "modelroute-server.log")
         self.components["modelroute-server"] = component
         with open(info_path, "wb") as out, open(component.log_path, "ab") as err:
@@ -515,8 +542,7 @@ class AirflowStack:
         dags = self.home / "dags"
         dags.mkdir(parents=True, exist_ok=True)
         # A snapshot of the DAG files: the example DAG as shipped, plus the drill-only DAGs.
-        shutil.copy2(EXAMPLE_DAG_FILE, dags / EXAMPLE_DAG_FILE.name)
-        for path in sorted(DRILL_DAGS.glob("*.py")):
+        for path in self.dag_files():
             shutil.copy2(path, dags / path.name)
         (self.home / "config").mkdir(exist_ok=True)
         (self.home / "config" / "airflow_local_settings.py").write_text(LOCAL_SETTINGS)
@@ -590,7 +616,8 @@ class AirflowStack:
         if result.returncode != 0:
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
             raise DrillError(f"`airflow db migrate` failed ({result.returncode}):\n{tail}")
-        self._configure_sqlite()
+        if self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite"):
+            self._configure_sqlite()
 
     def _configure_sqlite(self) -> None:
         """Write-ahead logging: readers never wait for the writer (the mode is kept in the DB file).
@@ -632,7 +659,7 @@ class AirflowStack:
 
         wait_for("Airflow to report healthy", up, interval=1, describe=self.tails)
         api_client.login()
-        expected = [EXAMPLE_DAG, *self.drill_dag_ids()]
+        expected = self.expected_dag_ids()
 
         def parsed() -> bool:
             self._check_components()
@@ -642,13 +669,6 @@ class AirflowStack:
             return all(api_client.dag(dag_id) for dag_id in expected)
 
         wait_for(f"the DAGs {expected} to be parsed", parsed, interval=1, describe=self.tails)
-
-    @staticmethod
-    def drill_dag_ids() -> list[str]:
-        found = []
-        for path in sorted(DRILL_DAGS.glob("*.py")):
-            found += re.findall(r"dag_id=\"([a-z0-9_]+)\"", path.read_text())
-        return found
 
     def restart(self, name: str) -> None:
         self.components[name].start(self.env, self.home)
