@@ -91,11 +91,79 @@ def object_storage_path(url: str, conn_id: str | None = None) -> Any:
     return ObjectStoragePath(url, conn_id=conn_id)
 
 
+# -- webhooks (issue 16): Airflow's server side, imported on use (only the api-server and triggerer) --
+
+#: The webhook receiver is an api-server plugin app (``fastapi_apps``): Airflow 3.1+.
+WEBHOOK_RECEIVER_SUPPORTED = AIRFLOW_V_3_1_PLUS
+
+
+def airflow_plugin_base() -> type:
+    """``AirflowPlugin`` (imported on use: only the plugins manager needs it)."""
+    from airflow.providers.common.compat.sdk import AirflowPlugin
+
+    return AirflowPlugin
+
+
+def event_submitter() -> Any | None:
+    """Airflow's internal "resume this deferred task with an event" (3.0.6+), or None where it is missing.
+
+    ``handle_event_submit(event, *, task_instance, session)``: the same signature from 3.0.6 to 3.3.2;
+    Airflow 3.3's human-in-the-loop endpoint resumes tasks with it under a row lock.
+    """
+    try:
+        from airflow.models.trigger import handle_event_submit
+    except ImportError:
+        return None
+    return handle_event_submit
+
+
+def server_db() -> Any:
+    """The metadata-DB names the webhook receiver uses (api-server only; imported on use)."""
+    from types import SimpleNamespace
+
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.trigger import Trigger
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from airflow.utils.state import TaskInstanceState
+
+    return SimpleNamespace(
+        TaskInstance=TaskInstance,
+        Trigger=Trigger,
+        XComModel=XComModel,
+        create_session=create_session,
+        TaskInstanceState=TaskInstanceState,
+    )
+
+
+def server_connection(conn_id: str) -> Any:
+    """A connection as Airflow's server processes see it (metadata DB and secrets backends)."""
+    from airflow.models.connection import Connection as ConnectionModel
+
+    return ConnectionModel.get_connection_from_secrets(conn_id)
+
+
+async def aget_xcom(*, key: str, dag_id: str, run_id: str, task_id: str, map_index: int) -> Any:
+    """Read one XCom from a trigger (through the triggerer's supervisor; Airflow 3)."""
+    from airflow.providers.common.compat.sdk import XCom
+
+    if hasattr(XCom, "aget_one"):
+        return await XCom.aget_one(
+            key=key, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index
+        )
+    from asgiref.sync import sync_to_async
+
+    return await sync_to_async(XCom.get_one)(
+        key=key, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index
+    )
+
+
 __all__ = [
     "AIRFLOW_V_3_0_PLUS",
     "AIRFLOW_V_3_1_PLUS",
     "AIRFLOW_V_3_3_PLUS",
     "TRIGGER_ON_KILL_SUPPORTED",
+    "WEBHOOK_RECEIVER_SUPPORTED",
     "AirflowException",
     "AirflowFailException",
     "AirflowNotFoundException",
@@ -109,9 +177,14 @@ __all__ = [
     "PokeReturnValue",
     "TriggerEvent",
     "aget_connection",
+    "aget_xcom",
+    "airflow_plugin_base",
     "conf",
+    "event_submitter",
     "mask_secret",
     "object_storage_path",
+    "server_connection",
+    "server_db",
     "task_state_store",
     "xcom_value",
 ]

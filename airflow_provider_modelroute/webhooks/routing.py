@@ -23,6 +23,16 @@ URL_PREFIX = "/modelroute"
 #: The receiver's route under that prefix; ``{conn_id}`` names the connection holding the secret.
 WEBHOOK_PATH = "/webhooks/{conn_id}"
 _TOKEN_CONTEXT = b"modelroute-webhook-route.v1."
+#: The XCom where the receiver leaves a delivered terminal event for the task's trigger to find: an
+#: event that arrived before the task deferred, or the one that resumed it.
+EVENT_XCOM_KEY = "modelroute_webhook_event"
+#: Prefix of the XCom key a waiting task pushes so that an organisation-wide delivery (no route in
+#: its URL) can be routed by execution id with one indexed lookup.
+WAITING_XCOM_PREFIX = "modelroute_waiting."
+
+
+def waiting_xcom_key(execution_id: str) -> str:
+    return f"{WAITING_XCOM_PREFIX}{execution_id}"
 
 
 class MalformedRoute(ValueError):
