@@ -7,6 +7,9 @@ Everything imported at module top is cheap: DAG files import the provider at eve
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from airflow import __version__ as _airflow_version
@@ -143,6 +146,37 @@ def server_connection(conn_id: str) -> Any:
     return ConnectionModel.get_connection_from_secrets(conn_id)
 
 
+@contextmanager
+def metadata_db_connections() -> Iterator[None]:
+    """Let hooks in this (admin CLI) process read connections from the metadata DB, as Airflow's own
+    ``airflow connections`` commands do on Airflow 3 (a plain process sees only env/secrets backends)."""
+    import os
+
+    old = os.environ.get("_AIRFLOW_PROCESS_CONTEXT")
+    os.environ["_AIRFLOW_PROCESS_CONTEXT"] = "server"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("_AIRFLOW_PROCESS_CONTEXT", None)
+        else:
+            os.environ["_AIRFLOW_PROCESS_CONTEXT"] = old
+
+
+def update_connection_extras(conn_id: str, extras: dict[str, Any]) -> bool:
+    """Merge ``extras`` into a connection stored in the metadata DB; False if it is not stored there."""
+    from airflow.models.connection import Connection as ConnectionModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        conn = session.scalar(select(ConnectionModel).where(ConnectionModel.conn_id == conn_id))
+        if conn is None:
+            return False
+        conn.set_extra(json.dumps({**conn.extra_dejson, **extras}))
+    return True
+
+
 async def aget_xcom(*, key: str, dag_id: str, run_id: str, task_id: str, map_index: int) -> Any:
     """Read one XCom from a trigger (through the triggerer's supervisor; Airflow 3)."""
     from airflow.providers.common.compat.sdk import XCom
@@ -182,9 +216,11 @@ __all__ = [
     "conf",
     "event_submitter",
     "mask_secret",
+    "metadata_db_connections",
     "object_storage_path",
     "server_connection",
     "server_db",
     "task_state_store",
+    "update_connection_extras",
     "xcom_value",
 ]

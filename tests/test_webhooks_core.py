@@ -226,3 +226,19 @@ def test_half_configured_webhook_mode_names_the_field_to_fix(extras: dict[str, A
     with pytest.raises(ModelRouteConfigError, match=names) as caught:
         config.WebhookConfig.from_extras("c", extras)
     assert SECRET not in str(caught.value)
+
+
+def test_the_connection_form_masks_the_webhook_secret() -> None:
+    from airflow_provider_modelroute.provider_info import get_provider_info
+
+    fields = get_provider_info()["connection-types"][0]["conn-fields"]
+    assert fields["webhook_secret"]["schema"]["format"] == "password"  # Airflow 3.2+ masks it
+    assert {"webhook_receiver_url", "webhook_poll_interval"} <= set(fields)
+
+
+def test_the_plugin_mounts_the_receiver_only_where_airflow_mounts_plugin_apps() -> None:
+    from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS
+    from airflow_provider_modelroute.webhooks.plugin import ModelRouteWebhooksPlugin
+
+    apps = ModelRouteWebhooksPlugin.fastapi_apps
+    assert [a["url_prefix"] for a in apps] == (["/modelroute"] if AIRFLOW_V_3_1_PLUS else [])

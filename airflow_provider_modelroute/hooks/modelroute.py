@@ -34,19 +34,21 @@ from airflow_provider_modelroute.hooks.core import ApiCore, execution_path, file
 from airflow_provider_modelroute.hooks.rate_budget import shared_rate_budget
 from airflow_provider_modelroute.hooks.settings import ConnectionSettings
 from airflow_provider_modelroute.hooks.storage import FileDownload, StorageClient, check_storage_url
+from airflow_provider_modelroute.hooks.webhook_endpoints import WebhookEndpointsMixin
 from airflow_provider_modelroute.provider_info import CONN_TYPE, connection_form_widgets, ui_field_behaviour
 
 _PROBE_EXECUTION_ID = "exec_00000000-0000-0000-0000-000000000000"
 
 
-class ModelRouteHook(BaseHook):
+class ModelRouteHook(WebhookEndpointsMixin, BaseHook):
     """
     Talk to the ModelRoute API: executions, results, cancellation, file downloads and uploads.
 
     The connection holds the API key in its password and, optionally, the base URL in its host
     (default ``https://api.modelroute.ai``). Extras tune timeouts (``timeout``, ``connect_timeout``),
     retries (``max_retries``, ``retry_base_wait``, ``retry_max_wait``, ``retry_deadline``),
-    ``dashboard_url``, and ``allow_insecure_storage_urls`` (local testing only).
+    ``dashboard_url``, and ``allow_insecure_storage_urls`` (local testing only). Webhook endpoints:
+    ``hooks/webhook_endpoints.py``.
 
     :param modelroute_conn_id: The Airflow connection to use.
     """

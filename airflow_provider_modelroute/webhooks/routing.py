@@ -84,6 +84,17 @@ def token_matches(secret: str, route: str, token: str | None) -> bool:
     return bool(token) and hmac.compare_digest(route_token(secret, route).encode(), str(token).encode())
 
 
+def is_loopback_url(url: str) -> bool:
+    """A URL on this machine (the local test server accepts http:// endpoints only there)."""
+    import ipaddress
+
+    host = urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def receiver_url(public_base_url: str, conn_id: str) -> str:
     """The receiver's URL for a connection, given the URL where the Airflow api-server is reachable."""
     parts = urlsplit(public_base_url.strip())
