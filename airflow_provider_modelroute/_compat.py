@@ -139,6 +139,16 @@ def server_db() -> Any:
     )
 
 
+def xcom_stored_form(value: Any, *, key: str, dag_id: str, run_id: str, task_id: str, map_index: int) -> Any:
+    """``value`` as a worker would send it to be stored (the XCom backend's serialization), so that
+    ``XCom.get_one`` in a trigger reads it back as ``value`` on every Airflow 3 version."""
+    from airflow.providers.common.compat.sdk import XCom
+
+    return XCom.serialize_value(
+        value, key=key, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index
+    )
+
+
 def server_connection(conn_id: str) -> Any:
     """A connection as Airflow's server processes see it (metadata DB and secrets backends)."""
     from airflow.models.connection import Connection as ConnectionModel
@@ -178,13 +188,9 @@ def update_connection_extras(conn_id: str, extras: dict[str, Any]) -> bool:
 
 
 async def aget_xcom(*, key: str, dag_id: str, run_id: str, task_id: str, map_index: int) -> Any:
-    """Read one XCom from a trigger (through the triggerer's supervisor; Airflow 3)."""
+    """Read one XCom from a trigger: the sync call in a thread, which works in the triggerer and in
+    ``dag.test()``'s in-process trigger runner alike (whose supervisor channel has no async send)."""
     from airflow.providers.common.compat.sdk import XCom
-
-    if hasattr(XCom, "aget_one"):
-        return await XCom.aget_one(
-            key=key, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index
-        )
     from asgiref.sync import sync_to_async
 
     return await sync_to_async(XCom.get_one)(
@@ -222,5 +228,6 @@ __all__ = [
     "server_db",
     "task_state_store",
     "update_connection_extras",
+    "xcom_stored_form",
     "xcom_value",
 ]
