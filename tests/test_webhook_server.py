@@ -14,15 +14,13 @@ from airflow_provider_modelroute.exceptions import ModelRouteApiError, ModelRout
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.testing import ModelRouteServer
 from airflow_provider_modelroute.webhooks import events, signing
-from tests.webhook_capture import CaptureServer, Received
+from tests.webhook_capture import CaptureServer, Received, endpoints_cleared
 
 
 @pytest.fixture
 def hooks(server: ModelRouteServer) -> Iterator[ModelRouteServer]:
-    """The server, with its webhook shape and retry pace restored afterwards."""
-    yield server
-    server.webhooks.configure(shape="overview", retry_scale=1.0)
-    server.webhooks.reset()
+    with endpoints_cleared(server):
+        yield server
 
 
 @pytest.fixture

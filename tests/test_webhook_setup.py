@@ -11,17 +11,24 @@ import pytest
 from airflow_provider_modelroute.testing import ModelRouteServer
 from airflow_provider_modelroute.webhooks.__main__ import main
 from tests.conftest import connection_json
+from tests.webhook_capture import endpoints_cleared
 
 CONN_ID = "modelroute_setup"
 
 
 @pytest.fixture
-def stored_connection(airflow_db: None, server: ModelRouteServer) -> Iterator[str]:
+def no_endpoints(server: ModelRouteServer) -> Iterator[ModelRouteServer]:
+    with endpoints_cleared(server):
+        yield server
+
+
+@pytest.fixture
+def stored_connection(airflow_db: None, no_endpoints: ModelRouteServer) -> Iterator[str]:
     """A ModelRoute connection in the metadata DB (where setup can write the secret)."""
     from airflow.models.connection import Connection
     from airflow.utils.session import create_session
 
-    spec = json.loads(connection_json(server))
+    spec = json.loads(connection_json(no_endpoints))
     with create_session() as session:
         session.add(
             Connection(
@@ -35,7 +42,6 @@ def stored_connection(airflow_db: None, server: ModelRouteServer) -> Iterator[st
     yield CONN_ID
     with create_session() as session:
         session.query(Connection).filter(Connection.conn_id == CONN_ID).delete()
-    server.webhooks.reset()
 
 
 def stored_extras() -> dict[str, Any]:
@@ -70,10 +76,10 @@ def test_setup_registers_the_receiver_and_stores_the_secret(
 
 
 def test_setup_prints_the_extras_for_a_connection_it_cannot_write(
-    airflow_db: None, server: ModelRouteServer, capsys: pytest.CaptureFixture[str]
+    airflow_db: None, no_endpoints: ModelRouteServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["setup", "--public-url", "https://airflow.example.com", "--no-test"]) == 0  # env connection
-    [endpoint] = server.webhooks.endpoints.values()
+    [endpoint] = no_endpoints.webhooks.endpoints.values()
     printed = capsys.readouterr().out
     extras = json.loads(printed.strip().splitlines()[-1])
     assert extras == {"webhook_secret": endpoint.secret, "webhook_receiver_url": endpoint.url}
@@ -91,7 +97,9 @@ def test_setup_reports_whether_the_test_delivery_got_through(
     assert "answered ModelRoute's test delivery" in capsys.readouterr().out
 
 
-def test_list_test_and_delete_commands(server: ModelRouteServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_test_and_delete_commands(
+    no_endpoints: ModelRouteServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 
     created = ModelRouteHook().create_webhook_endpoint("https://airflow.example.com/x")
@@ -99,6 +107,6 @@ def test_list_test_and_delete_commands(server: ModelRouteServer, capsys: pytest.
     assert json.loads(capsys.readouterr().out)[0]["id"] == created["id"]
     assert main(["test", created["id"]]) == 0
     assert main(["delete", created["id"]]) == 0
-    assert server.webhooks.endpoints == {}
+    assert no_endpoints.webhooks.endpoints == {}
     assert main(["delete", "not-an-id"]) == 1
     assert "wh_" in capsys.readouterr().err

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from airflow_provider_modelroute.testing import ModelRouteServer
 
 
 @dataclass
@@ -64,3 +67,16 @@ class CaptureServer:
             if time.monotonic() > deadline:
                 raise AssertionError(f"Timed out after {timeout:.0f} s waiting for {what}; received {seen}")
             time.sleep(0.02)
+
+
+@contextmanager
+def endpoints_cleared(server: ModelRouteServer) -> Iterator[ModelRouteServer]:
+    """The local server with no webhook endpoints (they outlive ``reset()``, as API keys do), and its
+    webhook shape and retry pace restored afterwards."""
+    server.webhooks.endpoints.clear()
+    try:
+        yield server
+    finally:
+        server.webhooks.endpoints.clear()
+        server.webhooks.configure(shape="overview", retry_scale=1.0)
+        server.webhooks.reset()

@@ -122,13 +122,15 @@ class WebhookSender:
         self._client: Any = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self._generation = 0
+        self.endpoints: dict[str, Endpoint] = {}
         self.reset()
 
     def reset(self) -> None:
-        """Forget endpoints, faults, the delivery log and what was sent (shape and scale stay)."""
+        """Forget faults, the delivery log and what was sent (endpoints, shape and scale stay, as keys do)."""
         with self._lock:
             self._generation += 1  # what is still scheduled from before is dropped
-            self.endpoints: dict[str, Endpoint] = {}
+            for endpoint in self.endpoints.values():
+                endpoint.failure_count, endpoint.is_active = 0, True
             self.faults: list[WebhookFault] = []
             self.log: list[dict[str, Any]] = []
             self.counters: Counter[str] = Counter()
@@ -158,7 +160,8 @@ class WebhookSender:
             return {**self.counters, "endpoints": len(self.endpoints)}
 
     def deliveries(self) -> list[dict[str, Any]]:
-        """Every attempt so far: event id and type, execution, target URL, attempt, answer, fault."""
+        """Every attempt so far: event id and type, execution, target URL, attempt, answer (``status``,
+        None when dropped or unanswered), fault, and when it was sent and answered (``sent_at``, ``at``)."""
         with self._lock:
             return [dict(entry) for entry in self.log]
 
@@ -412,12 +415,13 @@ class WebhookSender:
             "X-Signature-Timestamp": stamp,
         }
         status: int | None
+        sent_at = time.time()
         try:
             response = await self._client.post(delivery.url, content=delivery.body, headers=headers)
             status = response.status_code
         except httpx.HTTPError:
             status = None
-        self._record(delivery, status, fault.kind if fault is not None else None)
+        self._record(delivery, status, fault.kind if fault is not None else None, sent_at)
         ok = status is not None and 200 <= status < 300
         self._after_attempt(delivery, ok)
 
@@ -439,7 +443,9 @@ class WebhookSender:
         delivery.attempt += 1
         self._send_soon(delivery, wait)
 
-    def _record(self, delivery: Delivery, status: int | None, fault: str | None) -> None:
+    def _record(
+        self, delivery: Delivery, status: int | None, fault: str | None, sent_at: float | None = None
+    ) -> None:
         with self._lock:
             self.log.append(
                 {
@@ -451,6 +457,7 @@ class WebhookSender:
                     "attempt": delivery.attempt,
                     "status": status,
                     "fault": fault,
+                    "sent_at": sent_at,
                     "at": time.time(),
                 }
             )
