@@ -188,14 +188,25 @@ def update_connection_extras(conn_id: str, extras: dict[str, Any]) -> bool:
 
 
 async def aget_xcom(*, key: str, dag_id: str, run_id: str, task_id: str, map_index: int) -> Any:
-    """Read one XCom from a trigger: the sync call in a thread, which works in the triggerer and in
-    ``dag.test()``'s in-process trigger runner alike (whose supervisor channel has no async send)."""
+    """Read one XCom from a trigger, without blocking the triggerer's event loop.
+
+    The triggerer's supervisor channel is async (``XCom.aget_one``, Airflow 3.3); ``dag.test()``'s
+    in-process one is sync only: there the sync read runs in a worker thread.
+    """
     from airflow.providers.common.compat.sdk import XCom
+
+    ids = {"key": key, "dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index}
+    try:
+        from airflow.sdk.execution_time import task_runner
+
+        comms = getattr(task_runner, "SUPERVISOR_COMMS", None)
+    except ImportError:
+        comms = None
+    if hasattr(XCom, "aget_one") and hasattr(comms, "asend"):
+        return await XCom.aget_one(**ids)
     from asgiref.sync import sync_to_async
 
-    return await sync_to_async(XCom.get_one)(
-        key=key, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index
-    )
+    return await sync_to_async(XCom.get_one, thread_sensitive=False)(**ids)
 
 
 __all__ = [

@@ -175,7 +175,11 @@ def test_a_signed_delivery_resumes_the_deferred_task_without_api_calls(
     from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
 
     operator = ModelRouteExecuteOperator(task_id="generate", model="test-image", input={"prompt": "p"})
-    context: Any = {"ti": SimpleNamespace(try_number=ti.try_number, max_tries=0)}
+    pushed = {"execution_id": execution_id}  # what the operator pushed before deferring
+    ti_then = SimpleNamespace(
+        try_number=ti.try_number, max_tries=0, task_id="generate", xcom_pull=lambda **kw: pushed[kw["key"]]
+    )
+    context: Any = {"ti": ti_then}
     result = operator.execute_complete(context, after.event)
     assert result["id"] == execution_id and result["files"] == after.event["execution"]["files"]
     assert hooked.stats()["requests"] == before, "resuming must not call the ModelRoute API"

@@ -280,10 +280,19 @@ class ModelRouteExecuteOperator(BaseOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Turn the trigger's event into the task's result; cancel what we stop waiting for."""
-        from airflow_provider_modelroute.operators.deferral import execution_from_event, is_stale_resume
+        from airflow_provider_modelroute.operators.deferral import (
+            execution_from_event,
+            is_foreign_event,
+            is_stale_resume,
+        )
 
         if is_stale_resume(context, event):
             self.log.info("Ignoring the event of try %s: this try re-attaches", event["try_number"])
+            return self.execute(context)
+        if is_foreign_event(context, event):
+            self.log.warning(
+                "Ignoring an event about execution %s: this task re-attaches", event["execution_id"]
+            )
             return self.execute(context)
 
         execution_id = str(event.get("execution_id")) if isinstance(event, dict) else None

@@ -36,7 +36,10 @@ class WebhookWait:
     def decide(
         cls, *, hook: Any, requested: bool | None, deferrable: bool, context: Context
     ) -> WebhookWait | None:
-        """The webhook wait for this task, or None to poll; ``requested=True`` fails when it cannot be."""
+        """The webhook wait for this task, or None to poll; ``requested=True`` fails when it cannot be.
+
+        Call it before submitting: it prepares the XCom the receiver records an early event in.
+        """
         if requested is False:
             return None
         problem = None
@@ -57,6 +60,9 @@ class WebhookWait:
             if requested:
                 raise ModelRouteConfigError(f"webhook=True, but {problem}")
             return None
+        # An empty slot for the receiver to fill, pushed before anything is submitted: the trigger's
+        # read then finds a row (a missing one is logged as an error by Airflow's API client).
+        context["ti"].xcom_push(key=EVENT_XCOM_KEY, value=None)
         return cls(config, TaskRoute.of(context["ti"]))
 
     @property

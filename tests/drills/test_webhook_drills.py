@@ -118,8 +118,19 @@ def stack(request: pytest.FixtureRequest) -> Iterator[WebhookStack]:
         print(f"\nWebhook drill logs kept in {stack.home}")
 
 
+def triggers_left(stack: WebhookStack) -> int:
+    """Trigger rows in the metadata DB (read-only; SQLite in WAL mode lets readers in)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{stack.db_path}?mode=ro", uri=True, timeout=30)) as db:
+        return int(db.execute("SELECT COUNT(*) FROM trigger").fetchone()[0])
+
+
 @contextlib.contextmanager
 def drill(stack: WebhookStack, name: str) -> Iterator[None]:
+    # Airflow on SQLite reuses trigger ids: let the previous drill's triggers be cleaned up first,
+    # so that no late event of theirs lands on this drill's tasks.
+    wait_for("the previous drill's triggers to be gone", lambda: triggers_left(stack) == 0, timeout=300)
     stack.server.reset()
     stack.server.configure_webhooks(retry_scale=RETRY_SCALE)
     try:
@@ -137,14 +148,12 @@ def ti_of(stack: WebhookStack, dag_id: str, run_id: str) -> dict[str, Any]:
 
 
 def wait_deferred(stack: WebhookStack, dag_id: str, run_id: str) -> dict[str, Any]:
-    """Wait until the task is deferred and the triggerer runs its trigger."""
+    """Wait until the task is deferred (the receiver resumes it whether or not the triggerer has
+    started its trigger yet: on a loaded machine that can take the triggerer tens of seconds)."""
 
     def deferred() -> dict[str, Any] | None:
         ti = ti_of(stack, dag_id, run_id)
-        running = (ti.get("trigger") or {}).get("triggerer_id") and stack.trigger_log_jobs(
-            dag_id, run_id, "generate"
-        )
-        return ti if ti["state"] == "deferred" and running else None
+        return ti if ti["state"] == "deferred" else None
 
     return wait_for(f"{run_id} to be deferred", deferred, timeout=180, interval=0.2, describe=stack.tails)
 
@@ -181,7 +190,7 @@ def test_webhook_drill_1_a_delivery_ends_a_10_minute_wait_within_2_s(stack: Webh
     with drill(stack, "webhook drill 1"):
         run_ids = [f"wh1-{i}" for i in range(3)]
         for run_id in run_ids:
-            stack.trigger(DAG_ID, run_id, {"seconds": 15})
+            stack.trigger(DAG_ID, run_id, {"seconds": 30})
         for run_id in run_ids:
             wait_deferred(stack, DAG_ID, run_id)
         resumed_at: dict[str, float] = {}
