@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -73,7 +74,7 @@ def completed_task(airflow_db: None, server: ModelRouteServer, name: str) -> tup
     return ti, execution_id
 
 
-def set_state(ti: Any, state: str, execution_id: str | None = None) -> None:
+def set_state(ti: Any, state: str, execution_id: str | None = None, deferred_seconds_ago: float = 60) -> None:
     """Set the task instance's ``state``; DEFERRED as Airflow defers, on our trigger for ``execution_id``."""
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.trigger import Trigger
@@ -86,6 +87,7 @@ def set_state(ti: Any, state: str, execution_id: str | None = None) -> None:
         row.state, row.next_method, row.next_kwargs, row.trigger_id = state, None, None, None
         if state == "deferred":
             trigger = Trigger.from_object(ModelRouteExecutionTrigger(str(execution_id), poll_interval=600))
+            trigger.created_date -= timedelta(seconds=deferred_seconds_ago)
             session.add(trigger)
             session.flush()
             row.trigger_id, row.next_method, row.next_kwargs = trigger.id, "execute_complete", {}
@@ -298,4 +300,19 @@ def test_an_organisation_wide_delivery_is_routed_by_the_waiting_marker(
     answer = post(client, delivery(hooked, execution_id, shape="executions-page"))
 
     assert answer.json() == {"outcome": "resumed"}
+    assert db_state(ti).state == "scheduled"
+
+
+def test_a_task_that_deferred_just_now_is_resumed_after_the_grace(
+    airflow_db: None, hooked: ModelRouteServer, client: Any
+) -> None:
+    """Airflow 3.3.2 can fail a task resumed before the scheduler saw its deferring process end."""
+    from airflow_provider_modelroute.webhooks.receiver import RESUME_GRACE
+
+    ti, execution_id = completed_task(airflow_db, hooked, "grace")
+    set_state(ti, "deferred", execution_id, deferred_seconds_ago=0)
+    started = time.monotonic()
+    answer = post(client, delivery(hooked, execution_id), route=routing.TaskRoute.of(ti))
+    assert answer.json() == {"outcome": "resumed"}
+    assert time.monotonic() - started >= RESUME_GRACE * 0.9
     assert db_state(ti).state == "scheduled"

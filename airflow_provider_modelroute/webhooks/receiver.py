@@ -13,9 +13,11 @@ signature are never logged.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -60,6 +62,10 @@ SECRET_CACHE_SECONDS = 30.0
 #: Only triggers of this provider are resumed.
 _TRIGGER_MODULE = "airflow_provider_modelroute."
 _DB_ATTEMPTS = 4
+#: A task deferred less than this long ago is resumed only once this much time has passed since its
+#: deferral. Airflow 3.3.2's scheduler can fail a task resumed before it has processed the executor's
+#: report on the deferring process (apache/airflow#72716, "task-state-changed-externally").
+RESUME_GRACE = 5.0
 
 app = FastAPI(title="ModelRoute webhook receiver", docs_url=None, redoc_url=None, openapi_url=None)
 seen_events = SeenEvents()
@@ -140,6 +146,9 @@ async def receive(conn_id: str, request: Request) -> JSONResponse:
         return _answer(200, f"ignored: {event.event_type} is not a final state")
     try:
         outcome = await run_in_threadpool(apply_event, event, route)
+        if not isinstance(outcome, str):  # deferred just now: resume a little later (see RESUME_GRACE)
+            await asyncio.sleep(min(outcome, RESUME_GRACE))
+            outcome = str(await run_in_threadpool(apply_event, event, route, 0.0))
     except Exception:
         log.exception(
             "Could not apply ModelRoute webhook %s; ModelRoute will deliver it again", event.event_id
@@ -156,15 +165,19 @@ async def receive(conn_id: str, request: Request) -> JSONResponse:
     return _answer(200, outcome)
 
 
-def apply_event(event: WebhookEvent, route: TaskRoute | None) -> str:
-    """Resume the waiting task, or record the event for its trigger, in one transaction (retried)."""
+def apply_event(event: WebhookEvent, route: TaskRoute | None, grace: float = RESUME_GRACE) -> str | float:
+    """Resume the waiting task, or record the event for its trigger, in one transaction (retried).
+
+    Returns what was done, or the seconds to wait before resuming a task that deferred less than
+    ``grace`` seconds ago.
+    """
     from sqlalchemy.exc import OperationalError
 
     db = server_db()
     for attempt in range(_DB_ATTEMPTS):
         try:
             with db.create_session() as session:
-                return _apply(session, db, event, route)
+                return _apply(session, db, event, route, grace)
         except OperationalError:  # e.g. SQLite's "database is locked"
             if attempt == _DB_ATTEMPTS - 1:
                 raise
@@ -172,7 +185,7 @@ def apply_event(event: WebhookEvent, route: TaskRoute | None) -> str:
     raise AssertionError("unreachable")
 
 
-def _apply(session: Any, db: Any, event: WebhookEvent, route: TaskRoute | None) -> str:
+def _apply(session: Any, db: Any, event: WebhookEvent, route: TaskRoute | None, grace: float) -> str | float:
     from sqlalchemy import select
 
     route = route or _find_waiting(session, db, event.execution_id)
@@ -193,8 +206,12 @@ def _apply(session: Any, db: Any, event: WebhookEvent, route: TaskRoute | None) 
         return "ignored: no such task instance"
     states = db.TaskInstanceState
     if ti.state == states.DEFERRED:
-        if not _waits_for(session, db, ti, event.execution_id):
+        trigger = _our_trigger(session, db, ti, event.execution_id)
+        if trigger is None:
             return "ignored: the task waits for something else"
+        deferred_for = (_utcnow() - trigger.created_date).total_seconds()
+        if grace > 0 and deferred_for < grace:
+            return grace - deferred_for
         payload = {**event.done_event(), "try_number": ti.try_number}
         _record(session, db, ti, payload)
         submit = event_submitter()
@@ -208,12 +225,16 @@ def _apply(session: Any, db: Any, event: WebhookEvent, route: TaskRoute | None) 
     return "ignored: the task is not waiting"
 
 
-def _waits_for(session: Any, db: Any, ti: Any, execution_id: str) -> bool:
-    """True when the task instance is deferred on this provider's trigger for this execution."""
+def _our_trigger(session: Any, db: Any, ti: Any, execution_id: str) -> Any | None:
+    """The trigger the task instance is deferred on, if it is this provider's, for this execution."""
     trigger = session.get(db.Trigger, ti.trigger_id) if ti.trigger_id is not None else None
     if trigger is None or not str(trigger.classpath).startswith(_TRIGGER_MODULE):
-        return False
-    return bool(trigger.kwargs.get("execution_id") == execution_id)
+        return None
+    return trigger if trigger.kwargs.get("execution_id") == execution_id else None
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 def _find_waiting(session: Any, db: Any, execution_id: str) -> TaskRoute | None:
