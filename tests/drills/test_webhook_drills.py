@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -99,7 +101,7 @@ class WebhookStack(AirflowStack):
 @pytest.fixture(scope="module")
 def stack(request: pytest.FixtureRequest) -> Iterator[WebhookStack]:
     failed_before = request.session.testsfailed
-    stack = WebhookStack()
+    stack = WebhookStack(Path(tempfile.mkdtemp(prefix="modelroute-webhook-drills-")))
     print(f"\nWebhook drill stack: AIRFLOW_HOME {stack.home}")
     try:
         stack.start()
