@@ -70,6 +70,22 @@ _CONN_FIELDS: dict[str, dict[str, Any]] = {
         "(TLS, when used, is still verified).",
         "schema": {"type": ["boolean", "null"], "default": False},
     },
+    # -- webhook mode (issue 16); `python -m airflow_provider_modelroute.webhooks setup` fills these --
+    "webhook_secret": {
+        "label": "Webhook secret",
+        "description": "The endpoint's whsec_... secret; with the receiver URL it turns webhook mode on.",
+        "schema": {"type": ["string", "null"], "format": "password"},
+    },
+    "webhook_receiver_url": {
+        "label": "Webhook receiver URL",
+        "description": "Where ModelRoute reaches the receiver: https://<airflow>/modelroute/webhooks/<conn>.",
+        "schema": {"type": ["string", "null"]},
+    },
+    "webhook_poll_interval": {
+        "label": "Webhook safety-net poll interval (seconds)",
+        "description": "In webhook mode, each wait still looks at its execution this often (jittered).",
+        "schema": {"type": ["number", "null"], "default": 600},
+    },
 }
 
 
@@ -84,15 +100,17 @@ def ui_field_behaviour() -> dict[str, Any]:
 
 def connection_form_widgets() -> dict[str, Any]:
     """The extra fields as Airflow 2 form widgets (wtforms and FAB exist only in Airflow 2's web server)."""
-    from flask_appbuilder.fieldwidgets import BS3TextFieldWidget
+    from flask_appbuilder.fieldwidgets import BS3PasswordFieldWidget, BS3TextFieldWidget
     from flask_babel import lazy_gettext
-    from wtforms import BooleanField, StringField
+    from wtforms import BooleanField, PasswordField, StringField
 
     widgets: dict[str, Any] = {}
     for name, spec in _CONN_FIELDS.items():
         label = lazy_gettext(spec["label"])
         if "boolean" in spec["schema"]["type"]:
             widgets[name] = BooleanField(label, default=spec["schema"]["default"])
+        elif spec["schema"].get("format") == "password":
+            widgets[name] = PasswordField(label, widget=BS3PasswordFieldWidget())
         else:
             widgets[name] = StringField(label, widget=BS3TextFieldWidget())
     return widgets

@@ -56,6 +56,7 @@ def test_serialize_roundtrip_behaves_the_same(server: ModelRouteServer) -> None:
         "cancel_on_kill": True,
         "max_consecutive_failures": 5,
         "try_number": 2,
+        "webhook_route": None,
     }
     original, copied = run(trigger), run(rebuilt)
     assert len(original) == len(copied) == 1

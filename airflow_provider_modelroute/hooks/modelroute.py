@@ -37,12 +37,13 @@ from airflow_provider_modelroute.hooks.download import ApiDownloadSource
 from airflow_provider_modelroute.hooks.network import route
 from airflow_provider_modelroute.hooks.settings import ConnectionSettings
 from airflow_provider_modelroute.hooks.storage import FileDownload, StorageClient, check_storage_url
+from airflow_provider_modelroute.hooks.webhook_endpoints import WebhookEndpointsMixin
 from airflow_provider_modelroute.provider_info import CONN_TYPE, connection_form_widgets, ui_field_behaviour
 
 _PROBE_EXECUTION_ID = "exec_00000000-0000-0000-0000-000000000000"
 
 
-class ModelRouteHook(BaseHook):
+class ModelRouteHook(WebhookEndpointsMixin, BaseHook):
     """
     Talk to the ModelRoute API: executions, results, cancellation, file downloads and uploads.
 
@@ -51,6 +52,7 @@ class ModelRouteHook(BaseHook):
     retries (``max_retries``, ``retry_base_wait``, ``retry_max_wait``, ``retry_deadline``),
     ``dashboard_url``, TLS (``ca_bundle``, ``client_cert``, ``client_key``; see ``hooks/network.py``
     for these and the proxy variables), and ``allow_insecure_storage_urls`` (local testing only).
+    Webhook endpoints: ``hooks/webhook_endpoints.py``.
 
     :param modelroute_conn_id: The Airflow connection to use.
     """

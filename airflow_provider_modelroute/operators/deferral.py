@@ -42,6 +42,20 @@ def is_stale_resume(context: Context, event: Any) -> bool:
     return isinstance(deferred_on, int) and context["ti"].try_number > deferred_on
 
 
+def is_foreign_event(context: Context, event: Any) -> bool:
+    """True when the event is about another execution than the one this task pushed to XCom.
+
+    Airflow on SQLite reuses trigger ids: a trigger that fires late (e.g. after a stalled triggerer)
+    can resume a newer task that got its id. Such a task starts over and re-attaches instead.
+    """
+    ti = context["ti"]
+    claimed = event.get("execution_id") if isinstance(event, dict) else None
+    if claimed is None:
+        return False
+    mine = ti.xcom_pull(task_ids=ti.task_id, key="execution_id", map_indexes=getattr(ti, "map_index", -1))
+    return mine is not None and claimed != mine
+
+
 def execution_from_event(
     event: Any, execution_id: str | None = None, *, limit: str = "its deadline", final: bool = False
 ) -> dict[str, Any]:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from airflow_provider_modelroute._compat import Context, TaskInstanceKey
     from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
     from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
+    from airflow_provider_modelroute.webhooks.mode import WebhookWait
 
 #: Where the operator keeps its execution across tries (Airflow 3.3+ task state store).
 STATE_KEY = "modelroute_execution"
@@ -96,6 +97,9 @@ class ModelRouteExecuteOperator(BaseOperator):
         next try starts a new one (paid again) instead of re-attaching.
     :param cancel_on_kill: Cancel the execution when the task is killed, times out or gives up.
     :param force_new_execution: Start a new execution even if an earlier try started one.
+    :param webhook: Webhook mode (Airflow 3.1+, deferrable waits): ModelRoute's delivery ends the wait
+        and polling slows to a safety net. None (default): on when the connection has a
+        ``webhook_secret`` and ``webhook_receiver_url``; True: required; False: off.
     """
 
     template_fields: Sequence[str] = ("model", "input", "metadata", "webhook_url")
@@ -118,6 +122,7 @@ class ModelRouteExecuteOperator(BaseOperator):
         restart_on_timeout: bool = False,
         cancel_on_kill: bool = True,
         force_new_execution: bool = False,
+        webhook: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -133,7 +138,9 @@ class ModelRouteExecuteOperator(BaseOperator):
         self.restart_on_timeout = restart_on_timeout
         self.cancel_on_kill = cancel_on_kill
         self.force_new_execution = force_new_execution
+        self.webhook = webhook
         self.execution_id: str | None = None
+        self._webhook: WebhookWait | None = None
 
     @cached_property
     def hook(self) -> ModelRouteHook:
@@ -219,7 +226,7 @@ class ModelRouteExecuteOperator(BaseOperator):
                 self.input,
                 idempotency_key=f"{base}-g{generation}",
                 metadata=self.metadata,
-                webhook_url=self.webhook_url,
+                webhook_url=self.webhook_url or (self._webhook.webhook_url if self._webhook else None),
             )
             earlier = generation < sent_before
             execution = self.hook.get_execution(str(answer["id"])) if replayed or earlier else answer
@@ -252,15 +259,24 @@ class ModelRouteExecuteOperator(BaseOperator):
     def _trigger(self, execution_id: str, deadline: float | None) -> ModelRouteExecutionTrigger:
         from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
 
+        wait: dict[str, Any] = {"poll_interval": self.poll_interval}
+        if self._webhook is not None:
+            wait.update(self._webhook.trigger_kwargs())
         return ModelRouteExecutionTrigger(
             execution_id=execution_id,
             modelroute_conn_id=self.modelroute_conn_id,
-            poll_interval=self.poll_interval,
             deadline=deadline,
             cancel_on_kill=self.cancel_on_kill,
+            **wait,
         )
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from airflow_provider_modelroute.webhooks.mode import WebhookWait
+
+        waits = self.deferrable and self.wait_for_completion
+        self._webhook = WebhookWait.decide(
+            hook=self.hook, requested=self.webhook, deferrable=waits, context=context
+        )
         execution = self.submit(context)
         execution_id = str(execution["id"])
         if not self.wait_for_completion or api.is_terminal(str(execution.get("status"))):
@@ -270,6 +286,8 @@ class ModelRouteExecuteOperator(BaseOperator):
         from airflow_provider_modelroute.operators.deferral import defer_to_trigger, wait_in_worker
 
         if self.deferrable:
+            if self._webhook is not None:
+                self._webhook.announce(context, execution_id)
             defer_to_trigger(self, context, trigger)
 
         try:
@@ -282,10 +300,19 @@ class ModelRouteExecuteOperator(BaseOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Turn the trigger's event into the task's result; cancel what no later try will wait for."""
-        from airflow_provider_modelroute.operators.deferral import execution_from_event, is_stale_resume
+        from airflow_provider_modelroute.operators.deferral import (
+            execution_from_event,
+            is_foreign_event,
+            is_stale_resume,
+        )
 
         if is_stale_resume(context, event):
             self.log.info("Ignoring the event of try %s: this try re-attaches", event["try_number"])
+            return self.execute(context)
+        if is_foreign_event(context, event):
+            self.log.warning(
+                "Ignoring an event about execution %s: this task re-attaches", event["execution_id"]
+            )
             return self.execute(context)
 
         execution_id = str(event.get("execution_id")) if isinstance(event, dict) else None

@@ -36,6 +36,9 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
         ``ModelRouteExecuteOperator``'s XCom ``execution_id``. (templated)
     :param modelroute_conn_id: The Airflow connection to ModelRoute.
     :param deferrable: Wait in the triggerer instead of holding a worker slot.
+    :param webhook: Webhook mode (Airflow 3.1+, deferrable): the receiver routes the organisation's
+        deliveries to this sensor by execution id; polling slows to a safety net. None (default): on
+        when the connection has a ``webhook_secret`` and ``webhook_receiver_url``.
     """
 
     template_fields: Sequence[str] = ("execution_id",)
@@ -47,12 +50,14 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
         execution_id: str,
         modelroute_conn_id: str = "modelroute_default",
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        webhook: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.execution_id = execution_id
         self.modelroute_conn_id = modelroute_conn_id
         self.deferrable = deferrable
+        self.webhook = webhook
 
     @cached_property
     def hook(self) -> ModelRouteHook:
@@ -72,6 +77,11 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
     def execute(self, context: Context) -> Any:
         if not self.deferrable:
             return super().execute(context)
+        from airflow_provider_modelroute.webhooks.mode import WebhookWait
+
+        webhook = WebhookWait.decide(hook=self.hook, requested=self.webhook, deferrable=True, context=context)
+        if webhook is not None:  # before the first poke: a delivery after it finds this task
+            webhook.announce(context, self.execution_id)
         first = self.poke(context)  # an execution that is already done needs no deferral
         if first.is_done:
             return first.xcom_value
@@ -79,11 +89,14 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
         from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
 
         timeout = float(self.timeout) if self.timeout else None
+        wait = (
+            webhook.trigger_kwargs() if webhook is not None else {"poll_interval": float(self.poke_interval)}
+        )
         trigger = ModelRouteExecutionTrigger(
             execution_id=self.execution_id,
             modelroute_conn_id=self.modelroute_conn_id,
-            poll_interval=float(self.poke_interval),
             deadline=time.time() + timeout if timeout else None,
+            **wait,
         )
         defer_to_trigger(self, context, trigger)
 

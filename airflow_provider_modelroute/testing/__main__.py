@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rate-window", type=float, default=60.0)
     parser.add_argument("--url-ttl", type=float, default=3600.0)
+    parser.add_argument("--webhook-shape", choices=("overview", "executions-page"), default="overview")
+    parser.add_argument("--webhook-retry-scale", type=float, default=1.0, help="x the documented retry waits")
     args = parser.parse_args(argv)
 
     server = ModelRouteServer(
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         rate_window=args.rate_window,
         url_ttl=args.url_ttl,
     )
+    server.webhooks.configure(shape=args.webhook_shape, retry_scale=args.webhook_retry_scale)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

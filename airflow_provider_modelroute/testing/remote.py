@@ -58,3 +58,23 @@ class RemoteModelRouteServer:
         return dict(
             self._call("POST", f"executions/{execution_id}", {"status": status, "error_code": error_code})
         )
+
+    # -- webhooks (testing/webhooks.py) --
+
+    def webhook_deliveries(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "webhooks/deliveries"))
+
+    def add_webhook_fault(
+        self, kind: str, count: int | None = 1, event_type: str | None = None, **params: Any
+    ) -> None:
+        self._call(
+            "POST",
+            "webhooks/faults",
+            {"kind": kind, "count": count, "event_type": event_type, "params": params},
+        )
+
+    def clear_webhook_faults(self) -> None:
+        self._call("DELETE", "webhooks/faults")
+
+    def configure_webhooks(self, *, shape: str | None = None, retry_scale: float | None = None) -> None:
+        self._call("POST", "webhooks/config", {"shape": shape, "retry_scale": retry_scale})

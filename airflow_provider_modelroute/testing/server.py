@@ -34,6 +34,7 @@ from urllib.parse import parse_qs
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.testing import content
 from airflow_provider_modelroute.testing.dialects import Dialect, dialect_from
+from airflow_provider_modelroute.testing.webhooks import EndpointError, WebhookSender
 from airflow_provider_modelroute.testing.wire import (
     ApiFailure,
     Receive,
@@ -67,6 +68,12 @@ _API_ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple(
         ("POST", r"/v1/files/confirm", "POST /v1/files/confirm"),
         ("GET", r"/v1/files/(?P<id>[^/]+)/url", "GET /v1/files/{file_id}/url"),
         ("GET", r"/v1/files/(?P<id>[^/]+)/download", "GET /v1/files/{file_id}/download"),
+        # webhooks (testing/webhooks.py)
+        ("POST", r"/v1/webhooks/endpoints", "POST /v1/webhooks/endpoints"),
+        ("GET", r"/v1/webhooks/endpoints", "GET /v1/webhooks/endpoints"),
+        ("PATCH", r"/v1/webhooks/endpoints/(?P<id>[^/]+)", "PATCH /v1/webhooks/endpoints/{id}"),
+        ("DELETE", r"/v1/webhooks/endpoints/(?P<id>[^/]+)", "DELETE /v1/webhooks/endpoints/{id}"),
+        ("POST", r"/v1/webhooks/endpoints/(?P<id>[^/]+)/test", "POST /v1/webhooks/endpoints/{id}/test"),
     )
 )
 _STORAGE_ROUTE = re.compile(r"/files/(?P<id>file_[A-Za-z0-9-]+)")
@@ -226,6 +233,7 @@ class ModelRouteServer:
         self._cancels: Counter[str] = Counter()
         self._window: tuple[int, Counter[str]] = (-1, Counter())
         self._counters: Counter[str] = Counter()
+        self.webhooks = WebhookSender()
 
     @staticmethod
     def _bind(host: str, port: int) -> socket.socket:
@@ -261,12 +269,14 @@ class ModelRouteServer:
         self._servers = [uvicorn.Server(config) for config in configs]
 
         async def serve() -> None:
+            self.webhooks.loop = asyncio.get_running_loop()
             await asyncio.gather(
                 *(
                     server.serve(sockets=[sock])
                     for server, sock in zip(self._servers, self._sockets, strict=True)
                 )
             )
+            await self.webhooks.aclose()
 
         self._thread = threading.Thread(
             target=asyncio.run, args=(serve(),), name="modelroute-server", daemon=True
@@ -352,6 +362,7 @@ class ModelRouteServer:
             self._cancels = Counter()
             self._window = (-1, Counter())
             self._counters = Counter()
+            self.webhooks.reset()
 
     def stats(self) -> dict[str, Any]:
         """What the server saw, for assertions."""
@@ -368,6 +379,7 @@ class ModelRouteServer:
                 "storage_requests_with_authorization": self._counters["storage_auth"],
                 "bytes_served": self._counters["bytes_served"],
                 "dialect": self.dialect.name,
+                "webhooks": self.webhooks.stats(),
             }
 
     def execution(self, execution_id: str) -> dict[str, Any]:
@@ -438,6 +450,7 @@ class ModelRouteServer:
             execution.files = self._produce(execution)
             for stored in execution.files:
                 self._files[stored.file_id] = stored
+        self.webhooks.finished(self, execution, status)
         return status
 
     def _produce(self, execution: Execution) -> list[StoredFile]:
@@ -534,6 +547,7 @@ class ModelRouteServer:
                 error_code=error_code,
             )
             self._executions[execution.id] = execution
+            self.webhooks.watch(self, execution)
             if key is not None:
                 self._idempotency[key] = execution.id
                 self._idempotency_counts[key] += 1
@@ -615,7 +629,7 @@ class ModelRouteServer:
             status = self._status(execution)
             if api.is_terminal(status):
                 raise ApiFailure("EXECUTION_NOT_CANCELLABLE", f"Execution {execution_id} is already {status}")
-            execution.final_status = "CANCELLED"
+            self._finish(execution, "CANCELLED")
             return json_reply(200, self._execution_document(execution))
 
     def _presign(self, file_id: str, method: str) -> tuple[str, float]:
@@ -871,7 +885,28 @@ class ModelRouteServer:
             return self._download(params["id"], self._take_fault(endpoint, {"truncate"}))
         if endpoint == "POST /v1/files/upload":
             return self._upload(body)
+        if "/v1/webhooks/" in endpoint:
+            return self._webhook_endpoints(endpoint, params, body)
         return self._confirm(body)
+
+    def _webhook_endpoints(self, endpoint: str, params: dict[str, str], body: Any) -> Reply:
+        """The endpoints API (testing/webhooks.py), errors in the documented body."""
+        body = body if isinstance(body, dict) else {}
+        hooks = self.webhooks
+        try:
+            if endpoint == "POST /v1/webhooks/endpoints":
+                return json_reply(201, hooks.create_endpoint(body))
+            if endpoint == "GET /v1/webhooks/endpoints":
+                return json_reply(200, hooks.list_endpoints())
+            if endpoint == "PATCH /v1/webhooks/endpoints/{id}":
+                return json_reply(200, hooks.update_endpoint(params["id"], body))
+            if endpoint == "DELETE /v1/webhooks/endpoints/{id}":
+                return json_reply(200, hooks.delete_endpoint(params["id"]))
+            return json_reply(202, hooks.test_endpoint(params["id"]))
+        except EndpointError as exc:
+            if exc.status == 404:
+                raise ApiFailure("NOT_FOUND", str(exc), status=404) from None
+            raise invalid_field(exc.field, str(exc)) from None
 
     # -- the storage app ----------------------------------------------------------------------
 
@@ -1025,6 +1060,8 @@ class ModelRouteServer:
                 return json_reply(200, self.execution(ident))
             if kind == "files":
                 return json_reply(200, self.file_info(ident))
+            if kind == "webhooks":
+                return json_reply(200, self.webhooks.admin(method, ident, body))
         except (KeyError, ValueError, TypeError) as exc:
             return json_reply(400, {"error": {"code": "ADMIN_ERROR", "message": repr(exc)}})
         return json_reply(404, {"error": {"code": "NOT_FOUND", "message": action}})

@@ -47,6 +47,8 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         before the wait gives up: one failed poll never ends a long wait.
     :param try_number: The deferring task's try, echoed in the event so that a later try can tell
         that an event is not its own (see ``is_stale_resume``).
+    :param webhook_route: Webhook mode (``webhooks/mode.py``): the waiting task instance. The event
+        the receiver recorded for it is read first (an Airflow call); polling is the slow safety net.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         cancel_on_kill: bool = False,
         max_consecutive_failures: int = 5,
         try_number: int | None = None,
+        webhook_route: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.execution_id = execution_id
@@ -67,6 +70,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         self.cancel_on_kill = bool(cancel_on_kill)
         self.max_consecutive_failures = int(max_consecutive_failures)
         self.try_number = try_number
+        self.webhook_route = webhook_route
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -79,6 +83,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
                 "cancel_on_kill": self.cancel_on_kill,
                 "max_consecutive_failures": self.max_consecutive_failures,
                 "try_number": self.try_number,
+                "webhook_route": self.webhook_route,
             },
         )
 
@@ -111,7 +116,26 @@ class ModelRouteExecutionTrigger(BaseTrigger):
     async def _sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, min(seconds, self._seconds_left())))
 
+    def _next_poll(self) -> float:
+        """The pause before the next poll: jittered, widely in webhook mode to spread the safety net."""
+        spread = 0.25 if self.webhook_route is not None else 0.1
+        return self.poll_interval * random.uniform(1 - spread, 1 + spread)
+
     async def _wait(self) -> dict[str, Any]:
+        if self.webhook_route is not None:  # webhook mode: the event may already be here
+            from airflow_provider_modelroute.webhooks.mode import delivered_event
+
+            try:
+                delivered = await delivered_event(self.webhook_route, self.execution_id)
+            except Exception as exc:  # the safety net still ends the wait
+                self.log.warning("Could not read the recorded webhook event (%s); polling slowly", exc)
+                delivered = None
+            if delivered is not None:
+                self.log.info(
+                    "ModelRoute execution %s ended before the task deferred (webhook)", self.execution_id
+                )
+                return delivered
+            await self._sleep(self._next_poll())
         failures = 0
         reported_unknown: set[str] = set()
         async with ModelRouteHook(self.modelroute_conn_id).async_client() as client:
@@ -143,12 +167,12 @@ class ModelRouteExecutionTrigger(BaseTrigger):
                     self.log.warning(
                         "ModelRoute execution %s has unknown status %r; waiting", self.execution_id, status
                     )
-                await self._sleep(self.poll_interval * random.uniform(0.9, 1.1))
+                await self._sleep(self._next_poll())
         return {"status": "timeout"}
 
     async def on_kill(self) -> None:
         """Cancel the execution when a user kills the deferred task (called by Airflow 3.3+)."""
-        if not self.cancel_on_kill:
+        if not self.cancel_on_kill or await self._ended_by_webhook():
             return
         try:
             async with ModelRouteHook(self.modelroute_conn_id).async_client() as client:
@@ -165,5 +189,16 @@ class ModelRouteExecutionTrigger(BaseTrigger):
             self.log.info(
                 "The task was killed; ModelRoute execution %s had already finished", self.execution_id
             )
+
+    async def _ended_by_webhook(self) -> bool:
+        """True when a webhook delivered this execution's end (a resume by the receiver also cancels us)."""
+        if self.webhook_route is None:
+            return False
+        from airflow_provider_modelroute.webhooks.mode import delivered_event
+
+        try:
+            return await delivered_event(self.webhook_route, self.execution_id) is not None
+        except Exception:
+            return False
         else:
             self.log.info("The task was killed; cancelled ModelRoute execution %s", self.execution_id)
