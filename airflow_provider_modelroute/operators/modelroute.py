@@ -15,7 +15,7 @@ from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_modelroute import api
+from airflow_provider_modelroute import api, cost
 from airflow_provider_modelroute._compat import (
     BaseOperator,
     BaseOperatorLink,
@@ -88,6 +88,8 @@ class ModelRouteExecuteOperator(BaseOperator):
         With ``execution_timeout`` set, the wait also ends in time to cancel before it.
     :param cancel_on_kill: Cancel the execution when the task is killed, times out or gives up.
     :param force_new_execution: Start a new execution even if an earlier try started one.
+    :param max_estimated_cost: Cancel the execution at once and fail the task (no retries) when the
+        submit answer's ``estimated_cost`` is above this amount. Default: no limit.
     """
 
     template_fields: Sequence[str] = ("model", "input", "metadata", "webhook_url")
@@ -109,6 +111,7 @@ class ModelRouteExecuteOperator(BaseOperator):
         timeout: float | timedelta | None = None,
         cancel_on_kill: bool = True,
         force_new_execution: bool = False,
+        max_estimated_cost: float | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -123,6 +126,7 @@ class ModelRouteExecuteOperator(BaseOperator):
         self.timeout = _seconds(timeout, "timeout")
         self.cancel_on_kill = cancel_on_kill
         self.force_new_execution = force_new_execution
+        self.max_estimated_cost = cost.check_limit(max_estimated_cost)
         self.execution_id: str | None = None
 
     @cached_property
@@ -243,9 +247,10 @@ class ModelRouteExecuteOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         execution = self.submit(context)
         execution_id = str(execution["id"])
+        self._check_estimate(context, execution)
         if not self.wait_for_completion or api.is_terminal(str(execution.get("status"))):
             raise_for_execution(execution)
-            return api.execution_summary(execution)
+            return cost.with_final_cost(self, context, api.execution_summary(execution))
         trigger = self._trigger(execution_id, self._deadline(context))
         from airflow_provider_modelroute.operators.deferral import defer_to_trigger, wait_in_worker
 
@@ -271,7 +276,7 @@ class ModelRouteExecuteOperator(BaseOperator):
         execution_id = str(event.get("execution_id")) if isinstance(event, dict) else None
         self.execution_id = execution_id
         try:
-            return execution_from_event(event)
+            return cost.with_final_cost(self, context, execution_from_event(event))
         except ModelRouteExecutionError as exc:
             if exc.status not in api.FAILED_STATUSES:  # our own deadline, not the execution's end
                 self._cancel(exc.execution_id, "the wait timed out")
@@ -286,6 +291,18 @@ class ModelRouteExecuteOperator(BaseOperator):
             else:
                 self._cancel(execution_id, "the wait failed on the last try")
             raise
+
+    def _check_estimate(self, context: Context, execution: dict[str, Any]) -> None:
+        """Log the hold and estimate; over ``max_estimated_cost``: cancel at once, fail without retries."""
+        cost.note_estimate(self, context, execution)
+        if not cost.over_limit(execution, self.max_estimated_cost):
+            return
+        try:
+            self.hook.cancel_execution(str(execution["id"]))
+            outcome = "cancelled it"
+        except ModelRouteError as exc:
+            outcome = f"could not cancel it ({exc}); cancel it in the ModelRoute dashboard"
+        raise cost.limit_error(execution, self.max_estimated_cost, outcome)
 
     def _cancel(self, execution_id: str | None, reason: str) -> None:
         """Best-effort cancel that says honestly what happened."""
