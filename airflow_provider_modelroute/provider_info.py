@@ -95,7 +95,12 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "hooks": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.hooks.modelroute"]}],
-        "operators": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.operators.modelroute"]}],
+        "operators": [
+            {
+                "integration-name": "ModelRoute",
+                "python-modules": [f"{_PKG}.operators.modelroute", f"{_PKG}.operators.cancel"],
+            }
+        ],
         "sensors": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.sensors.modelroute"]}],
         "triggers": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.triggers.modelroute"]}],
         "transfers": [
