@@ -31,6 +31,8 @@ from airflow_provider_modelroute.exceptions import (
 )
 
 if TYPE_CHECKING:
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
     from airflow_provider_modelroute._compat import Context, TaskInstanceKey
     from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
     from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
@@ -128,6 +130,7 @@ class ModelRouteExecuteOperator(BaseOperator):
         self.force_new_execution = force_new_execution
         self.max_estimated_cost = cost.check_limit(max_estimated_cost)
         self.execution_id: str | None = None
+        self.summary: dict[str, Any] | None = None
 
     @cached_property
     def hook(self) -> ModelRouteHook:
@@ -250,7 +253,7 @@ class ModelRouteExecuteOperator(BaseOperator):
         self._check_estimate(context, execution)
         if not self.wait_for_completion or api.is_terminal(str(execution.get("status"))):
             raise_for_execution(execution)
-            return cost.with_final_cost(self, context, api.execution_summary(execution))
+            return self._result(context, api.execution_summary(execution))
         trigger = self._trigger(execution_id, self._deadline(context))
         from airflow_provider_modelroute.operators.deferral import defer_to_trigger, wait_in_worker
 
@@ -276,7 +279,7 @@ class ModelRouteExecuteOperator(BaseOperator):
         execution_id = str(event.get("execution_id")) if isinstance(event, dict) else None
         self.execution_id = execution_id
         try:
-            return cost.with_final_cost(self, context, execution_from_event(event))
+            return self._result(context, execution_from_event(event))
         except ModelRouteExecutionError as exc:
             if exc.status not in api.FAILED_STATUSES:  # our own deadline, not the execution's end
                 self._cancel(exc.execution_id, "the wait timed out")
@@ -291,6 +294,11 @@ class ModelRouteExecuteOperator(BaseOperator):
             else:
                 self._cancel(execution_id, "the wait failed on the last try")
             raise
+
+    def _result(self, context: Context, summary: dict[str, Any]) -> dict[str, Any]:
+        """The return value: the summary with its cost fields (also kept for OpenLineage)."""
+        self.summary = cost.with_final_cost(self, context, summary)
+        return self.summary
 
     def _check_estimate(self, context: Context, execution: dict[str, Any]) -> None:
         """Log the hold and estimate; over ``max_estimated_cost``: cancel at once, fail without retries."""
@@ -325,3 +333,15 @@ class ModelRouteExecuteOperator(BaseOperator):
 
     def on_kill(self) -> None:
         self._cancel(self.execution_id, "the task was killed")
+
+    # -- OpenLineage (called by apache-airflow-providers-openlineage when installed) ------------
+
+    def get_openlineage_facets_on_start(self) -> OperatorLineage:
+        from airflow_provider_modelroute.lineage import execute_lineage
+
+        return execute_lineage(self)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        from airflow_provider_modelroute.lineage import execute_lineage
+
+        return execute_lineage(self)

@@ -45,6 +45,8 @@ from airflow_provider_modelroute._compat import (
 from airflow_provider_modelroute.exceptions import ModelRouteConfigError, ModelRouteTransferError
 
 if TYPE_CHECKING:
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
     from airflow_provider_modelroute._compat import Context
     from airflow_provider_modelroute.hooks.modelroute import FileDownload, ModelRouteHook
 
@@ -322,6 +324,7 @@ class ModelRouteToStorageOperator(BaseOperator):
         self.overwrite = overwrite
         self.modelroute_conn_id = modelroute_conn_id
         self.chunk_size = chunk_size
+        self.records: list[dict[str, Any]] | None = None
         if overwrite not in OVERWRITE_MODES:
             raise ModelRouteConfigError(
                 f"overwrite must be one of {', '.join(repr(m) for m in OVERWRITE_MODES)}, got {overwrite!r}"
@@ -360,7 +363,20 @@ class ModelRouteToStorageOperator(BaseOperator):
     # -- the copy -------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
-        return self.transfer()
+        self.records = self.transfer()  # kept for OpenLineage
+        return self.records
+
+    # -- OpenLineage (called by apache-airflow-providers-openlineage when installed) ------------
+
+    def get_openlineage_facets_on_start(self) -> OperatorLineage:
+        from airflow_provider_modelroute.lineage import to_storage_lineage
+
+        return to_storage_lineage(self)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        from airflow_provider_modelroute.lineage import to_storage_lineage
+
+        return to_storage_lineage(self)
 
     def transfer(self) -> list[dict[str, Any]]:
         """Copy the file(s) and return their records (what ``execute`` does; usable outside a task)."""
@@ -592,6 +608,7 @@ class StorageToModelRouteOperator(BaseOperator):
         self.filename = filename
         self.content_type = content_type
         self.modelroute_conn_id = modelroute_conn_id
+        self.record: dict[str, Any] | None = None
         if not _is_deferred(source) and (not isinstance(source, str) or not source.strip()):
             raise ModelRouteConfigError(
                 f"source must be an object storage URL such as 's3://bucket/in/photo.png', got {source!r}"
@@ -604,9 +621,21 @@ class StorageToModelRouteOperator(BaseOperator):
         return ModelRouteHook(self.modelroute_conn_id)
 
     def execute(self, context: Context) -> str:
-        record = self.upload()
+        self.record = record = self.upload()  # kept for OpenLineage
         context["ti"].xcom_push(key="file", value=record)
         return str(record["file_id"])
+
+    # -- OpenLineage (called by apache-airflow-providers-openlineage when installed) ------------
+
+    def get_openlineage_facets_on_start(self) -> OperatorLineage:
+        from airflow_provider_modelroute.lineage import upload_lineage
+
+        return upload_lineage(self)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        from airflow_provider_modelroute.lineage import upload_lineage
+
+        return upload_lineage(self)
 
     def upload(self) -> dict[str, Any]:
         """Upload the file and return its record (what ``execute`` does; usable outside a task)."""
