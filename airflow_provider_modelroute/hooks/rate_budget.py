@@ -42,7 +42,9 @@ class RateBudget:
         # ``Reset`` is in whole seconds, rounded up: the server's window may have turned up to a
         # second earlier, so what we sent in that second may already count against the new one.
         carried = sum(1 for sent in self._recent if sent > (self.reset or now) - 1)
-        self.remaining, self.reset = max(0, (self.limit or 1) - carried), None
+        # Nothing left to hand out (or only the carry): probe the server again rather than wait on
+        # a reset that no response will ever announce.
+        self.remaining, self.reset = max(0, (self.limit or 1) - carried) or None, None
 
     async def acquire(self) -> None:
         while not self.unpaced:
@@ -55,6 +57,7 @@ class RateBudget:
                 continue
             if self.reset is not None and now >= self.reset:
                 self._open_window(now)
+                continue
             if self.remaining > 0:
                 self.remaining -= 1
                 self._recent.append(now)
