@@ -21,6 +21,7 @@ import h11
 import httpx
 import tenacity
 
+from airflow_provider_modelroute import metrics
 from airflow_provider_modelroute.hooks.core import ApiCore, execution_path
 from airflow_provider_modelroute.hooks.rate_budget import RateBudget
 
@@ -257,7 +258,9 @@ class ModelRouteAsyncClient:
         return await self._pool.request(request, settings.connect_timeout, settings.read_timeout)
 
     async def _request_once(self, method: str, path: str, tolerate: frozenset[str]) -> Any:
+        waiting_since = time.monotonic()
         await self.budget.acquire()
+        metrics.rate_budget_wait(time.monotonic() - waiting_since)
         url = self.core.url(path)
         try:
             status, headers, content = await self._send(method, url)

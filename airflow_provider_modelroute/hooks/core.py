@@ -16,7 +16,7 @@ from urllib.parse import quote, urlsplit
 
 import tenacity
 
-from airflow_provider_modelroute import api
+from airflow_provider_modelroute import api, metrics
 from airflow_provider_modelroute.exceptions import (
     ModelRouteApiError,
     ModelRouteConfigError,
@@ -120,6 +120,7 @@ class ApiCore:
         tolerate: frozenset[str] = frozenset(),
     ) -> Any:
         """Return a 2xx response's JSON, None for a tolerated error code, else raise the API error."""
+        metrics.request(method, path, status)
         self._note_rate_limit(headers)
         if 200 <= status < 300:
             if not content:
@@ -162,6 +163,7 @@ class ApiCore:
     def transport_error(self, exc: Exception, method: str, url: str) -> ModelRouteConnectionError:
         """Wrap a client exception; the text never carries a presigned URL's signature."""
         shown = api.redact_url(url)
+        metrics.request(method, url, None)
         return ModelRouteConnectionError(
             f"ModelRoute {method} {shown} failed: {type(exc).__name__}: {_scrub(str(exc), url)}"
         )
@@ -195,6 +197,7 @@ class ApiCore:
 
     def _before_sleep(self, state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
+        metrics.retry()
         self.log.warning(
             "ModelRoute request failed (%s); retry %d of %d in %.1f s",
             exc,

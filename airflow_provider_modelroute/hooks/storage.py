@@ -16,7 +16,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import tenacity
 
-from airflow_provider_modelroute import api
+from airflow_provider_modelroute import api, metrics
 from airflow_provider_modelroute.exceptions import ModelRouteConnectionError, ModelRouteTransferError
 from airflow_provider_modelroute.hooks.core import ApiCore
 from airflow_provider_modelroute.hooks.settings import USER_AGENT
@@ -166,6 +166,7 @@ class StorageClient:
             except requests.RequestException as exc:
                 reason = self.core.transport_error(exc, "GET", url)
             failures += 1
+            metrics.retry()
             if failures > self.core.settings.max_retries:
                 raise ModelRouteTransferError(
                     f"Download of file {download.file_id} stopped at byte {offset} of {size} after "

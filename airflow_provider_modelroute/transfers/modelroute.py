@@ -35,7 +35,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from airflow_provider_modelroute import api
+from airflow_provider_modelroute import api, metrics
 from airflow_provider_modelroute._compat import (
     AirflowFailException,
     AirflowNotFoundException,
@@ -484,6 +484,7 @@ class ModelRouteToStorageOperator(BaseOperator):
             target.uri,
         )
         sha256, size = self._stream(download, path, target.uri)
+        metrics.bytes_transferred("download", size)
         return {**record, "size_bytes": size, "sha256": sha256}
 
     def _identical(self, target: _Target) -> str | None:
@@ -658,6 +659,7 @@ class StorageToModelRouteOperator(BaseOperator):
             lambda: source.open("rb"), filename=filename, content_type=content_type, size_bytes=size
         )
         elapsed = max(time.monotonic() - started, 1e-6)
+        metrics.bytes_transferred("upload", size)
         self.log.info(
             "Uploaded %s as ModelRoute file %s (%.1f MB/s)", shown, result["file_id"], size / elapsed / 1e6
         )
