@@ -43,6 +43,7 @@ from airflow_provider_modelroute._compat import (
     object_storage_path,
 )
 from airflow_provider_modelroute.exceptions import ModelRouteConfigError, ModelRouteTransferError
+from airflow_provider_modelroute.transfers.destination import check_writable, storage_errors
 
 if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
@@ -383,12 +384,15 @@ class ModelRouteToStorageOperator(BaseOperator):
         self._check_source()
         self._check_destination()
         destination = open_storage_path(self.destination, self.destination_conn_id, "destination")
+        shown = display_uri(destination)
+        check_writable(destination, shown, self.destination_conn_id)
         downloads = [
             self.hook.download_file(file_id, chunk_size=self.chunk_size) for file_id in self._file_ids()
         ]
-        targets = self._targets(destination, downloads)
-        self._compare_existing(targets)
-        return [self._copy(target) for target in targets]
+        with storage_errors(shown, self.destination_conn_id):
+            targets = self._targets(destination, downloads)
+            self._compare_existing(targets)
+            return [self._copy(target) for target in targets]
 
     def _compare_existing(self, targets: list[_Target]) -> None:
         """Find the destinations that already hold their file; with "fail", refuse before copying any byte.
