@@ -44,7 +44,7 @@ def api_key_problem(key: str | None) -> str | None:
     both are accepted.
     """
     if not key:
-        return "no API key is set: put it in the connection's password field"
+        return "no API key is set: put it in the connection's API key field"
     key = key.strip()
     if not key.startswith("sk_"):
         return "an API key starts with 'sk_'"
@@ -124,9 +124,7 @@ ERROR_CODES: dict[str, ErrorSpec] = {
     "GENERATION_FAILED": ErrorSpec(500, True, "generation failed; retry"),
     "SERVICE_UNAVAILABLE": ErrorSpec(503, True, "ModelRoute is unavailable; retry shortly"),
     "INTERNAL_ERROR": ErrorSpec(500, False, "contact ModelRoute support with the request id"),
-    "UNAUTHORIZED": ErrorSpec(
-        401, False, "check the API key in the Airflow connection's password field (it may be revoked)"
-    ),
+    "UNAUTHORIZED": ErrorSpec(401, False, "check the Airflow connection's API key (it may be revoked)"),
     # ASSUMPTION: the codes below are not in the docs' table.
     "EXECUTION_NOT_FOUND": ErrorSpec(
         404, False, "check the execution id; it may belong to another organization"

@@ -87,8 +87,8 @@ class ConnectionSettings:
     def missing(conn_id: str) -> ModelRouteConfigError:
         """The error for a connection id Airflow does not know (a retry would not create it)."""
         return ModelRouteConfigError(
-            f"Airflow connection {conn_id!r} does not exist: create it (type {CONN_TYPE!r}, the API key "
-            "in its password field) or set modelroute_conn_id to an existing one"
+            f"Airflow connection {conn_id!r} does not exist: create it (type {CONN_TYPE!r}, the API key in "
+            "its API key field, `password` in JSON) or set modelroute_conn_id to an existing one"
         )
 
     @classmethod
@@ -99,7 +99,7 @@ class ConnectionSettings:
         if problem:
             raise ModelRouteConfigError(
                 f"Connection {conn.conn_id!r} has an unusable ModelRoute API key: {problem}. "
-                "Copy the whole key from app.modelroute.ai > Settings > API Keys into the password field."
+                "Copy the whole key from app.modelroute.ai > Settings > API Keys into its API key field."
             )
         mask_secret(api_key)
         extras = conn.extra_dejson

@@ -180,7 +180,10 @@ class ModelRouteExecuteOperator(BaseOperator):
         """Make the execution id known at once: log, XCom, extra link, and the durable task store."""
         self.execution_id = execution_id = str(execution["id"])
         url = self.hook.execution_url(execution_id)
-        self.log.info("ModelRoute execution %s is %s (%s)", execution_id, execution.get("status"), url)
+        # The URL ends the line: the UI's log viewer would make a ")" after it part of the link.
+        self.log.info(
+            "ModelRoute execution %s is %s; dashboard: %s", execution_id, execution.get("status"), url
+        )
         context["ti"].xcom_push(key="execution_id", value=execution_id)
         context["ti"].xcom_push(key="execution_url", value=url)
         store = task_state_store(context)

@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute.testing import content
+from airflow_provider_modelroute.testing import content, dashboard
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -304,12 +304,13 @@ class ModelRouteServer:
     # -- control and inspection (in-process; the same over HTTP at /_admin) ------------------
 
     def airflow_connection(self) -> dict[str, Any]:
-        """An Airflow connection (as a dict) to this server; it allows the loopback storage URLs."""
+        """An Airflow connection (as a dict) to this server: loopback storage URLs allowed, and the
+        extra link's dashboard served here (``/executions/{id}``)."""
         return {
             "conn_type": "modelroute",
             "host": self.base_url,
             "password": self.api_key,
-            "extra": {"allow_insecure_storage_urls": True},
+            "extra": {"allow_insecure_storage_urls": True, "dashboard_url": self.base_url},
         }
 
     def airflow_connection_env(self, conn_id: str = "modelroute_default") -> dict[str, str]:
@@ -699,6 +700,13 @@ class ModelRouteServer:
         method, path = scope["method"], scope["path"]
         if path.startswith("/_admin/"):
             await _send(send, await self._admin(method, path[len("/_admin/") :], await _read_json(receive)))
+            return
+        if method == "GET" and path.startswith(dashboard.PATH_PREFIX):  # the extra link's target
+            execution_id = path.removeprefix(dashboard.PATH_PREFIX)
+            with self._lock:
+                known = execution_id in self._executions
+            status, page = dashboard.page(execution_id, self.execution(execution_id) if known else None)
+            await _send(send, Reply(status, page, {"content-type": "text/html; charset=utf-8"}))
             return
         request_id = f"req_{uuid.uuid4().hex[:16]}"
         routed = self._route(method, path)

@@ -550,7 +550,7 @@ def test_drill_5_storage_faults(stack: AirflowStack) -> None:
 BAD_INPUT_HINTS = {
     "unknown_model": "unknown model 'no-such-model'",
     "missing_connection": "connection 'modelroute_missing' does not exist: create it",
-    "wrong_api_key": "check the API key in the Airflow connection's password field",
+    "wrong_api_key": "check the Airflow connection's API key",
     "malformed_api_key": "unusable ModelRoute API key",
     "invalid_input": "input.prompt: is required and must be a non-empty string",
     "bad_destination": "destination 'nosuch://bucket/images/' cannot be opened",
