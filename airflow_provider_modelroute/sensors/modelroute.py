@@ -16,6 +16,7 @@ from airflow_provider_modelroute._compat import (
     conf,
 )
 from airflow_provider_modelroute.exceptions import ModelRouteExecutionTimeout, raise_for_execution
+from airflow_provider_modelroute.operators.modelroute import ModelRouteExecutionLink
 
 if TYPE_CHECKING:
     from airflow_provider_modelroute._compat import Context
@@ -39,6 +40,7 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
     """
 
     template_fields: Sequence[str] = ("execution_id",)
+    operator_extra_links = (ModelRouteExecutionLink(),)
     ui_color = "#e3ecfa"
 
     def __init__(
@@ -70,6 +72,7 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
         return PokeReturnValue(is_done=True, xcom_value=api.execution_summary(execution))
 
     def execute(self, context: Context) -> Any:
+        context["ti"].xcom_push(key="execution_url", value=self.hook.execution_url(self.execution_id))
         if not self.deferrable:
             return super().execute(context)
         first = self.poke(context)  # an execution that is already done needs no deferral
