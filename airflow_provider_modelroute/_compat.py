@@ -87,6 +87,15 @@ def xcom_value(ti_key: TaskInstanceKey, key: str) -> Any:
     return XCom.get_value(ti_key=ti_key, key=key)
 
 
+def stats() -> Any:
+    """Airflow's metrics client: StatsD, OpenTelemetry or nothing, as the deployment configured it."""
+    try:
+        from airflow.providers.common.compat.sdk import Stats
+    except ImportError:  # common-compat releases that do not map it yet (Airflow 2.11 and 3.0 keep it here)
+        from airflow.stats import Stats
+    return Stats
+
+
 def object_storage_path(url: str, conn_id: str | None = None) -> Any:
     """An ``ObjectStoragePath`` (imported on first use: it is only needed when a task runs)."""
     from airflow.providers.common.compat.sdk import ObjectStoragePath
@@ -237,6 +246,7 @@ __all__ = [
     "object_storage_path",
     "server_connection",
     "server_db",
+    "stats",
     "task_state_store",
     "update_connection_extras",
     "xcom_stored_form",

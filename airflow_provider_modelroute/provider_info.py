@@ -15,11 +15,14 @@ CONN_TYPE = "modelroute"
 _PKG = "airflow_provider_modelroute"
 
 _UI_FIELD_BEHAVIOUR: dict[str, Any] = {
-    "hidden-fields": ["schema", "login", "port"],
+    # Port stays on the form: Airflow's Test button refuses a connection saved without one ("Bad
+    # Request": it sends port 0 and compares it with the stored empty port).
+    "hidden-fields": ["schema", "login"],
     "relabeling": {"password": "API key", "host": "Base URL"},
     "placeholders": {
         "host": "https://api.modelroute.ai (default)",
         "password": "sk_<64 hex>_<8 hex>",
+        "port": "443, or the Base URL's port (the Test button needs it)",
     },
 }
 
@@ -130,7 +133,12 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "hooks": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.hooks.modelroute"]}],
-        "operators": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.operators.modelroute"]}],
+        "operators": [
+            {
+                "integration-name": "ModelRoute",
+                "python-modules": [f"{_PKG}.operators.modelroute", f"{_PKG}.operators.cancel"],
+            }
+        ],
         "sensors": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.sensors.modelroute"]}],
         "triggers": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.triggers.modelroute"]}],
         "transfers": [

@@ -71,7 +71,7 @@ def test_submit_and_wait(
     assert result["files"][0]["content_type"] == "image/png"
     assert result["estimated_cost"] == "0.040"
     url = xcom(dr, "generate", "execution_url")
-    assert url == f"https://app.modelroute.ai/executions/{execution_id}"
+    assert url == f"{server.base_url}/executions/{execution_id}"  # the local server's dashboard page
     if AIRFLOW_V_3_0_PLUS:  # Airflow 3 stores each extra link's target in XCom when the task ends
         assert xcom(dr, "generate", ModelRouteExecutionLink().xcom_key) == url
     assert server.execution(execution_id)["metadata"] == {"team": dr.dag_id}  # templated

@@ -530,6 +530,7 @@ def test_test_connection(server: ModelRouteServer, dialect: Dialect, monkeypatch
     use_connection(monkeypatch, server, fields={"password": "sk_nope"})
     ok, message = ModelRouteHook("mr").test_connection()
     assert not ok and "API key" in message
+    assert "'mr'" not in message  # never the UI Test button's temporary connection id
 
 
 # --- async twin --------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_modelroute._compat import AirflowFailException
+from airflow_provider_modelroute._compat import AIRFLOW_V_3_0_PLUS, AirflowFailException
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+from airflow_provider_modelroute.operators.modelroute import ModelRouteExecutionLink
 from airflow_provider_modelroute.sensors.modelroute import ModelRouteExecutionSensor
 from airflow_provider_modelroute.testing import ModelRouteServer
 from tests.conftest import make_dag, run_dag, task_instance, task_states, xcom
@@ -93,6 +94,10 @@ def test_waits_for_completion(
     assert result["id"] == execution_id and result["status"] == "COMPLETED"
     assert result["files"][0]["file_id"].startswith("file_")
     assert server.stats()["requests"]["GET /v1/executions/{id}"] >= 3  # it waited, polling
+    url = f"{server.base_url}/executions/{execution_id}"  # the extra link, to the local dashboard page
+    assert xcom(dr, "wait", "execution_url") == url
+    if AIRFLOW_V_3_0_PLUS:  # Airflow 3 stores each extra link's target in XCom when the task ends
+        assert xcom(dr, "wait", ModelRouteExecutionLink().xcom_key) == url
     if mode.get("deferrable"):
         assert [d["execution_id"] for d in deferrals] == [execution_id]
         assert deferrals[0]["cancel_on_kill"] is False  # the sensor did not start it: never cancels
@@ -175,6 +180,9 @@ def test_a_retry_resumed_with_an_earlier_trys_event_pokes_again(server: ModelRou
 
     class TaskInstance:
         try_number = 2
+
+        def xcom_push(self, key: str, value: Any) -> None:  # the sensor pushes its execution_url
+            pass
 
     context: Any = {"ti": TaskInstance()}
     result = sensor.execute_complete(context, {**failed, "try_number": 1})  # stale: starts over

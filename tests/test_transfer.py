@@ -648,8 +648,8 @@ _FULL_DISK_COPY = textwrap.dedent(
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.RLIM_INFINITY))
     try:
         op.transfer()
-    except OSError as exc:
-        print(json.dumps({"errno": exc.errno}))
+    except Exception as exc:  # the OSError itself, or the storage error that names the destination
+        print(json.dumps({"errno": getattr(exc, "errno", None) or getattr(exc.__cause__, "errno", None)}))
     """
 )
 

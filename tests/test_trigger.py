@@ -147,6 +147,22 @@ def test_many_triggers_share_one_rate_budget(monkeypatch: pytest.MonkeyPatch) ->
     assert stats["requests"]["GET /v1/executions/{id}"] >= 60
 
 
+def test_a_window_spent_by_carried_requests_does_not_stall(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two requests a second, the first poll answered 429 and retried at once: the new window opens
+    # already spent by the carry, and the budget must ask the server again rather than wait forever.
+    with ModelRouteServer(rate_limit=2, rate_window=1.0, pending_seconds=0.1) as server:
+        monkeypatch.setenv("AIRFLOW_CONN_MODELROUTE_DEFAULT", connection_json(server))
+        server.add_fault("GET /v1/executions/{id}", "rate_limit", count=1, retry_after=0)
+        execution_id = start_execution(1.5)
+
+        async def wait() -> list[dict[str, Any]]:
+            trigger = ModelRouteExecutionTrigger(execution_id, poll_interval=0.2)
+            return await asyncio.wait_for(events_of(trigger), 60)  # stalled forever before the fix
+
+        events = asyncio.run(wait())
+    assert events[0]["status"] == "done" and events[0]["execution"]["status"] == "COMPLETED"
+
+
 def test_cancelled_run_cleans_up(server: ModelRouteServer) -> None:
     execution_id = start_execution(3600)
 

@@ -18,7 +18,7 @@ from urllib.parse import quote, urlsplit
 
 import tenacity
 
-from airflow_provider_modelroute import api
+from airflow_provider_modelroute import api, metrics
 from airflow_provider_modelroute.exceptions import (
     ModelRouteApiError,
     ModelRouteConfigError,
@@ -158,6 +158,7 @@ class ApiCore:
         content: bytes,
     ) -> Any:
         """Return a 2xx response's JSON, else raise the API error."""
+        metrics.request(method, path, status)
         if 200 <= status < 300:
             if not content:
                 return {}
@@ -204,6 +205,7 @@ class ApiCore:
         """
         detail = _USERINFO_RE.sub(r"\1<redacted>@", _scrub(str(exc), url))  # a proxy URL's password
         text = f"ModelRoute {method} {api.redact_url(url)} failed: {type(exc).__name__}: {detail}"
+        metrics.request(method, url, None)
         causes = list(_causes(exc))
         if any(isinstance(c, ssl.SSLCertVerificationError) for c in causes):
             return ModelRouteConfigError(
@@ -264,6 +266,7 @@ class ApiCore:
 
     def _before_sleep(self, state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
+        metrics.retry()
         self.log.warning(
             "ModelRoute request failed (%s); retry %d of %d in %.1f s",
             exc,

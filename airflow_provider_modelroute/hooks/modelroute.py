@@ -308,7 +308,8 @@ class ModelRouteHook(WebhookEndpointsMixin, BaseHook):
             if not exc.permanent:
                 return False, str(exc)
         except ModelRouteError as exc:
-            return False, str(exc)
+            # The UI's Test button tests a temporary connection under a random id: never show it.
+            return False, str(exc).replace(f"Connection {self.modelroute_conn_id!r}", "This connection")
         return True, f"Connected to ModelRoute at {self.core.settings.base_url}"
 
     # -- async (triggers) ---------------------------------------------------------------------

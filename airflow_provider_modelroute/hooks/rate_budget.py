@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from airflow_provider_modelroute import metrics
+
 #: A wait longer than this is logged ("waiting 38 s for the rate window of key ...1a2b").
 LOG_WAITS_OVER = 5.0
 
@@ -182,6 +184,7 @@ class RateBudget:
 
     def acquire_blocking(self, log: Any = None) -> None:
         """Wait (blocking this thread) until a request may be sent; pair it with one ``observe``."""
+        started = time.monotonic()
         waiter = self._now_or_queue(_ThreadWaiter, log)
         if waiter is None:
             return
@@ -189,9 +192,11 @@ class RateBudget:
         while not granted:
             waiter.wait(timeout)
             granted, timeout = self._granted(waiter)
+        metrics.rate_budget_wait(time.monotonic() - started)
 
     async def acquire(self, log: Any = None) -> None:
         """Wait (not blocking the event loop) until a request may be sent; pair it with one ``observe``."""
+        started = time.monotonic()
         waiter = self._now_or_queue(_TaskWaiter, log)
         if waiter is None:
             return
@@ -203,6 +208,7 @@ class RateBudget:
         except BaseException:
             self._leave(waiter)
             raise
+        metrics.rate_budget_wait(time.monotonic() - started)
 
     def observe(self, seen: RateLimit | None) -> None:
         """Learn from an answer's rate-limit headers (None: the request got no answer)."""

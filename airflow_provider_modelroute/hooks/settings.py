@@ -108,8 +108,8 @@ class ConnectionSettings:
     def missing(conn_id: str) -> ModelRouteConfigError:
         """The error for a connection id Airflow does not know (a retry would not create it)."""
         return ModelRouteConfigError(
-            f"Airflow connection {conn_id!r} does not exist: create it (type {CONN_TYPE!r}, the API key "
-            "in its password field) or set modelroute_conn_id to an existing one"
+            f"Airflow connection {conn_id!r} does not exist: create it (type {CONN_TYPE!r}, the API key in "
+            "its API key field, `password` in JSON) or set modelroute_conn_id to an existing one"
         )
 
     @classmethod

@@ -15,7 +15,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import tenacity
 
-from airflow_provider_modelroute import api
+from airflow_provider_modelroute import api, metrics
 from airflow_provider_modelroute.exceptions import ModelRouteConnectionError, ModelRouteTransferError
 from airflow_provider_modelroute.hooks.core import ApiCore
 from airflow_provider_modelroute.hooks.network import route
@@ -201,6 +201,7 @@ class StorageClient:
                 if not getattr(reason, "retryable", False):
                     raise reason from None
             failures += 1
+            metrics.retry()
             if failures > self.core.settings.max_retries:
                 raise ModelRouteTransferError(
                     f"Download of file {download.file_id} stopped at byte {offset} of {size} after "

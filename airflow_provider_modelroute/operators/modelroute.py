@@ -15,7 +15,7 @@ from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_modelroute import api
+from airflow_provider_modelroute import api, cost
 from airflow_provider_modelroute._compat import (
     AirflowFailException,
     BaseOperator,
@@ -33,6 +33,8 @@ from airflow_provider_modelroute.exceptions import (
 )
 
 if TYPE_CHECKING:
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
     from airflow_provider_modelroute._compat import Context, TaskInstanceKey
     from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
     from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
@@ -100,6 +102,8 @@ class ModelRouteExecuteOperator(BaseOperator):
     :param webhook: Webhook mode (Airflow 3.1+, deferrable waits): ModelRoute's delivery ends the wait
         and polling slows to a safety net. None (default): on when the connection has a
         ``webhook_secret`` and ``webhook_receiver_url``; True: required; False: off.
+    :param max_estimated_cost: Cancel the execution at once and fail the task (no retries) when the
+        submit answer's ``estimated_cost`` is above this amount. Default: no limit.
     """
 
     template_fields: Sequence[str] = ("model", "input", "metadata", "webhook_url")
@@ -123,6 +127,7 @@ class ModelRouteExecuteOperator(BaseOperator):
         cancel_on_kill: bool = True,
         force_new_execution: bool = False,
         webhook: bool | None = None,
+        max_estimated_cost: float | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -141,6 +146,8 @@ class ModelRouteExecuteOperator(BaseOperator):
         self.webhook = webhook
         self.execution_id: str | None = None
         self._webhook: WebhookWait | None = None
+        self.max_estimated_cost = cost.check_limit(max_estimated_cost)
+        self.summary: dict[str, Any] | None = None
 
     @cached_property
     def hook(self) -> ModelRouteHook:
@@ -181,7 +188,10 @@ class ModelRouteExecuteOperator(BaseOperator):
         """Make the execution id known at once: log, XCom, extra link, and the durable task store."""
         self.execution_id = execution_id = str(execution["id"])
         url = self.hook.execution_url(execution_id)
-        self.log.info("ModelRoute execution %s is %s (%s)", execution_id, execution.get("status"), url)
+        # The URL ends the line: the UI's log viewer would make a ")" after it part of the link.
+        self.log.info(
+            "ModelRoute execution %s is %s; dashboard: %s", execution_id, execution.get("status"), url
+        )
         context["ti"].xcom_push(key="execution_id", value=execution_id)
         context["ti"].xcom_push(key="execution_url", value=url)
         store = task_state_store(context)
@@ -279,9 +289,10 @@ class ModelRouteExecuteOperator(BaseOperator):
         )
         execution = self.submit(context)
         execution_id = str(execution["id"])
+        self._check_estimate(context, execution)
         if not self.wait_for_completion or api.is_terminal(str(execution.get("status"))):
             raise_for_execution(execution)
-            return api.execution_summary(execution)
+            return self._result(context, api.execution_summary(execution))
         trigger = self._trigger(execution_id, self._deadline(context))
         from airflow_provider_modelroute.operators.deferral import defer_to_trigger, wait_in_worker
 
@@ -320,7 +331,7 @@ class ModelRouteExecuteOperator(BaseOperator):
         ti = context["ti"]
         retry_left = ti.try_number <= ti.max_tries
         try:
-            return execution_from_event(event, limit=self._limit())
+            return self._result(context, execution_from_event(event, limit=self._limit()))
         except ModelRouteExecutionTimeout:
             if self.restart_on_timeout or not retry_left:
                 self._cancel(execution_id, "the wait timed out")
@@ -353,6 +364,23 @@ class ModelRouteExecuteOperator(BaseOperator):
             )
         return " or ".join(limits) or "its deadline"
 
+    def _result(self, context: Context, summary: dict[str, Any]) -> dict[str, Any]:
+        """The return value: the summary with its cost fields (also kept for OpenLineage)."""
+        self.summary = cost.with_final_cost(self, context, summary)
+        return self.summary
+
+    def _check_estimate(self, context: Context, execution: dict[str, Any]) -> None:
+        """Log the hold and estimate; over ``max_estimated_cost``: cancel at once, fail without retries."""
+        cost.note_estimate(self, context, execution)
+        if not cost.over_limit(execution, self.max_estimated_cost):
+            return
+        try:
+            self.hook.cancel_execution(str(execution["id"]))
+            outcome = "cancelled it"
+        except ModelRouteError as exc:
+            outcome = f"could not cancel it ({exc}); cancel it in the ModelRoute dashboard"
+        raise cost.limit_error(execution, self.max_estimated_cost, outcome)
+
     def _cancel(self, execution_id: str | None, reason: str) -> None:
         """Best-effort cancel that says honestly what happened."""
         if not (self.cancel_on_kill and execution_id):
@@ -374,3 +402,15 @@ class ModelRouteExecuteOperator(BaseOperator):
 
     def on_kill(self) -> None:
         self._cancel(self.execution_id, "the task was killed")
+
+    # -- OpenLineage (called by apache-airflow-providers-openlineage when installed) ------------
+
+    def get_openlineage_facets_on_start(self) -> OperatorLineage:
+        from airflow_provider_modelroute.lineage import execute_lineage
+
+        return execute_lineage(self)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        from airflow_provider_modelroute.lineage import execute_lineage
+
+        return execute_lineage(self)

@@ -16,6 +16,7 @@ from airflow_provider_modelroute._compat import (
     conf,
 )
 from airflow_provider_modelroute.exceptions import ModelRouteExecutionTimeout, raise_for_execution
+from airflow_provider_modelroute.operators.modelroute import ModelRouteExecutionLink
 
 if TYPE_CHECKING:
     from airflow_provider_modelroute._compat import Context
@@ -42,6 +43,7 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
     """
 
     template_fields: Sequence[str] = ("execution_id",)
+    operator_extra_links = (ModelRouteExecutionLink(),)
     ui_color = "#e3ecfa"
 
     def __init__(
@@ -75,6 +77,7 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
         return PokeReturnValue(is_done=True, xcom_value=api.execution_summary(execution))
 
     def execute(self, context: Context) -> Any:
+        context["ti"].xcom_push(key="execution_url", value=self.hook.execution_url(self.execution_id))
         if not self.deferrable:
             return super().execute(context)
         from airflow_provider_modelroute.webhooks.mode import WebhookWait

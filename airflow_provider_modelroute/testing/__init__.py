@@ -8,7 +8,7 @@
         ...
         assert server.stats()["executions_created"] == 1
 
-Run it standalone with ``python -m airflow_provider_modelroute.testing --port 8080``.
+Run it standalone with ``python -m airflow_provider_modelroute.testing`` (``--help`` for its flags).
 """
 
 from airflow_provider_modelroute.testing.remote import RemoteModelRouteServer

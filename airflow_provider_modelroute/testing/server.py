@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute.testing import content
+from airflow_provider_modelroute.testing import content, dashboard
 from airflow_provider_modelroute.testing.dialects import Dialect, dialect_from
 from airflow_provider_modelroute.testing.webhooks import EndpointError, WebhookSender
 from airflow_provider_modelroute.testing.wire import (
@@ -317,12 +317,13 @@ class ModelRouteServer:
         self._dialect = dialect_from(value)
 
     def airflow_connection(self) -> dict[str, Any]:
-        """An Airflow connection (as a dict) to this server; it allows the loopback storage URLs."""
+        """An Airflow connection (as a dict) to this server: loopback storage URLs allowed, and the
+        extra link's dashboard served here (``/executions/{id}``)."""
         return {
             "conn_type": "modelroute",
             "host": self.base_url,
             "password": self.api_key,
-            "extra": {"allow_insecure_storage_urls": True},
+            "extra": {"allow_insecure_storage_urls": True, "dashboard_url": self.base_url},
         }
 
     def airflow_connection_env(self, conn_id: str = "modelroute_default") -> dict[str, str]:
@@ -776,6 +777,13 @@ class ModelRouteServer:
             await send_reply(
                 send, await self._admin(method, path[len("/_admin/") :], await read_json(receive))
             )
+            return
+        if method == "GET" and path.startswith(dashboard.PATH_PREFIX):  # the extra link's target
+            execution_id = path.removeprefix(dashboard.PATH_PREFIX)
+            with self._lock:
+                known = execution_id in self._executions
+            status, page = dashboard.page(execution_id, self.execution(execution_id) if known else None)
+            await send_reply(send, Reply(status, page, {"content-type": "text/html; charset=utf-8"}))
             return
         request_id = f"req_{uuid.uuid4().hex[:16]}"
         routed = self._route(method, path)

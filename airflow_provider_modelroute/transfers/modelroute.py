@@ -37,7 +37,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from airflow_provider_modelroute import api
+from airflow_provider_modelroute import api, metrics
 from airflow_provider_modelroute._compat import (
     AirflowFailException,
     AirflowNotFoundException,
@@ -45,8 +45,11 @@ from airflow_provider_modelroute._compat import (
     object_storage_path,
 )
 from airflow_provider_modelroute.exceptions import ModelRouteConfigError, ModelRouteTransferError
+from airflow_provider_modelroute.transfers.destination import check_writable, storage_errors
 
 if TYPE_CHECKING:
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
     from airflow_provider_modelroute._compat import Context
     from airflow_provider_modelroute.hooks.modelroute import FileDownload, ModelRouteHook
 
@@ -391,6 +394,7 @@ class ModelRouteToStorageOperator(BaseOperator):
         self.overwrite = overwrite
         self.modelroute_conn_id = modelroute_conn_id
         self.chunk_size = chunk_size
+        self.records: list[dict[str, Any]] | None = None
         if overwrite not in OVERWRITE_MODES:
             raise ModelRouteConfigError(
                 f"overwrite must be one of {', '.join(repr(m) for m in OVERWRITE_MODES)}, got {overwrite!r}"
@@ -429,20 +433,36 @@ class ModelRouteToStorageOperator(BaseOperator):
     # -- the copy -------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
-        return self.transfer()
+        self.records = self.transfer()  # kept for OpenLineage
+        return self.records
+
+    # -- OpenLineage (called by apache-airflow-providers-openlineage when installed) ------------
+
+    def get_openlineage_facets_on_start(self) -> OperatorLineage:
+        from airflow_provider_modelroute.lineage import to_storage_lineage
+
+        return to_storage_lineage(self)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        from airflow_provider_modelroute.lineage import to_storage_lineage
+
+        return to_storage_lineage(self)
 
     def transfer(self) -> list[dict[str, Any]]:
         """Copy the file(s) and return their records (what ``execute`` does; usable outside a task)."""
         self._check_source()
         self._check_destination()
         destination = open_storage_path(self.destination, self.destination_conn_id, "destination")
+        shown = display_uri(destination)
+        check_writable(destination, shown, self.destination_conn_id)
         downloads: list[FileDownload] = []
         try:
             for file_id in self._file_ids():
                 downloads.append(self.hook.download_file(file_id, chunk_size=self.chunk_size))
-            targets = self._targets(destination, downloads)
-            self._compare_existing(targets)
-            return [self._copy(target) for target in targets]
+            with storage_errors(shown, self.destination_conn_id):
+                targets = self._targets(destination, downloads)
+                self._compare_existing(targets)
+                return [self._copy(target) for target in targets]
         finally:
             for download in downloads:  # the responses opened ahead, when a file was not copied
                 download.close()
@@ -541,6 +561,7 @@ class ModelRouteToStorageOperator(BaseOperator):
             target.uri,
         )
         sha256, size = self._stream(download, path, target.uri)
+        metrics.bytes_transferred("download", size)
         return {**record, "size_bytes": size, "sha256": sha256}
 
     def _identical(self, target: _Target) -> str | None:
@@ -678,6 +699,7 @@ class StorageToModelRouteOperator(BaseOperator):
         self.region = region
         self.ttl_days = ttl_days
         self.modelroute_conn_id = modelroute_conn_id
+        self.record: dict[str, Any] | None = None
         if not _is_deferred(source) and (not isinstance(source, str) or not source.strip()):
             raise ModelRouteConfigError(
                 f"source must be an object storage URL such as 's3://bucket/in/photo.png', got {source!r}"
@@ -691,9 +713,21 @@ class StorageToModelRouteOperator(BaseOperator):
         return ModelRouteHook(self.modelroute_conn_id)
 
     def execute(self, context: Context) -> str:
-        record = self.upload()
+        self.record = record = self.upload()  # kept for OpenLineage
         context["ti"].xcom_push(key="file", value=record)
         return str(record["file_id"])
+
+    # -- OpenLineage (called by apache-airflow-providers-openlineage when installed) ------------
+
+    def get_openlineage_facets_on_start(self) -> OperatorLineage:
+        from airflow_provider_modelroute.lineage import upload_lineage
+
+        return upload_lineage(self)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        from airflow_provider_modelroute.lineage import upload_lineage
+
+        return upload_lineage(self)
 
     def upload(self) -> dict[str, Any]:
         """Upload the file and return its record (what ``execute`` does; usable outside a task)."""
@@ -722,6 +756,7 @@ class StorageToModelRouteOperator(BaseOperator):
             ttl_days=self.ttl_days,
         )
         elapsed = max(time.monotonic() - started, 1e-6)
+        metrics.bytes_transferred("upload", size)
         self.log.info(
             "Uploaded %s as ModelRoute file %s (%.1f MB/s)", shown, result["file_id"], size / elapsed / 1e6
         )

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_modelroute import api
+from airflow_provider_modelroute import api, metrics
 from airflow_provider_modelroute._compat import BaseTrigger, TriggerEvent
 from airflow_provider_modelroute.exceptions import (
     ModelRouteApiError,
@@ -138,6 +138,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
             await self._sleep(self._next_poll())
         failures = 0
         reported_unknown: set[str] = set()
+        first_poll = time.monotonic()
         async with ModelRouteHook(self.modelroute_conn_id).async_client() as client:
             while self._seconds_left() > 0:
                 try:
@@ -161,6 +162,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
                 status = str(execution.get("status"))
                 if api.is_terminal(status):
                     self.log.info("ModelRoute execution %s is %s", self.execution_id, status)
+                    metrics.poll_to_terminal(time.monotonic() - first_poll, status)
                     return {"status": "done", "execution": api.execution_summary(execution)}
                 if not api.is_known_status(status) and status not in reported_unknown:
                     reported_unknown.add(status)

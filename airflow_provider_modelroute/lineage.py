@@ -1,0 +1,143 @@
+"""OpenLineage for the provider's operators, built the way Airflow's own providers build it.
+
+Imported only by the operators' ``get_openlineage_facets_on_start`` / ``_on_complete`` methods, which
+``apache-airflow-providers-openlineage`` calls when it is installed and configured: the provider
+itself never depends on OpenLineage.
+
+Datasets are named as common-io names them: an ``ObjectStoragePath`` is ``namespace`` (``s3://bucket``,
+``file``...) + ``key``; a ModelRoute file is ``modelroute://<API host>`` + its ``file_...`` id, so the
+file an execution produced and the file a transfer copied are one dataset. The execution shows as the
+job facet ``modelroute`` (the model) and the run facets ``externalQuery`` (its id) and
+``modelroute_execution`` (status and cost).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from airflow.providers.common.compat.openlineage.facet import (
+    Dataset,
+    ExternalQueryRunFacet,
+    OutputDataset,
+    OutputStatisticsOutputDatasetFacet,
+)
+from airflow.providers.openlineage.extractors import OperatorLineage
+from attr import define
+from openlineage.client.generated.base import JobFacet, RunFacet
+
+from airflow_provider_modelroute._compat import object_storage_path
+from airflow_provider_modelroute.transfers.modelroute import display_uri
+
+if TYPE_CHECKING:
+    from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
+    from airflow_provider_modelroute.transfers.modelroute import (
+        ModelRouteToStorageOperator,
+        StorageToModelRouteOperator,
+    )
+
+_SCHEMA = "https://github.com/modelroute/airflow-provider-modelroute#openlineage"
+_FILE_REFERENCE = re.compile(r"file_[A-Za-z0-9_-]{1,128}")
+
+
+@define
+class ModelRouteJobFacet(JobFacet):
+    """The model a ModelRoute task runs."""
+
+    model: str
+
+    @staticmethod
+    def _get_schema() -> str:
+        return _SCHEMA
+
+
+@define
+class ModelRouteExecutionRunFacet(RunFacet):
+    """The execution behind a task run: its id, status and cost fields as the API gave them."""
+
+    executionId: str  # OpenLineage facets use camelCase
+    status: str | None = None
+    holdAmount: str | None = None
+    estimatedCost: str | None = None
+    cost: str | None = None
+
+    @staticmethod
+    def _get_schema() -> str:
+        return _SCHEMA
+
+
+def file_dataset(hook: Any, file_id: str) -> Dataset:
+    """A ModelRoute file: namespace ``modelroute://<API host>``, name its ``file_...`` id."""
+    return Dataset(namespace=f"modelroute://{urlsplit(hook.core.settings.base_url).netloc}", name=file_id)
+
+
+def storage_dataset(url: str, conn_id: str | None, size_bytes: int | None = None) -> Dataset:
+    """An ``ObjectStoragePath`` as common-io's FileTransferOperator names it; outputs carry their size."""
+    path = object_storage_path(url, conn_id or None)
+    if size_bytes is None:
+        return Dataset(namespace=path.namespace, name=path.key)
+    statistics = OutputStatisticsOutputDatasetFacet(rowCount=None, size=size_bytes, fileCount=1)
+    return OutputDataset(
+        namespace=path.namespace, name=path.key, outputFacets={"outputStatistics": statistics}
+    )
+
+
+def _file_references(value: Any) -> list[str]:
+    """Every ``file_...`` reference in a model input, in order, once."""
+    if isinstance(value, str):
+        return [value] if _FILE_REFERENCE.fullmatch(value) else []
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return list(dict.fromkeys(ref for item in items for ref in _file_references(item)))
+
+
+def execute_lineage(task: ModelRouteExecuteOperator) -> OperatorLineage:
+    """The model as job facet, its input files in, its produced files out (once the task has them)."""
+    inputs = [file_dataset(task.hook, ref) for ref in _file_references(task.input)]
+    job_facets = {"modelroute": ModelRouteJobFacet(model=str(task.model))}
+    summary = task.summary  # set once the task has its result
+    if not summary or not summary.get("id"):
+        return OperatorLineage(inputs=inputs, job_facets=job_facets)
+    execution_id = str(summary["id"])
+    run_facets: dict[str, RunFacet] = {
+        "externalQuery": ExternalQueryRunFacet(externalQueryId=execution_id, source="modelroute"),
+        "modelroute_execution": ModelRouteExecutionRunFacet(
+            executionId=execution_id,
+            status=summary.get("status"),
+            holdAmount=_text(summary.get("hold_amount")),
+            estimatedCost=_text(summary.get("estimated_cost")),
+            cost=_text(summary.get("cost")),
+        ),
+    }
+    return OperatorLineage(
+        inputs=inputs,
+        outputs=[file_dataset(task.hook, str(entry["file_id"])) for entry in summary.get("files") or []],
+        job_facets=job_facets,
+        run_facets=run_facets,
+    )
+
+
+def to_storage_lineage(task: ModelRouteToStorageOperator) -> OperatorLineage:
+    """Each copied ModelRoute file in, its destination object out."""
+    records = task.records
+    if records is None:
+        return OperatorLineage()
+    return OperatorLineage(
+        inputs=[file_dataset(task.hook, str(record["file_id"])) for record in records],
+        outputs=[
+            storage_dataset(str(record["uri"]), task.destination_conn_id, record.get("size_bytes"))
+            for record in records
+        ],
+    )
+
+
+def upload_lineage(task: StorageToModelRouteOperator) -> OperatorLineage:
+    """The source object in, the ModelRoute file out."""
+    record = task.record
+    source = storage_dataset(display_uri(task.source), task.source_conn_id)
+    outputs = [file_dataset(task.hook, str(record["file_id"]))] if record else []
+    return OperatorLineage(inputs=[source], outputs=outputs)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)

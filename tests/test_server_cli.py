@@ -1,0 +1,77 @@
+"""The local server's command line as a new user meets it: the export line, a stable key, help, dashboard."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import requests
+
+from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+from airflow_provider_modelroute.testing.__main__ import STABLE_API_KEY, _parser
+
+
+@contextmanager
+def cli(*args: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """Run the CLI; yield its JSON line and the export line it shows a person (read from stderr)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "airflow_provider_modelroute.testing", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        info = json.loads(process.stdout.readline())
+        for line in process.stderr:  # ends with the server's readiness message, never EOF while it runs
+            if line.startswith("export "):
+                yield info, line.strip()
+                return
+        raise AssertionError("the server printed no export line")
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+
+
+def exported(line: str) -> dict[str, str]:
+    """What the shell defines when it runs the line (a real shell, not our parsing)."""
+    script = f'{line}\nprintf %s "$AIRFLOW_CONN_MODELROUTE_DEFAULT"'
+    value = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
+    return {"AIRFLOW_CONN_MODELROUTE_DEFAULT": value}
+
+
+def test_the_export_line_makes_a_working_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    with cli("--stable-key") as (info, line):
+        env = exported(line)
+        conn = json.loads(env["AIRFLOW_CONN_MODELROUTE_DEFAULT"])
+        assert conn["host"] == info["base_url"] and conn["password"] == STABLE_API_KEY
+        assert conn["extra"] == {"allow_insecure_storage_urls": True, "dashboard_url": info["base_url"]}
+        monkeypatch.setenv("AIRFLOW_CONN_MODELROUTE_DEFAULT", env["AIRFLOW_CONN_MODELROUTE_DEFAULT"])
+        hook = ModelRouteHook()
+        assert hook.test_connection() == (True, f"Connected to ModelRoute at {info['base_url']}")
+
+        execution = hook.create_execution("test-image", {"prompt": "a lighthouse"})
+        page = requests.get(hook.execution_url(execution["id"]), timeout=10)  # the extra link's target
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert execution["id"] in page.text and "Status:" in page.text
+        assert requests.get(f"{info['base_url']}/executions/exec_unknown", timeout=10).status_code == 404
+
+
+def test_stable_key_survives_a_restart() -> None:
+    with cli("--stable-key") as (first, _):
+        pass
+    with cli("--stable-key") as (second, _):
+        pass
+    assert first["api_key"] == second["api_key"] == STABLE_API_KEY
+    with cli() as (fresh, _):
+        assert fresh["api_key"] != STABLE_API_KEY  # without the flag, a new random key each time
+
+
+def test_every_flag_has_help() -> None:
+    undocumented = [a.dest for a in _parser()._actions if not a.help]
+    assert undocumented == []
