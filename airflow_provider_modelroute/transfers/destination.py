@@ -71,4 +71,6 @@ def check_writable(path: Any, uri: str, conn_id: str | None) -> None:
             if not os.access(directory, os.W_OK | os.X_OK):
                 raise PermissionError(f"{directory} is not writable by this worker")
         elif protocol in _BUCKET_PROTOCOLS and getattr(path, "bucket", None):
-            path.fs.info(path.bucket)  # FileNotFoundError: no such bucket; PermissionError: denied
+            # Airflow 2.11's path keeps the connection id in it: "conn@bucket"
+            bucket = str(path.bucket).rpartition("@")[2]
+            path.fs.info(bucket)  # FileNotFoundError: no such bucket; PermissionError: denied
