@@ -76,10 +76,10 @@ def storage_dataset(url: str, conn_id: str | None, size_bytes: int | None = None
     """An ``ObjectStoragePath`` as common-io's FileTransferOperator names it; outputs carry their size."""
     path = object_storage_path(url, conn_id or None)
     if size_bytes is None:
-        return Dataset(namespace=path.namespace, name=path.key)
+        return Dataset(namespace=_namespace(path), name=path.key)
     statistics = OutputStatisticsOutputDatasetFacet(rowCount=None, size=size_bytes, fileCount=1)
     return OutputDataset(
-        namespace=path.namespace, name=path.key, outputFacets={"outputStatistics": statistics}
+        namespace=_namespace(path), name=path.key, outputFacets={"outputStatistics": statistics}
     )
 
 
@@ -141,3 +141,8 @@ def upload_lineage(task: StorageToModelRouteOperator) -> OperatorLineage:
 
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def _namespace(path: Any) -> str:
+    """The path's namespace without a connection id (Airflow 2.11 keeps ``conn_id@`` in it; 3.x does not)."""
+    return re.sub(r"^([a-z0-9+.-]+://)[^@/]*@", r"\1", str(path.namespace))

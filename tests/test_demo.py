@@ -13,12 +13,6 @@ from airflow_provider_modelroute._compat import AIRFLOW_V_3_0_PLUS, AIRFLOW_V_3_
 from tests.conftest import REPO, needs_airflow_sdk
 
 
-@needs_airflow_sdk("the example DAG that `make demo` runs")
-@pytest.mark.skipif(
-    AIRFLOW_V_3_0_PLUS and not AIRFLOW_V_3_1_PLUS,
-    reason="`airflow dags test` on Airflow 3.0 fails a DAG whose outlets' assets no DAG processor has "
-    "registered yet (AirflowInactiveAssetInInletOrOutletException); test_example_dags runs this DAG on 3.0",
-)
 def line(stdout: str, pattern: str) -> re.Match[str]:
     """The summary line matching ``pattern`` (anchored at both ends)."""
     match = re.search(f"^{pattern}$", stdout, re.M)
@@ -26,6 +20,12 @@ def line(stdout: str, pattern: str) -> re.Match[str]:
     return match
 
 
+@needs_airflow_sdk("the example DAG that `make demo` runs")
+@pytest.mark.skipif(
+    AIRFLOW_V_3_0_PLUS and not AIRFLOW_V_3_1_PLUS,
+    reason="`airflow dags test` on Airflow 3.0 fails a DAG whose outlets' assets no DAG processor has "
+    "registered yet (AirflowInactiveAssetInInletOrOutletException); test_example_dags runs this DAG on 3.0",
+)
 def test_demo_writes_a_png_and_prints_a_short_summary() -> None:
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "demo.py")], capture_output=True, text=True, timeout=540
