@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,25 +19,33 @@ from airflow_provider_modelroute.testing.__main__ import STABLE_API_KEY, _parser
 
 
 @contextmanager
-def cli(*args: str) -> Iterator[tuple[dict[str, Any], str]]:
-    """Run the CLI; yield its JSON line and the export line it shows a person (read from stderr)."""
+def cli(*args: str, terminal: bool = True) -> Iterator[tuple[dict[str, Any], str]]:
+    """Run the CLI; yield its JSON line and what it shows on stderr (a terminal, as a person runs it)."""
+    leader, follower = pty.openpty() if terminal else os.pipe()
     process = subprocess.Popen(
         [sys.executable, "-m", "airflow_provider_modelroute.testing", *args],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=follower,
         text=True,
     )
+    os.close(follower)
     try:
-        assert process.stdout is not None and process.stderr is not None
-        info = json.loads(process.stdout.readline())
-        for line in process.stderr:  # ends with the server's readiness message, never EOF while it runs
-            if line.startswith("export "):
-                yield info, line.strip()
-                return
-        raise AssertionError("the server printed no export line")
+        assert process.stdout is not None
+        info = json.loads(process.stdout.readline())  # printed once the server is ready
+        shown = b""
+        while not shown.rstrip().endswith((b"Ctrl+C.", b"_admin).")):  # the last line of the message
+            shown += os.read(leader, 65536)
+        yield info, shown.decode().replace("\r\n", "\n")
     finally:
         process.terminate()
-        assert process.wait(timeout=10) == 0
+        code = process.wait(timeout=10)
+        os.close(leader)
+        assert code == 0
+
+
+def export_line_of(shown: str) -> str:
+    [line] = [line for line in shown.splitlines() if line.startswith("export ")]
+    return line
 
 
 def exported(line: str) -> dict[str, str]:
@@ -46,8 +56,8 @@ def exported(line: str) -> dict[str, str]:
 
 
 def test_the_export_line_makes_a_working_connection(monkeypatch: pytest.MonkeyPatch) -> None:
-    with cli("--stable-key") as (info, line):
-        env = exported(line)
+    with cli("--stable-key") as (info, shown):
+        env = exported(export_line_of(shown))
         conn = json.loads(env["AIRFLOW_CONN_MODELROUTE_DEFAULT"])
         assert conn["host"] == info["base_url"] and conn["password"] == STABLE_API_KEY
         assert conn["extra"] == {"allow_insecure_storage_urls": True, "dashboard_url": info["base_url"]}
@@ -70,6 +80,12 @@ def test_stable_key_survives_a_restart() -> None:
     assert first["api_key"] == second["api_key"] == STABLE_API_KEY
     with cli() as (fresh, _):
         assert fresh["api_key"] != STABLE_API_KEY  # without the flag, a new random key each time
+
+
+def test_a_log_file_gets_no_key() -> None:
+    with cli(terminal=False) as (info, shown):
+        assert shown.startswith(f"ModelRoute local server ready at {info['base_url']}")
+        assert info["api_key"] not in shown and "export " not in shown
 
 
 def test_every_flag_has_help() -> None:

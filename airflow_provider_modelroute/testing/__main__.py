@@ -140,15 +140,12 @@ def main(argv: list[str] | None = None) -> None:
             "airflow_conn": json.dumps(server.airflow_connection()),
         }
         print(json.dumps(info), flush=True)
-        print(
-            f"ModelRoute local server ready at {server.base_url} (dashboard pages at "
-            f"{server.base_url}/executions/<id>, admin API at {server.admin_url}).\n"
-            "Paste this into the shell that runs Airflow:\n\n"
-            f"{export_line(server)}\n\n"
-            "Stop the server with Ctrl+C.",
-            file=sys.stderr,
-            flush=True,
-        )
+        ready = f"ModelRoute local server ready at {server.base_url} (dashboard pages at "
+        ready += f"{server.base_url}/executions/<id>, admin API at {server.admin_url})."
+        if sys.stderr.isatty():  # a person is watching; a log file gets no key
+            ready += "\nPaste this into the shell that runs Airflow:\n\n"
+            ready += f"{export_line(server)}\n\nStop the server with Ctrl+C."
+        print(ready, file=sys.stderr, flush=True)
         stop.wait()
 
 
