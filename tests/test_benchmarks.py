@@ -13,9 +13,12 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, needs_airflow_sdk
+from airflow_provider_modelroute._compat import AIRFLOW_V_3_3_PLUS
+from tests.conftest import REPO
 
-pytestmark = needs_airflow_sdk("the benchmarks (measured on Airflow 3.3)")
+# The benchmarks measure (and compare baselines of) the latest Airflow only: their baselines' providers
+# and the local stack differ on older versions, where BENCHMARKS.md makes no claim.
+pytestmark = pytest.mark.skipif(not AIRFLOW_V_3_3_PLUS, reason="the benchmarks are measured on Airflow 3.3+")
 
 SCRIPTS = [
     "bench_triggerer.py",
