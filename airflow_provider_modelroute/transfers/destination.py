@@ -73,4 +73,7 @@ def check_writable(path: Any, uri: str, conn_id: str | None) -> None:
         elif protocol in _BUCKET_PROTOCOLS and getattr(path, "bucket", None):
             # Airflow 2.11's path keeps the connection id in it: "conn@bucket"
             bucket = str(path.bucket).rpartition("@")[2]
-            path.fs.info(bucket)  # FileNotFoundError: no such bucket; PermissionError: denied
+            try:
+                path.fs.info(bucket)  # FileNotFoundError: no such bucket; PermissionError: denied
+            except FileNotFoundError:
+                path.fs.ls(bucket)  # older s3fs (Airflow 3.0's) cannot head some buckets: list it
