@@ -99,9 +99,15 @@ def run_child(script: str, config: dict[str, Any], timeout: float = 900) -> dict
     )
     for line in reversed(completed.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
+            # Progress on stderr: a run that dies midway still leaves what it measured.
+            print(
+                f"[bench] {config.get('case') or config.get('impl')}: {line[len(RESULT_PREFIX) :]}",
+                file=sys.stderr,
+            )
             return dict(json.loads(line[len(RESULT_PREFIX) :]))
+    shown = {k: v for k, v in config.items() if "key" not in k and "conn" not in k}  # no API keys
     raise RuntimeError(
-        f"benchmark child failed (exit {completed.returncode}) for {config.get('case', config)}:\n"
+        f"benchmark child failed (exit {completed.returncode}) for {config.get('case', shown)}:\n"
         f"{completed.stderr[-3000:]}"
     )
 

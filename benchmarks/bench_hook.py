@@ -87,7 +87,7 @@ def main() -> int:
     )
     print()
     common.print_goals(
-        [common.goal(f"≥ {GOAL}x the bare session", paired.ratio >= GOAL, f"{paired.ratio:.2f}x")], args.quick
+        [common.goal(f"≥ {GOAL}x the bare session", paired.ratio >= GOAL, f"{paired.ratio:.3f}x")], args.quick
     )
     return 0
 

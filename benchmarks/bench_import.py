@@ -95,7 +95,11 @@ def main() -> int:
     rows = []
     for modules, ms in results.items():
         label = "ours: operators + sensors + transfers together" if modules == OURS else f"`{modules[0]}`"
-        versus = common.Paired(samples[modules], samples[(THEIRS[0],)]).shown()
+        versus = (
+            "reference"
+            if modules == (THEIRS[0],)
+            else common.Paired(samples[modules], samples[(THEIRS[0],)]).shown()
+        )
         rows.append([label, f"{ms:.1f}", versus, "ours" if all(m in OURS for m in modules) else "baseline"])
     headers = ["module", "ms after airflow.sdk (median)", "÷ HTTP operator", "provider"]
     print(common.table(headers, rows))
