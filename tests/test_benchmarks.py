@@ -32,6 +32,9 @@ SCRIPTS = [
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_quick_mode_prints_its_table(script: str) -> None:
+    http_triggers = pytest.importorskip("airflow.providers.http.triggers.http")
+    if script == "bench_triggerer.py" and not hasattr(http_triggers, "HttpEventTrigger"):
+        pytest.skip("the installed http provider predates HttpEventTrigger, the equal-work baseline")
     completed = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), "--quick"],
         capture_output=True,
