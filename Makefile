@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_import.py
 	$(PY) benchmarks/bench_hook.py
 	$(PY) benchmarks/bench_budget.py
+	$(PY) benchmarks/bench_webhooks.py
 
 # The reliability proof of RELIABILITY.md: ROUNDS rounds of `make test` + `make drills` while two
 # busy loops keep both cores loaded; prints each round's results and times.

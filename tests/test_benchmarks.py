@@ -27,6 +27,7 @@ SCRIPTS = [
     "bench_import.py",
     "bench_hook.py",
     "bench_budget.py",
+    "bench_webhooks.py",
 ]
 
 

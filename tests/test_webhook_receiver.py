@@ -316,3 +316,16 @@ def test_a_task_that_deferred_just_now_is_resumed_after_the_grace(
     assert answer.json() == {"outcome": "resumed"}
     assert time.monotonic() - started >= RESUME_GRACE * 0.9
     assert db_state(ti).state == "scheduled"
+
+
+def test_an_unroutable_copy_of_an_event_does_not_shadow_the_routable_one(
+    airflow_db: None, hooked: ModelRouteServer, client: Any
+) -> None:
+    """The organisation-wide endpoint and the execution's webhook_url get the same event id."""
+    ti, execution_id = completed_task(airflow_db, hooked, "two_targets")
+    set_state(ti, "deferred", execution_id)
+    body = delivery(hooked, execution_id)
+    org_wide = post(client, body)  # no route, no waiting marker: cannot be routed
+    routed = post(client, body, route=routing.TaskRoute.of(ti))
+    assert org_wide.json()["outcome"].startswith("ignored")
+    assert routed.json() == {"outcome": "resumed"}

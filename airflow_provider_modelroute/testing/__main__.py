@@ -88,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
         "--rate-window", type=float, default=60.0, help="the rate-limit window in seconds (default 60)"
     )
     parser.add_argument(
+        "--rate-limit-route",
+        action="append",
+        help="rate-limit only this route, e.g. "GET /v1/executions/{id}" (repeatable; default: every /v1 route)",
+    )
+    parser.add_argument(
         "--url-ttl", type=float, default=3600.0, help="lifetime of presigned URLs in seconds (default 3600)"
     )
     parser.add_argument(
@@ -126,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         rate_window=args.rate_window,
         url_ttl=args.url_ttl,
     )
+    if args.rate_limit_route:
+        server.rate_limited_routes = frozenset(args.rate_limit_route)
     server.webhooks.configure(shape=args.webhook_shape, retry_scale=args.webhook_retry_scale)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

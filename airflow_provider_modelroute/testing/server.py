@@ -161,6 +161,9 @@ class Execution:
 class ModelRouteServer:
     """The ModelRoute API and its presigned storage on loopback, for tests, demos and benchmarks.
 
+    Set ``rate_limited_routes`` (route keys, e.g. ``{"GET /v1/executions/{id}"}``) to apply
+    ``rate_limit`` to those routes only (default None: every ``/v1`` route).
+
     :param host: interface to bind (loopback by default).
     :param port: API port (0: any free port).
     :param storage_port: storage host port (0: any free port).
@@ -181,6 +184,8 @@ class ModelRouteServer:
     :param ssl_certfile: serve https on both ports with this PEM certificate chain (and
         ``ssl_keyfile``, unless the file holds the key too).
     """
+
+    rate_limited_routes: frozenset[str] | None = None
 
     def __init__(
         self,
@@ -834,7 +839,9 @@ class ModelRouteServer:
         endpoint, params = routed
         authorization = request_header(scope, "authorization") or ""
         key = authorization.removeprefix("Bearer ").strip()
-        limit_headers, over = self._rate_limit_headers(key)  # on every answer, a refusal too
+        limited = self.rate_limited_routes is None or endpoint in self.rate_limited_routes
+        # on every answer of a limited route, a refusal too
+        limit_headers, over = self._rate_limit_headers(key) if limited else ({}, False)
         headers.update(limit_headers)
         if not authorization.startswith("Bearer ") or key not in self.api_keys:
             raise ApiFailure("UNAUTHORIZED", "Invalid or missing API key")

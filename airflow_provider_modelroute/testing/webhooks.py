@@ -161,7 +161,8 @@ class WebhookSender:
 
     def deliveries(self) -> list[dict[str, Any]]:
         """Every attempt so far: event id and type, execution, target URL, attempt, answer (``status``,
-        None when dropped or unanswered), fault, and when it was sent and answered (``sent_at``, ``at``)."""
+        None when dropped or unanswered; ``answer``, the start of its body), fault, and when it was sent
+        and answered (``sent_at``, ``at``)."""
         with self._lock:
             return [dict(entry) for entry in self.log]
 
@@ -415,13 +416,13 @@ class WebhookSender:
             "X-Signature-Timestamp": stamp,
         }
         status: int | None
-        sent_at = time.time()
+        sent_at, answer = time.time(), ""
         try:
             response = await self._client.post(delivery.url, content=delivery.body, headers=headers)
-            status = response.status_code
-        except httpx.HTTPError:
-            status = None
-        self._record(delivery, status, fault.kind if fault is not None else None, sent_at)
+            status, answer = response.status_code, response.text[:200]
+        except httpx.HTTPError as exc:
+            status, answer = None, type(exc).__name__
+        self._record(delivery, status, fault.kind if fault is not None else None, sent_at, answer)
         ok = status is not None and 200 <= status < 300
         self._after_attempt(delivery, ok)
 
@@ -444,7 +445,12 @@ class WebhookSender:
         self._send_soon(delivery, wait)
 
     def _record(
-        self, delivery: Delivery, status: int | None, fault: str | None, sent_at: float | None = None
+        self,
+        delivery: Delivery,
+        status: int | None,
+        fault: str | None,
+        sent_at: float | None = None,
+        answer: str = "",
     ) -> None:
         with self._lock:
             self.log.append(
@@ -458,6 +464,7 @@ class WebhookSender:
                     "status": status,
                     "fault": fault,
                     "sent_at": sent_at,
+                    "answer": answer,
                     "at": time.time(),
                 }
             )

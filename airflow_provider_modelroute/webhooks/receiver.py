@@ -42,6 +42,7 @@ from airflow_provider_modelroute.webhooks.events import (
 )
 from airflow_provider_modelroute.webhooks.routing import (
     EVENT_XCOM_KEY,
+    URL_PREFIX,
     WEBHOOK_PATH,
     MalformedRoute,
     TaskRoute,
@@ -62,6 +63,8 @@ SECRET_CACHE_SECONDS = 30.0
 #: Only triggers of this provider are resumed.
 _TRIGGER_MODULE = "airflow_provider_modelroute."
 _DB_ATTEMPTS = 4
+RESUMED = "resumed"
+RECORDED = "recorded for the task's trigger"
 #: A task deferred less than this long ago is resumed only once this much time has passed since its
 #: deferral. Airflow 3.3.2's scheduler can fail a task resumed before it has processed the executor's
 #: report on the deferring process (apache/airflow#72716, "task-state-changed-externally").
@@ -71,6 +74,14 @@ app = FastAPI(title="ModelRoute webhook receiver", docs_url=None, redoc_url=None
 seen_events = SeenEvents()
 _secrets: dict[str, tuple[str | None, float]] = {}
 _secrets_lock = threading.Lock()
+
+
+def mounted_app() -> FastAPI:
+    """The receiver mounted at ``/modelroute`` as the api-server mounts it, to serve it on its own
+    (``uvicorn --factory airflow_provider_modelroute.webhooks.receiver:mounted_app``; benchmarks)."""
+    root = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    root.mount(URL_PREFIX, app)
+    return root
 
 
 def _answer(status: int, outcome: str) -> JSONResponse:
@@ -142,7 +153,6 @@ async def receive(conn_id: str, request: Request) -> JSONResponse:
     if event.event_id in seen_events:
         return _answer(200, "duplicate")
     if not event.is_terminal:
-        seen_events.add(event.event_id)
         return _answer(200, f"ignored: {event.event_type} is not a final state")
     try:
         outcome = await run_in_threadpool(apply_event, event, route)
@@ -154,7 +164,8 @@ async def receive(conn_id: str, request: Request) -> JSONResponse:
             "Could not apply ModelRoute webhook %s; ModelRoute will deliver it again", event.event_id
         )
         return _answer(503, "the database is busy; deliver again later")
-    seen_events.add(event.event_id)
+    if outcome in (RESUMED, RECORDED):  # not "ignored": the same event may come by a routable URL
+        seen_events.add(event.event_id)
     log.info(
         "ModelRoute webhook %s (%s, execution %s): %s",
         event.event_id,
@@ -218,10 +229,10 @@ def _apply(session: Any, db: Any, event: WebhookEvent, route: TaskRoute | None, 
         if submit is None:
             raise RuntimeError("this Airflow cannot resume deferred tasks from outside the triggerer")
         submit(TriggerEvent(payload), task_instance=ti, session=session)
-        return "resumed"
+        return RESUMED
     if ti.state == states.RUNNING and not ti.next_method:
         _record(session, db, ti, event.done_event())  # the early-event race: its trigger reads this
-        return "recorded for the task's trigger"
+        return RECORDED
     return "ignored: the task is not waiting"
 
 
