@@ -242,3 +242,27 @@ def test_the_plugin_mounts_the_receiver_only_where_airflow_mounts_plugin_apps() 
 
     apps = ModelRouteWebhooksPlugin.fastapi_apps
     assert [a["url_prefix"] for a in apps] == (["/modelroute"] if AIRFLOW_V_3_1_PLUS else [])
+
+
+@pytest.mark.parametrize(
+    ("pushed", "claimed", "foreign"),
+    [
+        ("exec_a", "exec_a", False),
+        ("exec_a", "exec_b", True),
+        (None, "exec_b", False),
+        ("exec_a", None, False),
+    ],
+)
+def test_an_event_about_another_execution_is_foreign(
+    pushed: str | None, claimed: str | None, foreign: bool
+) -> None:
+    """A late trigger event landing on a task that got its (reused, SQLite) trigger id is recognised."""
+    from types import SimpleNamespace
+
+    from airflow_provider_modelroute.operators.deferral import is_foreign_event
+
+    ti = SimpleNamespace(
+        task_id="t", map_index=-1, xcom_pull=lambda **kw: pushed if kw["key"] == "execution_id" else 1
+    )
+    event = {"status": "done"} if claimed is None else {"status": "done", "execution_id": claimed}
+    assert is_foreign_event({"ti": ti}, event) is foreign  # type: ignore[arg-type]
