@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 #: How long a connection's webhook secret is cached (a rotated secret is picked up after this).
 SECRET_CACHE_SECONDS = 30.0
+_SECRET_CACHE_SIZE = 256
 #: Only triggers of this provider are resumed.
 _TRIGGER_MODULE = "airflow_provider_modelroute."
 _DB_ATTEMPTS = 4
@@ -103,6 +104,8 @@ def webhook_secret(conn_id: str) -> str | None:
         found = extra_value(conn.extra_dejson, SECRET_EXTRA) if conn.conn_type == CONN_TYPE else None
         secret = str(found) if found else None
     with _secrets_lock:
+        if len(_secrets) >= _SECRET_CACHE_SIZE:  # made-up connection ids must not grow it without end
+            _secrets.clear()
         _secrets[conn_id] = (secret, now + SECRET_CACHE_SECONDS)
     return secret
 
