@@ -151,11 +151,21 @@ def test_webhook_true_fails_at_once_when_it_cannot_be_on(airflow_db: None, serve
         ModelRouteExecuteOperator(
             task_id="default_off", model="test-image", input={"prompt": "x"}, deferrable=True
         )
+        ModelRouteExecuteOperator(
+            task_id="missing_connection",
+            modelroute_conn_id="modelroute_missing",
+            model="test-image",
+            input={"prompt": "x"},
+            deferrable=True,
+            retries=2,
+        )
     dag_run = run_dag(dag)
 
     states = task_states(dag_run)
     assert states["unconfigured"] == "failed" and states["not_deferrable"] == "failed"
     assert states["default_off"] == "success"
+    assert states["missing_connection"] == "failed"
+    assert task_instance(dag_run, "missing_connection").try_number == 1  # a config error: no retry
     [execution_id] = server.execution_ids()  # the failed tasks submitted nothing
     assert "webhook_url" not in server.execution(execution_id)
 

@@ -11,7 +11,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_modelroute._compat import WEBHOOK_RECEIVER_SUPPORTED, aget_xcom
+from airflow_provider_modelroute._compat import (
+    WEBHOOK_RECEIVER_SUPPORTED,
+    AirflowNotFoundException,
+    aget_xcom,
+)
 from airflow_provider_modelroute.exceptions import ModelRouteConfigError
 from airflow_provider_modelroute.webhooks.config import WebhookConfig
 from airflow_provider_modelroute.webhooks.routing import (
@@ -50,7 +54,11 @@ class WebhookWait:
         config = None
         if problem is None:
             conn_id = hook.modelroute_conn_id
-            config = WebhookConfig.from_extras(conn_id, hook.get_connection(conn_id).extra_dejson)
+            try:
+                extras = hook.get_connection(conn_id).extra_dejson
+            except AirflowNotFoundException:  # the submit reports it, naming the fix
+                return None
+            config = WebhookConfig.from_extras(conn_id, extras)
             if config is None:
                 problem = (
                     f"connection {conn_id!r} has no webhook_secret: run `python -m "
