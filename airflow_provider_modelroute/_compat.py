@@ -7,6 +7,7 @@ Everything imported at module top is cheap: DAG files import the provider at eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -160,6 +161,11 @@ def xcom_stored_form(value: Any, *, key: str, dag_id: str, run_id: str, task_id:
 
 def server_connection(conn_id: str) -> Any:
     """A connection as Airflow's server processes see it (metadata DB and secrets backends)."""
+    from airflow.providers.common.compat.sdk import Connection
+
+    if hasattr(Connection, "get"):  # the Task SDK's (3.x): in the api-server it reads the metadata DB too
+        with contextlib.suppress(AirflowNotFoundException):
+            return Connection.get(conn_id)
     from airflow.models.connection import Connection as ConnectionModel
 
     return ConnectionModel.get_connection_from_secrets(conn_id)

@@ -262,11 +262,14 @@ class WebhookSender:
 
     def watch(self, server: Any, execution: Any) -> None:
         """Look at a new execution when it starts and when it is due to end (statuses change lazily)."""
-        self.call_soon(lambda: self._look(server, execution, started=True), server.pending_seconds)
+        generation = self._generation
+        self.call_soon(lambda: self._look(server, execution, generation, True), server.pending_seconds)
         end = server.pending_seconds + execution.run_seconds + server.awaiting_webhook_seconds
-        self.call_soon(lambda: self._look(server, execution), min(end, server.execution_ttl))
+        self.call_soon(lambda: self._look(server, execution, generation), min(end, server.execution_ttl))
 
-    def _look(self, server: Any, execution: Any, started: bool = False) -> None:
+    def _look(self, server: Any, execution: Any, generation: int, started: bool = False) -> None:
+        if generation != self._generation:  # the server was reset since: the execution is gone
+            return
         with server._lock:
             status = server._status(execution)  # an execution that ends here sends its event (finished)
             document = server._execution_document(execution)
