@@ -149,14 +149,29 @@ def server_db() -> Any:
     )
 
 
-def xcom_stored_form(value: Any, *, key: str, dag_id: str, run_id: str, task_id: str, map_index: int) -> Any:
-    """``value`` as a worker would send it to be stored (the XCom backend's serialization), so that
-    ``XCom.get_one`` in a trigger reads it back as ``value`` on every Airflow 3 version."""
-    from airflow.providers.common.compat.sdk import XCom
+def store_xcom(
+    session: Any, value: Any, *, key: str, dag_id: str, run_id: str, task_id: str, map_index: int
+) -> None:
+    """Store ``value`` as a task's XCom from a server process, as the execution API stores a worker's:
+    in the XCom backend's serialized form, so ``XCom.get_one`` in a trigger reads back ``value``."""
+    import inspect
 
-    return XCom.serialize_value(
-        value, key=key, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index
-    )
+    from airflow.models.dagrun import DagRun
+    from airflow.models.xcom import XComModel
+    from airflow.providers.common.compat.sdk import XCom
+    from sqlalchemy import delete, select
+
+    ids: dict[str, Any] = {"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index}
+    stored = XCom.serialize_value(value, key=key, **ids)
+    if "serialize" in inspect.signature(XComModel.set).parameters:  # Airflow 3.2+
+        XComModel.set(key=key, value=stored, serialize=False, session=session, **ids)
+        return
+    # Airflow 3.1's XComModel.set would serialize again: do what its execution API's set_xcom does
+    model: Any = XComModel
+    session.execute(delete(model).where(model.key == key, *(getattr(model, k) == v for k, v in ids.items())))
+    dag_run_id = session.scalar(select(DagRun.id).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id))
+    session.add(model(dag_run_id=dag_run_id, key=key, value=stored, **ids))
+    session.flush()
 
 
 def server_connection(conn_id: str) -> Any:
@@ -253,8 +268,8 @@ __all__ = [
     "server_connection",
     "server_db",
     "stats",
+    "store_xcom",
     "task_state_store",
     "update_connection_extras",
-    "xcom_stored_form",
     "xcom_value",
 ]

@@ -96,14 +96,13 @@ def set_state(ti: Any, state: str, execution_id: str | None = None, deferred_sec
 def db_state(ti: Any) -> SimpleNamespace:
     """The task instance's state, resume event and recorded webhook event, read from the DB."""
     from airflow.models.taskinstance import TaskInstance
-    from airflow.models.trigger import _decode_next_kwargs
     from airflow.utils.session import create_session
 
     from tests.conftest import xcom
 
     with create_session() as session:
         row = session.get(TaskInstance, ti.id)
-        event = _decode_next_kwargs(row.next_kwargs).get("event") if row.next_kwargs else None
+        event = decode_next_kwargs(row.next_kwargs).get("event") if row.next_kwargs else None
         state, trigger_id = str(row.state), row.trigger_id
     run = SimpleNamespace(run_id=ti.run_id, dag_id=ti.dag_id)
     return SimpleNamespace(
@@ -112,6 +111,19 @@ def db_state(ti: Any) -> SimpleNamespace:
         trigger_id=trigger_id,
         recorded=xcom(run, ti.task_id, routing.EVENT_XCOM_KEY),
     )
+
+
+def decode_next_kwargs(raw: Any) -> dict[str, Any]:
+    """``next_kwargs`` as a dict: serde-encoded on Airflow 3.2+, a plain dict on 3.1."""
+    try:
+        from airflow.models.trigger import _decode_next_kwargs  # Airflow 3.3+
+    except ImportError:
+        try:
+            from airflow.sdk.serde import deserialize  # Airflow 3.2
+        except ImportError:  # Airflow 3.1: stored as it is
+            return dict(raw)
+        return dict(deserialize(raw))
+    return dict(_decode_next_kwargs(raw))
 
 
 def delivery(

@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rate-limit-route",
         action="append",
-        help='rate-limit only this route, e.g. "GET /v1/executions/{id}" (repeatable; default: every /v1 route)',
+        help='rate-limit only this route, e.g. "GET /v1/executions/{id}" (repeatable; default: all of /v1)',
     )
     parser.add_argument(
         "--url-ttl", type=float, default=3600.0, help="lifetime of presigned URLs in seconds (default 3600)"

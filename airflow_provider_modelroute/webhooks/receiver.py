@@ -29,7 +29,7 @@ from airflow_provider_modelroute._compat import (
     event_submitter,
     server_connection,
     server_db,
-    xcom_stored_form,
+    store_xcom,
 )
 from airflow_provider_modelroute.provider_info import CONN_TYPE
 from airflow_provider_modelroute.webhooks.config import SECRET_EXTRA, extra_value
@@ -266,5 +266,4 @@ def _find_waiting(session: Any, db: Any, execution_id: str) -> TaskRoute | None:
 
 def _record(session: Any, db: Any, ti: Any, payload: dict[str, Any]) -> None:
     ids = {"dag_id": ti.dag_id, "task_id": ti.task_id, "run_id": ti.run_id, "map_index": ti.map_index}
-    stored = xcom_stored_form(payload, key=EVENT_XCOM_KEY, **ids)
-    db.XComModel.set(key=EVENT_XCOM_KEY, value=stored, serialize=False, session=session, **ids)
+    store_xcom(session, payload, key=EVENT_XCOM_KEY, **ids)
