@@ -1,6 +1,6 @@
 """Webhook drills on a real Airflow: api-server with the receiver plugin, triggerer, scheduler, LocalExecutor.
 
-    .venv/bin/python -m pytest tests/drills/test_webhook_drills.py -m drill_webhooks -q -x -s
+    .venv/bin/python -m pytest tests/drills/test_webhook_drills.py -m drill -q -x -s
 
 The receiver is registered the documented way (``python -m airflow_provider_modelroute.webhooks
 setup``), and the local ModelRoute server sends real, signed deliveries to the api-server: to the
@@ -28,7 +28,6 @@ from tests.drills.harness import PYTHON, AirflowStack, DrillError, wait_for
 
 pytestmark = [
     pytest.mark.drill,
-    pytest.mark.drill_webhooks,  # `make drills-webhooks` only: not yet seen passing on the merged code
     pytest.mark.timeout(900),
     pytest.mark.skipif(
         not AIRFLOW_V_3_1_PLUS, reason="the receiver is an api-server plugin app (Airflow 3.1+)"
