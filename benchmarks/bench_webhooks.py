@@ -396,19 +396,24 @@ def parent(quick: bool) -> int:
     print()
     polling, hooks = results
     reads_floor = n / (limit / window)
-    goals = [
-        f"- polling cannot beat {reads_floor:.0f} s here ({n:,} reads at {limit} per {window:g} s); "
-        f"it took {polling['makespan']:.0f} s",
-        f"- webhook mode ends within 5 s of the last finish: "
-        f"{common.verdict(hooks['ended'] == n and hooks['makespan'] - hooks['lower_bound'] <= 5)} "
-        f"({hooks['makespan'] - hooks['lower_bound']:+.1f} s)",
-        f"- no status read beyond the safety net's, zero 429s: "
-        f"{common.verdict(hooks['reads'] == 0 and hooks['rate_limited'] == 0)} "
-        f"({hooks['reads']} reads, {hooks['rate_limited']} 429s)",
-    ]
-    if quick:
-        goals = ["- (quick run: the goals are judged on the full run)"]
-    print("\n".join(goals))
+    over = hooks["makespan"] - hooks["lower_bound"]
+    common.print_goals(
+        [
+            f"- polling cannot beat {reads_floor:.0f} s here ({n:,} reads at {limit} per {window:g} s); "
+            f"it took {polling['makespan']:.0f} s",
+            common.goal(
+                "webhook mode ends within 5 s of the last finish",
+                hooks["ended"] == n and over <= 5,
+                f"{over:+.1f} s",
+            ),
+            common.goal(
+                "no status read beyond the safety net's, zero 429s",
+                hooks["reads"] == 0 and hooks["rate_limited"] == 0,
+                f"{hooks['reads']} reads, {hooks['rate_limited']} 429s",
+            ),
+        ],
+        quick,
+    )
     return 0 if all(r["ended"] == r["n"] for r in results) else 1
 
 
