@@ -11,6 +11,8 @@ UV := $(UV_HOME)/bin/uv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(AIRFLOW_VERSION)
 MATRIX_JOBS ?= 2
+# pytest-xdist workers for the fast suite (each has its own Airflow home and metadata DB)
+TEST_WORKERS ?= 2
 MATRIX_CELLS ?=
 
 .PHONY: demo test drills lint setup clean test-matrix test-matrix-list bench under-load
@@ -36,7 +38,7 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 test: lint
-	$(PY) -m pytest -m "not drill"
+	$(PY) -m pytest -m "not drill" -n $(TEST_WORKERS)
 
 # pytest exits 5 when it ran no test: make fails then too (a drill run that ran nothing is no pass).
 drills: $(STAMP)

@@ -12,7 +12,7 @@ those versions as ``==`` constraints on the full install (the test tools stay at
 Usage: ``python scripts/matrix.py [--jobs N] [--list] [CELL ...]`` (see ``make test-matrix``).
 Environment: ``UV`` (the uv binary), ``MATRIX_DIR`` (default ``.matrix``), ``MATRIX_STRICT=1``
 (a cell whose Python cannot be found fails instead of being reported as not run),
-``MATRIX_PYTEST_ARGS`` (default ``-m "not drill"``: the fast suite of ``make test``).
+``MATRIX_PYTEST_ARGS`` (default ``-m "not drill" -n 2``: the fast suite of ``make test``).
 Only the standard library: this runs on the Python that bootstraps uv, before any environment exists.
 """
 
@@ -339,7 +339,7 @@ def main() -> int:
     cells = [CELLS[name] for name in args.cells] or list(CELLS.values())
     uv = os.environ.get("UV", shutil.which("uv") or "uv")
     root = REPO / os.environ.get("MATRIX_DIR", ".matrix")
-    pytest_args = shlex.split(os.environ.get("MATRIX_PYTEST_ARGS", '-m "not drill"'))
+    pytest_args = shlex.split(os.environ.get("MATRIX_PYTEST_ARGS", '-m "not drill" -n 2'))
     strict = os.environ.get("MATRIX_STRICT", "") == "1"
 
     start = time.monotonic()

@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated Airflow home, the local ModelRoute server, and connections to it."""
+"""Shared fixtures: an isolated Airflow home (one per process, so per xdist worker), the local ModelRoute
+server, and connections to it."""
 
 from __future__ import annotations
 
