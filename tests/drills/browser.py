@@ -1,7 +1,8 @@
 """Headless Chromium for the UI drill: Debian's ``chromium`` + ``chromium-driver``, driven by Selenium.
 
-When they are missing the drill is skipped with the reason; with ``MODELROUTE_INSTALL_CHROMIUM=1``
-(CI, as root) ``ensure_chromium()`` installs the two Debian packages with apt-get first. Nothing is
+When they are missing and we are root with apt-get (CI), ``ensure_chromium()`` installs the two
+Debian packages first, as the distributed drills install PostgreSQL (``MODELROUTE_INSTALL_CHROMIUM=0``
+turns that off); otherwise, or when apt-get fails, the drill is skipped with the reason. Nothing is
 downloaded by Selenium itself: the browser and driver paths are given explicitly.
 """
 
@@ -44,10 +45,10 @@ MISSING_REASON = (
     None
     if _installed()
     or (
-        os.environ.get("MODELROUTE_INSTALL_CHROMIUM") == "1" and shutil.which("apt-get") and os.geteuid() == 0
+        os.environ.get("MODELROUTE_INSTALL_CHROMIUM") != "0" and shutil.which("apt-get") and os.geteuid() == 0
     )
-    else f"chromium is not installed: apt-get install {' '.join(PACKAGES)} (or, as root, set "
-    "MODELROUTE_INSTALL_CHROMIUM=1 to let the drill install them)"
+    else f"chromium is not installed: apt-get install {' '.join(PACKAGES)} (as root, the drill installs "
+    "them itself unless MODELROUTE_INSTALL_CHROMIUM=0)"
 )
 
 
