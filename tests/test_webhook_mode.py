@@ -124,7 +124,7 @@ def test_the_sensor_announces_its_wait_and_polls_slowly(
     from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 
     execution_id = str(
-        ModelRouteHook().create_execution("test-image", {"prompt": "s", "_simulate": {"seconds": 2}})["id"]
+        ModelRouteHook().create_execution("test-image", {"prompt": "s", "_simulate": {"seconds": 4}})["id"]
     )
     dag = make_dag("webhook_mode_sensor")
     with dag:
@@ -135,8 +135,9 @@ def test_the_sensor_announces_its_wait_and_polls_slowly(
 
     assert task_states(dag_run) == {"wait": "success"}
     assert xcom(dag_run, "wait", routing.waiting_xcom_key(execution_id)) == execution_id
-    # the first poke, then a look every 0.75-1.25 s (not every 0.05 s) until it ends
-    assert 2 <= webhook_server.stats()["requests"][STATUS_READS] <= 4
+    # the first poke, then a look every 0.75-1.25 s (not every 0.05 s) until it ends; a loaded
+    # machine may start the task late, so only an upper bound (polling every 0.05 s: ~80 reads)
+    assert 1 <= webhook_server.stats()["requests"][STATUS_READS] <= 7
 
 
 def test_webhook_true_fails_at_once_when_it_cannot_be_on(airflow_db: None, server: ModelRouteServer) -> None:
