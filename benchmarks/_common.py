@@ -172,6 +172,17 @@ class Paired:
         return text
 
 
+async def first_event(trigger: Any) -> Any:
+    """Run a trigger until its first event, as a triggerer would, and return the event's payload."""
+    generator = trigger.run()
+    try:
+        async for event in generator:
+            return event.payload
+    finally:
+        await generator.aclose()
+    return None
+
+
 def ratio(ours: float, theirs: float) -> str:
     if not theirs or theirs != theirs or ours != ours:
         return "n/a"

@@ -129,16 +129,6 @@ def _event_ok(impl: str, payload: Any) -> bool:
     )
 
 
-async def _first_event(trigger: Any) -> Any:
-    generator = trigger.run()
-    try:
-        async for event in generator:
-            return event.payload
-    finally:
-        await generator.aclose()
-    return None
-
-
 def child(cfg: dict[str, Any]) -> dict[str, Any]:
     impl, n, poll, wait = cfg["impl"], int(cfg["n"]), float(cfg["poll"]), float(cfg["wait"])
     base_url, api_key = cfg["base_url"], cfg["api_key"]
@@ -161,7 +151,7 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
 
     async def warm() -> None:
         await asyncio.gather(
-            *(_first_event(_make_trigger(impl, i, 0.05, time.time() + 30)) for i in warm_ids)
+            *(common.first_event(_make_trigger(impl, i, 0.05, time.time() + 30)) for i in warm_ids)
         )
 
     asyncio.run(warm())
@@ -222,7 +212,7 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         async def one(index: int, execution_id: str, delay: float) -> None:
             await asyncio.sleep(delay)
             trigger = _make_trigger(impl, execution_id, poll, complete_at + 600)
-            payload = await _first_event(trigger)
+            payload = await common.first_event(trigger)
             events[index] = (time.time(), payload)
 
         sampling = asyncio.create_task(sampler())

@@ -66,16 +66,6 @@ def _create(base_url: str, api_key: str, webhook_urls: list[str | None]) -> list
     return ids
 
 
-async def _first_event(trigger: Any) -> Any:
-    generator = trigger.run()
-    try:
-        async for event in generator:
-            return event.payload
-    finally:
-        await generator.aclose()
-    return None
-
-
 # -- the webhook case's Airflow side: a metadata DB with N deferred task instances ----------------------
 
 
@@ -305,7 +295,7 @@ class _Run:
 
     async def wait(self, index: int, trigger: Any) -> None:
         await asyncio.sleep(random.uniform(0, self.poll))  # starts spread over a poll interval
-        await _first_event(trigger)
+        await common.first_event(trigger)
         if self.mode == "polling":
             self.ended[index] = time.time()
 
