@@ -151,13 +151,29 @@ def ti_of(stack: WebhookStack, dag_id: str, run_id: str) -> dict[str, Any]:
 
 def wait_deferred(stack: WebhookStack, dag_id: str, run_id: str) -> dict[str, Any]:
     """Wait until the task is deferred (the receiver resumes it whether or not the triggerer has
-    started its trigger yet: on a loaded machine that can take the triggerer tens of seconds)."""
+    started its trigger yet: on a loaded machine that can take the triggerer tens of seconds), and
+    until the scheduler has processed the deferring process's exit.
+
+    Airflow 3.3.2 fails a task resumed before its scheduler has processed that exit, if it has queued
+    the resumed task meanwhile (apache/airflow#72716). The receiver waits 5 s after a deferral, enough
+    for a responsive scheduler; a loaded machine's can take longer, so the drills deliver only once
+    the scheduler's log shows the report ("TaskInstance Finished ... state=deferred").
+    """
 
     def deferred() -> dict[str, Any] | None:
         ti = ti_of(stack, dag_id, run_id)
         return ti if ti["state"] == "deferred" else None
 
-    return wait_for(f"{run_id} to be deferred", deferred, timeout=180, interval=0.2, describe=stack.tails)
+    ti = wait_for(f"{run_id} to be deferred", deferred, timeout=180, interval=0.2, describe=stack.tails)
+    report = f"TaskInstance Finished: dag_id={dag_id}, task_id={ti['task_id']}, run_id={run_id},"
+    scheduler_log = stack.components_dir / "scheduler.log"
+
+    def reported() -> bool:
+        text = scheduler_log.read_text(errors="replace") if scheduler_log.exists() else ""
+        return any(report in line and "state=deferred" in line for line in text.splitlines())
+
+    wait_for(f"the scheduler to process {run_id}'s deferral", reported, timeout=180, interval=0.2)
+    return ti
 
 
 def execution_of(stack: WebhookStack, run_id: str) -> dict[str, Any]:
