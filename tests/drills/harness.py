@@ -95,13 +95,32 @@ SIGNATURE_RE = re.compile(r"X-Amz-Signature=[0-9A-Za-z%]{8,}")
 #: The scheduler's "task-state-changed-externally" line (see ``stale_defer_exit_failures``).
 _STALE_EVENT_RE = re.compile(
     r"reported that the task instance <TaskInstance: [\w-]+\.(?P<task>\w+) (?P<run>\S+) \[\w+\]"
-    r"[^>]*> finished with state success, but the task instance's state attribute is (?P<state>\w+)"
+    r"[^>]*> finished with state (?P<event>success|failed), but the task instance's state attribute is "
+    r"(?P<state>\w+)"
 )
 
 #: An api-server access line of a request answered below 500 (one per REST call: noise in a report).
 _ROUTINE_ACCESS_RE = re.compile(r"\[http\.access\].*\bstatus_code=[1-4]\d\d\b")
 
 T = TypeVar("T")
+
+
+def stale_defer_exit_failures(scheduler_log: str) -> Counter[tuple[str, str]]:
+    """Tries lost to the Airflow race (see ``AirflowStack.stale_defer_exit_failures``) in a scheduler log.
+
+    Its aftermath counts too: after the race the next try can run under the failed try's id, and
+    its worker is refused at once ("finished with state failed, but ... is running"); such a report
+    counts only for a task that lost a try to the race itself.
+    """
+    race: Counter[tuple[str, str]] = Counter()
+    for match in _STALE_EVENT_RE.finditer(scheduler_log):
+        key = (match["run"], match["task"])
+        stale = match["event"] == "success" and match["state"] in ("queued", "scheduled", "running")
+        aftermath = match["event"] == "failed" and match["state"] == "running" and race[key] > 0
+        if stale or aftermath:
+            race[key] += 1
+    return race
+
 
 #: SQLite busy timeouts (Python's default is 5 s): long for the scheduler, triggerer and
 #: dag-processor (waiting beats crashing), short for the api-server (see ``AirflowStack.start``).
@@ -747,12 +766,7 @@ class AirflowStack:
         ``queued``/``running`` and fails it ("task-state-changed-externally"), costing one retry.
         The provider cannot prevent it; the drills tolerate it where it is logged, and report it.
         """
-        text = self.components["scheduler"].log_path.read_text(errors="replace")
-        return Counter(
-            (match["run"], match["task"])
-            for match in _STALE_EVENT_RE.finditer(text)
-            if match["state"] in ("queued", "scheduled", "running")
-        )
+        return stale_defer_exit_failures(self.components["scheduler"].log_path.read_text(errors="replace"))
 
     def trigger_log_jobs(self, dag_id: str, run_id: str, task_id: str, attempt: int = 1) -> set[int]:
         """Ids of the triggerer jobs that ran this try's trigger (one log file per triggerer job)."""
