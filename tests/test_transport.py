@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -206,7 +207,7 @@ def test_server_closing_kept_alive_tls_connections_is_no_error(
     api_port = int(server.base_url.rsplit(":", 1)[1])
     with TlsFront(api_port, server_tls(pki), close=close, when=when) as front:
         use(monkeypatch, "mr_front", front.base_url, server.api_key, ca_bundle=pki["ca"])
-        execution_id = start("mr_front", seconds=0.8)
+        execution_id = start("mr_front", seconds=3600)
         hook = ModelRouteHook("mr_front")
         for _ in range(3):  # sync: each call finds the previous one's connection closed
             closed = front.closed_by_us
@@ -218,7 +219,18 @@ def test_server_closing_kept_alive_tls_connections_is_no_error(
         caplog.set_level(logging.INFO)
         caplog.clear()
         capsys.readouterr()
+        closed = front.closed_by_us
+
+        def complete_after_three_closes() -> None:  # the polls meet closes, however slow the machine
+            try:
+                wait_for(lambda: front.closed_by_us >= closed + 3, "3 closes during the trigger's polls")
+            finally:
+                server.set_execution_status(execution_id, "COMPLETED")
+
+        completer = threading.Thread(target=complete_after_three_closes)
+        completer.start()
         events = trigger_events(execution_id, "mr_front", poll_interval=0.15)
+        completer.join()
         trigger_logs = caplog.text + capsys.readouterr().out
     assert [e["status"] for e in events] == ["done"]
     assert events[0]["execution"]["status"] == "COMPLETED"
