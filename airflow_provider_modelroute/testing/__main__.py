@@ -8,12 +8,13 @@ storage_url, admin_url, api_key, airflow_conn).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import shlex
 import signal
 import sys
-import threading
+import time
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.testing.dialects import ENV_VAR, PRESETS
@@ -134,10 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.rate_limit_route:
         server.rate_limited_routes = frozenset(args.rate_limit_route)
     server.webhooks.configure(shape=args.webhook_shape, retry_scale=args.webhook_retry_scale)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    with server:
+    # SIGTERM stops the server as Ctrl+C does. The handler raises instead of setting an Event: a
+    # handler that takes the Event's lock deadlocks if the signal lands while the main thread holds it.
+    signal.signal(signal.SIGTERM, _interrupt)
+    with server, contextlib.suppress(KeyboardInterrupt):
         info = {
             "base_url": server.base_url,
             "storage_url": server.storage_url,
@@ -153,7 +154,12 @@ def main(argv: list[str] | None = None) -> None:
             ready += "\nPaste this into the shell that runs Airflow:\n\n"
             ready += f"{export_line(server)}\n\nStop the server with Ctrl+C."
         print(ready, file=sys.stderr, flush=True)
-        stop.wait()
+        while True:
+            time.sleep(3600)
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
