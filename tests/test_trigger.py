@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import math
+import random
 import time
 from typing import Any
 
 import pytest
 
 from airflow_provider_modelroute._compat import TRIGGER_ON_KILL_SUPPORTED
+from airflow_provider_modelroute.hooks.async_client import ModelRouteAsyncClient
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.testing import ModelRouteServer
 from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
@@ -161,6 +164,67 @@ def test_a_window_spent_by_carried_requests_does_not_stall(monkeypatch: pytest.M
 
         events = asyncio.run(wait())
     assert events[0]["status"] == "done" and events[0]["execution"]["status"] == "COMPLETED"
+
+
+@pytest.mark.parametrize(
+    ("poll_interval", "grid", "webhook"), [(5.0, 0.5, False), (0.05, 0.005, False), (600, 0.5, True)]
+)
+def test_pauses_end_on_the_loop_grid(poll_interval: float, grid: float, webhook: bool) -> None:
+    route = {"dag_id": "d"} if webhook else None
+    trigger = ModelRouteExecutionTrigger("exec_1", poll_interval=poll_interval, webhook_route=route)
+    spread = 0.25 if webhook else 0.1
+
+    async def pauses() -> list[tuple[float, float, float]]:
+        loop = asyncio.get_running_loop()
+        return [(loop.time(), trigger._next_poll(), loop.time()) for _ in range(2000)]
+
+    low, high = poll_interval * (1 - spread) - grid / 2, poll_interval * (1 + spread) + grid / 2
+    for before, pause, after in asyncio.run(pauses()):
+        # The pause ends on a point of the grid (of the loop's clock, read between `before` and `after`)...
+        assert math.floor((after + pause) / grid + 1e-6) >= math.ceil((before + pause) / grid - 1e-6)
+        assert low - 1e-6 <= pause <= high + 1e-6  # ...moved by at most half of it
+
+
+def test_polls_of_one_loop_share_wake_ups(server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 40 triggers polling every 1 s (grid 0.1 s), started at random times: after its first poll, each
+    # poll starts in a loop iteration shared with others, on one of the grid's points.
+    execution_ids = [start_execution(3600) for _ in range(40)]
+    iterations, polled_in = [0], []
+    real_get = ModelRouteAsyncClient.get_execution
+
+    async def get_execution(client: ModelRouteAsyncClient, execution_id: str) -> dict[str, Any]:
+        polled_in.append((execution_id, iterations[0]))
+        return await real_get(client, execution_id)
+
+    monkeypatch.setattr(ModelRouteAsyncClient, "get_execution", get_execution)
+
+    async def wait_a_while() -> None:
+        loop = asyncio.get_running_loop()
+        run_once = loop._run_once  # type: ignore[attr-defined]
+
+        def counted() -> None:
+            iterations[0] += 1
+            run_once()
+
+        loop._run_once = counted  # type: ignore[attr-defined]
+
+        async def one(execution_id: str) -> None:
+            await asyncio.sleep(random.uniform(0, 1))
+            await events_of(ModelRouteExecutionTrigger(execution_id, poll_interval=1.0))
+
+        tasks = [asyncio.create_task(one(e)) for e in execution_ids]
+        await asyncio.sleep(4.2)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(wait_a_while())
+    first = {execution_id: iteration for execution_id, iteration in reversed(polled_in)}
+    later = [iteration for execution_id, iteration in polled_in if iteration != first[execution_id]]
+    assert len(later) >= 80  # each trigger polled at least three times in 4.2 s
+    # Uncoalesced, nearly every poll wakes the loop on its own (~100 iterations); on the grid, at most
+    # one per point of it in the 3.2 s after the first second (a late wake-up can split a point).
+    assert len(set(later)) <= 40, sorted(later)
 
 
 def test_cancelled_run_cleans_up(server: ModelRouteServer) -> None:

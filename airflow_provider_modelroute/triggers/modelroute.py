@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 
 #: How long the trigger's on_kill may spend cancelling the execution.
 CANCEL_TIMEOUT = 15.0
+#: The polls of one event loop (one triggerer) fall on a grid of this many seconds of the loop's
+#: clock (a tenth of the poll interval, if shorter), so that the triggers due at about the same time
+#: share one wake-up of the loop: at low concurrency, waking a mostly idle triggerer costs more CPU
+#: than the poll itself. A pause ends on the nearest point of the grid: a poll moves by at most half
+#: of it, and polls come no later on average.
+POLL_GRID = 0.5
 
 
 class ModelRouteExecutionTrigger(BaseTrigger):
@@ -39,7 +45,8 @@ class ModelRouteExecutionTrigger(BaseTrigger):
 
     :param execution_id: The execution to wait for (``exec_...``).
     :param modelroute_conn_id: The Airflow connection to ModelRoute.
-    :param poll_interval: Seconds between polls (each jittered by ±10 % to spread the load).
+    :param poll_interval: Seconds between polls (each jittered by ±10 % to spread the load, then
+        moved by at most 0.25 s so that the polls of one triggerer share wake-ups: ``POLL_GRID``).
     :param deadline: Absolute unix time of the timeout event; None waits until the execution ends
         (ModelRoute itself expires executions that never finish).
     :param cancel_on_kill: Cancel the execution when a user kills the deferred task (Airflow 3.3+).
@@ -117,9 +124,15 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         await asyncio.sleep(max(0.0, min(seconds, self._seconds_left())))
 
     def _next_poll(self) -> float:
-        """The pause before the next poll: jittered, widely in webhook mode to spread the safety net."""
+        """The pause before the next poll: jittered (widely in webhook mode, to spread the safety net),
+        then ending on the nearest point of the loop's ``POLL_GRID``."""
         spread = 0.25 if self.webhook_route is not None else 0.1
-        return self.poll_interval * random.uniform(1 - spread, 1 + spread)
+        pause = self.poll_interval * random.uniform(1 - spread, 1 + spread)
+        grid = min(POLL_GRID, self.poll_interval / 10)
+        if grid <= 0:
+            return pause
+        now = asyncio.get_running_loop().time()
+        return max(0.0, round((now + pause) / grid) * grid - now)
 
     async def _wait(self) -> dict[str, Any]:
         if self.webhook_route is not None:  # webhook mode: the event may already be here
