@@ -164,6 +164,11 @@ class ModelRouteAsyncClient:
                 raise
             return None
 
+    @property
+    def sharing(self) -> int:
+        """How many clients of this event loop share this one's session (this one included)."""
+        return self._shared.users if self._shared is not None else 1
+
     async def aclose(self) -> None:
         shared, self._shared = self._shared, None
         if shared is not None:

@@ -25,12 +25,15 @@ if TYPE_CHECKING:
 
 #: How long the trigger's on_kill may spend cancelling the execution.
 CANCEL_TIMEOUT = 15.0
-#: The polls of one event loop (one triggerer) fall on a grid of this many seconds of the loop's
-#: clock (a tenth of the poll interval, if shorter), so that the triggers due at about the same time
-#: share one wake-up of the loop: at low concurrency, waking a mostly idle triggerer costs more CPU
-#: than the poll itself. A pause ends on the nearest point of the grid: a poll moves by at most half
-#: of it, and polls come no later on average.
+#: The polls of one event loop (one triggerer) fall on a grid of the loop's clock, so that the
+#: triggers due at about the same time share one wake-up of the loop: at low concurrency, waking a
+#: mostly idle triggerer costs more CPU than the poll itself. The grid is at most this many seconds
+#: and a tenth of the poll interval, and narrow enough that a point of it holds about
+#: ``POLLS_PER_GRID_POINT`` of the loop's polls (no bursts at high concurrency, where wake-ups are
+#: shared anyway). A pause ends on the nearest point: a poll moves by at most half the grid, and polls
+#: come no later on average.
 POLL_GRID = 0.5
+POLLS_PER_GRID_POINT = 10
 
 
 class ModelRouteExecutionTrigger(BaseTrigger):
@@ -123,12 +126,15 @@ class ModelRouteExecutionTrigger(BaseTrigger):
     async def _sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, min(seconds, self._seconds_left())))
 
-    def _next_poll(self) -> float:
+    def _next_poll(self, pollers: int = 1) -> float:
         """The pause before the next poll: jittered (widely in webhook mode, to spread the safety net),
-        then ending on the nearest point of the loop's ``POLL_GRID``."""
+        then ending on the nearest point of the loop's poll grid (``pollers``: the triggers polling
+        the same API from this loop, this one included)."""
         spread = 0.25 if self.webhook_route is not None else 0.1
         pause = self.poll_interval * random.uniform(1 - spread, 1 + spread)
-        grid = min(POLL_GRID, self.poll_interval / 10)
+        grid = min(
+            POLL_GRID, self.poll_interval / 10, POLLS_PER_GRID_POINT * self.poll_interval / max(1, pollers)
+        )
         if grid <= 0:
             return pause
         now = asyncio.get_running_loop().time()
@@ -182,7 +188,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
                     self.log.warning(
                         "ModelRoute execution %s has unknown status %r; waiting", self.execution_id, status
                     )
-                await self._sleep(self._next_poll())
+                await self._sleep(self._next_poll(client.sharing))
         return {"status": "timeout"}
 
     async def on_kill(self) -> None:
