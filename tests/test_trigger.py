@@ -16,7 +16,10 @@ from airflow_provider_modelroute._compat import TRIGGER_ON_KILL_SUPPORTED
 from airflow_provider_modelroute.hooks.async_client import ModelRouteAsyncClient
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.testing import ModelRouteServer
-from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
+from airflow_provider_modelroute.triggers.modelroute import (
+    POLLS_PER_GRID_POINT,
+    ModelRouteExecutionTrigger,
+)
 from tests.conftest import connection_json
 from tests.waiting import async_wait_for
 
@@ -171,8 +174,7 @@ def test_a_window_spent_by_carried_requests_does_not_stall(monkeypatch: pytest.M
     [
         (5.0, 1, 0.5, False),
         (5.0, 100, 0.5, False),
-        (5.0, 5000, 0.01, False),  # a point holds ~10 polls: no bursts at high concurrency
-        (0.05, 1, 0.005, False),
+        (5.0, 1000, 0.05, False),  # a point holds ~10 polls: no bursts at high concurrency
         (600, 1, 0.5, True),
     ],
 )
@@ -190,6 +192,19 @@ def test_pauses_end_on_the_loop_grid(poll_interval: float, pollers: int, grid: f
         # The pause ends on a point of the grid (of the loop's clock, read between `before` and `after`)...
         assert math.floor((after + pause) / grid + 1e-6) >= math.ceil((before + pause) / grid - 1e-6)
         assert low - 1e-6 <= pause <= high + 1e-6  # ...moved by at most half of it
+
+
+@pytest.mark.parametrize(("poll_interval", "pollers"), [(5.0, 5000), (0.05, 1)])
+def test_no_grid_where_polls_already_share_wake_ups(poll_interval: float, pollers: int) -> None:
+    trigger = ModelRouteExecutionTrigger("exec_1", poll_interval=poll_interval)
+    grid = POLLS_PER_GRID_POINT * min(poll_interval / 10, poll_interval / pollers)  # what it would be
+
+    async def ends() -> list[float]:
+        loop = asyncio.get_running_loop()
+        return [loop.time() + trigger._next_poll(pollers) for _ in range(200)]
+
+    off_grid = [end for end in asyncio.run(ends()) if abs(end / grid - round(end / grid)) > 0.01]
+    assert len(off_grid) > 150  # the jittered pauses as they are, not moved onto the narrow grid
 
 
 def test_polls_of_one_loop_share_wake_ups(server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,6 +34,8 @@ CANCEL_TIMEOUT = 15.0
 #: come no later on average.
 POLL_GRID = 0.5
 POLLS_PER_GRID_POINT = 10
+#: A narrower grid is not used: polls that frequent already share the loop's wake-ups.
+MIN_POLL_GRID = 0.05
 
 
 class ModelRouteExecutionTrigger(BaseTrigger):
@@ -135,7 +137,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         grid = min(
             POLL_GRID, self.poll_interval / 10, POLLS_PER_GRID_POINT * self.poll_interval / max(1, pollers)
         )
-        if grid <= 0:
+        if grid < MIN_POLL_GRID:
             return pause
         now = asyncio.get_running_loop().time()
         return max(0.0, round((now + pause) / grid) * grid - now)
