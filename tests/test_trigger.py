@@ -17,8 +17,9 @@ from airflow_provider_modelroute.hooks.async_client import ModelRouteAsyncClient
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.testing import ModelRouteServer
 from airflow_provider_modelroute.triggers.modelroute import (
-    POLLS_PER_GRID_POINT,
+    MIN_POLL_GRID,
     ModelRouteExecutionTrigger,
+    poll_grid,
 )
 from tests.conftest import connection_json
 from tests.waiting import async_wait_for
@@ -197,7 +198,8 @@ def test_pauses_end_on_the_loop_grid(poll_interval: float, pollers: int, grid: f
 @pytest.mark.parametrize(("poll_interval", "pollers"), [(5.0, 5000), (0.05, 1)])
 def test_no_grid_where_polls_already_share_wake_ups(poll_interval: float, pollers: int) -> None:
     trigger = ModelRouteExecutionTrigger("exec_1", poll_interval=poll_interval)
-    grid = POLLS_PER_GRID_POINT * min(poll_interval / 10, poll_interval / pollers)  # what it would be
+    grid = poll_grid(poll_interval, pollers)  # the grid the pauses would end on
+    assert grid < MIN_POLL_GRID
 
     async def ends() -> list[float]:
         loop = asyncio.get_running_loop()

@@ -38,6 +38,11 @@ POLLS_PER_GRID_POINT = 10
 MIN_POLL_GRID = 0.05
 
 
+def poll_grid(poll_interval: float, pollers: int) -> float:
+    """The width of the loop's poll grid for ``pollers`` triggers polling every ``poll_interval`` s."""
+    return min(POLL_GRID, poll_interval / 10, POLLS_PER_GRID_POINT * poll_interval / max(1, pollers))
+
+
 class ModelRouteExecutionTrigger(BaseTrigger):
     """
     Poll a ModelRoute execution until it ends, its deadline passes, or polling keeps failing.
@@ -134,9 +139,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         the same API from this loop, this one included)."""
         spread = 0.25 if self.webhook_route is not None else 0.1
         pause = self.poll_interval * random.uniform(1 - spread, 1 + spread)
-        grid = min(
-            POLL_GRID, self.poll_interval / 10, POLLS_PER_GRID_POINT * self.poll_interval / max(1, pollers)
-        )
+        grid = poll_grid(self.poll_interval, pollers)
         if grid < MIN_POLL_GRID:
             return pause
         now = asyncio.get_running_loop().time()
