@@ -16,12 +16,12 @@ import signal
 import sys
 import time
 
-from airflow_provider_modelroute import api
 from airflow_provider_modelroute.testing.dialects import ENV_VAR, PRESETS
 from airflow_provider_modelroute.testing.server import ModelRouteServer
+from airflow_provider_modelroute.testing.spec import make_api_key
 
 #: What ``--stable-key`` uses: the same well-formed key on every start (a local test key, no secret).
-STABLE_API_KEY = api.make_api_key(hashlib.sha256(b"airflow-provider-modelroute local server").hexdigest())
+STABLE_API_KEY = make_api_key(hashlib.sha256(b"airflow-provider-modelroute local server").hexdigest())
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -25,11 +25,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_modelroute.webhooks.routing import is_loopback_url
-from airflow_provider_modelroute.webhooks.signing import sign
+from airflow_provider_modelroute.testing.spec import (
+    SIGNATURE_HEADER,
+    SIGNATURE_TIMESTAMP_HEADER,
+    WEBHOOK_USER_AGENT,
+    sign,
+)
+from airflow_provider_modelroute.testing.webhook_endpoints import Endpoint, EndpointsMixin
 
 SHAPES = ("overview", "executions-page")
-EVENT_TYPES = ("execution.started", "execution.completed", "execution.failed", "execution.cancelled")
 FAULT_KINDS = frozenset({"delay", "duplicate", "drop", "reorder", "wrong_secret"})
 #: The documented retry schedule (seconds), before ``retry_scale``.
 RETRY_SCHEDULE = (120.0, 240.0, 480.0, 960.0, 1800.0)
@@ -40,40 +44,6 @@ _TERMINAL_EVENTS = {"COMPLETED": "execution.completed", "FAILED": "execution.fai
 def event_type_for(status: str) -> str | None:
     """The documented event a terminal status sends (EXPIRED sends none: the docs list no event for it)."""
     return _TERMINAL_EVENTS.get(status) or ("execution.cancelled" if status == "CANCELLED" else None)
-
-
-class EndpointError(ValueError):
-    """A bad endpoints-API request: ``field`` names what to fix (the server answers 400 or 404)."""
-
-    def __init__(self, field_name: str, message: str, status: int = 400) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field, self.status = field_name, status
-
-
-@dataclass
-class Endpoint:
-    id: str
-    url: str
-    secret: str
-    description: str | None = None
-    events: list[str] = field(default_factory=list)
-    headers: dict[str, str] = field(default_factory=dict)
-    is_active: bool = True
-    failure_count: int = 0
-    last_success: str | None = None
-    created: float = field(default_factory=time.time)
-
-    def document(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "url": self.url,
-            "description": self.description,
-            "events": list(self.events),
-            "headers": dict(self.headers),
-            "is_active": self.is_active,
-            "failure_count": self.failure_count,
-            "last_success": self.last_success,
-        }
 
 
 @dataclass
@@ -101,7 +71,7 @@ class Delivery:
     generation: int = 0
 
 
-class WebhookSender:
+class WebhookSender(EndpointsMixin):
     """Endpoints API and deliveries for :class:`~airflow_provider_modelroute.testing.ModelRouteServer`."""
 
     def __init__(
@@ -184,36 +154,7 @@ class WebhookSender:
             return {"shape": self.shape, "retry_scale": self.retry_scale}
         raise KeyError(f"webhooks/{action}")
 
-    # -- the endpoints API ------------------------------------------------------------------------
-
-    def create_endpoint(self, body: dict[str, Any]) -> dict[str, Any]:
-        url = body.get("url")
-        if not isinstance(url, str) or not (url.startswith("https://") or is_loopback_url(url)):
-            raise EndpointError("url", "must be an https:// URL")
-        endpoint = Endpoint(
-            id=f"wh_{uuid.uuid4().hex[:24]}", url=url, secret=f"whsec_{secrets.token_hex(24)}"
-        )
-        self._apply_changes(endpoint, body)
-        with self._lock:
-            self.endpoints[endpoint.id] = endpoint
-        return {**endpoint.document(), "secret": endpoint.secret}
-
-    def list_endpoints(self) -> dict[str, Any]:
-        with self._lock:
-            return {"data": [e.document() for e in self.endpoints.values()]}
-
-    def update_endpoint(self, endpoint_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        endpoint = self._endpoint(endpoint_id)
-        self._apply_changes(endpoint, body)
-        if body.get("is_active"):
-            endpoint.failure_count = 0
-        return endpoint.document()
-
-    def delete_endpoint(self, endpoint_id: str) -> dict[str, Any]:
-        with self._lock:
-            self._endpoint(endpoint_id)
-            del self.endpoints[endpoint_id]
-        return {"id": endpoint_id, "deleted": True}
+    # -- the endpoints API: webhook_endpoints.py; a test delivery needs the sending below ----
 
     def test_endpoint(self, endpoint_id: str) -> dict[str, Any]:
         endpoint = self._endpoint(endpoint_id)
@@ -232,31 +173,6 @@ class WebhookSender:
             )
         )
         return {"id": event_id, "status": "queued"}
-
-    def _endpoint(self, endpoint_id: str) -> Endpoint:
-        with self._lock:
-            endpoint = self.endpoints.get(endpoint_id)
-        if endpoint is None:
-            raise EndpointError("id", f"no webhook endpoint {endpoint_id}", status=404)
-        return endpoint
-
-    @staticmethod
-    def _apply_changes(endpoint: Endpoint, body: dict[str, Any]) -> None:
-        events = body.get("events", endpoint.events)
-        if not isinstance(events, list) or any(e not in EVENT_TYPES for e in events):
-            raise EndpointError("events", f"must be a list of {list(EVENT_TYPES)} (empty: all)")
-        headers = body.get("headers", endpoint.headers) or {}
-        if not isinstance(headers, dict):
-            raise EndpointError("headers", "must be an object of header names and values")
-        if "url" in body and endpoint.url != body["url"]:
-            url = body["url"]
-            if not isinstance(url, str) or not (url.startswith("https://") or is_loopback_url(url)):
-                raise EndpointError("url", "must be an https:// URL")
-            endpoint.url = url
-        endpoint.events, endpoint.headers = list(events), {str(k): str(v) for k, v in headers.items()}
-        endpoint.description = body.get("description", endpoint.description)
-        if "is_active" in body:
-            endpoint.is_active = bool(body["is_active"])
 
     # -- events -------------------------------------------------------------------------------------
 
@@ -414,9 +330,9 @@ class WebhookSender:
         headers = {
             **delivery.headers,
             "Content-Type": "application/json",
-            "User-Agent": "ModelRoute-Webhooks/1.0",
-            "X-Signature": sign(secret, stamp, delivery.body),
-            "X-Signature-Timestamp": stamp,
+            "User-Agent": WEBHOOK_USER_AGENT,
+            SIGNATURE_HEADER: sign(secret, stamp, delivery.body),
+            SIGNATURE_TIMESTAMP_HEADER: stamp,
         }
         status: int | None
         sent_at, answer = time.time(), ""

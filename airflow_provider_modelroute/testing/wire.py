@@ -6,9 +6,10 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
-from airflow_provider_modelroute import api
+from airflow_provider_modelroute.testing.spec import DOCUMENTED_ERRORS
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -18,7 +19,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 #: The HTTP status of each code this server answers: the documented ones; our choice where the docs
 #: give none; and codes only this server uses (a client must never depend on those).
 CODE_STATUSES: dict[str, int] = {
-    **{code: spec.http_status for code, spec in api.ERROR_CODES.items() if spec.http_status},
+    **{code: row.status for code, row in DOCUMENTED_ERRORS.items() if row.status},
     "FILE_NOT_FOUND": 404,
     "UNAUTHORIZED": 401,
     "NOT_FOUND": 404,
@@ -44,12 +45,17 @@ class ApiFailure(Exception):
         bare: bool = False,
     ) -> None:
         super().__init__(message)
-        spec = api.ERROR_CODES.get(code)
+        row = DOCUMENTED_ERRORS.get(code)
         self.code, self.message, self.details = code, message, details or []
         self.status = status or CODE_STATUSES.get(code, 500)
-        self.retryable = spec.retryable if spec else self.status >= 500
+        self.retryable = row.retryable if row else self.status >= 500
         self.headers = headers or {}
         self.bare = bare
+
+
+def iso(ts: float) -> str:
+    """A unix time as the API writes times (``2026-01-01T00:00:00Z``)."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def invalid_field(field_name: str, message: str) -> ApiFailure:
@@ -74,7 +80,7 @@ def json_reply(status: int, document: Any, headers: dict[str, str] | None = None
 
 
 def request_header(scope: Scope, name: str) -> str | None:
-    wanted = name.encode()
+    wanted = name.lower().encode()
     for key, value in scope["headers"]:
         if key.lower() == wanted:
             return str(value.decode("latin-1"))
