@@ -458,3 +458,23 @@ def test_standalone_process_and_remote_control() -> None:
     finally:
         process.terminate()
         assert process.wait(timeout=120) == 0
+
+
+def test_request_log_keeps_the_order_of_arrival(server: ModelRouteServer) -> None:
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {server.api_key}"
+    created = http.post(
+        f"{server.base_url}/v1/executions", json={"model": "test-image", "input": {"prompt": "p"}}
+    )
+    execution_id = created.json()["id"]
+    http.get(f"{server.base_url}/v1/executions/{execution_id}")
+    http.post(f"{server.base_url}/v1/executions/{execution_id}/cancel")
+    log = server.request_log()
+    assert [(e["route"], e["id"]) for e in log] == [
+        ("POST /v1/executions", None),
+        ("GET /v1/executions/{id}", execution_id),
+        ("POST /v1/executions/{id}/cancel", execution_id),
+    ]
+    assert [e["at"] for e in log] == sorted(e["at"] for e in log)
+    server.reset()
+    assert server.request_log() == []
