@@ -15,8 +15,7 @@ import httpx
 import pytest
 import requests
 
-from airflow_provider_modelroute import api
-from airflow_provider_modelroute.testing import ModelRouteServer, RemoteModelRouteServer
+from airflow_provider_modelroute.testing import ModelRouteServer, RemoteModelRouteServer, spec
 from airflow_provider_modelroute.testing.dialects import CHOICES, ENV_VAR, PRESETS, Dialect, dialect_from
 from tests.waiting import wait_for
 
@@ -47,13 +46,17 @@ def poll_statuses(server: ModelRouteServer, http: requests.Session, execution_id
             seen.append(status)
         return status
 
-    wait_for(f"{execution_id} to end", latest, until=api.is_terminal, interval=0.01)
+    wait_for(f"{execution_id} to end", latest, until=spec.TERMINAL_STATUSES.__contains__, interval=0.01)
     return seen
 
 
 def test_auth_and_error_body(server: ModelRouteServer) -> None:
     url = f"{server.base_url}/v1/executions/exec_x"
-    for headers in ({}, {"Authorization": f"Bearer {api.make_api_key()}"}, {"Authorization": server.api_key}):
+    for headers in (
+        {},
+        {"Authorization": f"Bearer {spec.make_api_key()}"},
+        {"Authorization": server.api_key},
+    ):
         response = requests.get(url, headers=headers)
         assert response.status_code == 401
         error = response.json()["error"]
@@ -132,7 +135,7 @@ def test_validation_and_moderation_errors(server: ModelRouteServer, http: reques
     cases = [
         ({"model": "nope", "input": {"prompt": "p"}}, "INPUT_VALIDATION_ERROR", "model"),
         ({"model": "test-image"}, "INPUT_VALIDATION_ERROR", "input"),
-        ({"model": "test-file", "input": {"size_bytes": api.MAX_FILE_SIZE + 1}}, None, "input.size_bytes"),
+        ({"model": "test-file", "input": {"size_bytes": spec.MAX_FILE_SIZE + 1}}, None, "input.size_bytes"),
         ({"model": "test-image", "input": {"prompt": "forbidden"}}, "CONTENT_MODERATION_REJECTED", None),
         (
             {"model": "test-image", "input": {"prompt": "p", "image": "file_nope"}},
@@ -235,14 +238,14 @@ def test_presigned_urls_expire() -> None:
 
 
 def test_largest_file_streams_exactly(server: ModelRouteServer, http: requests.Session) -> None:
-    file_id = _large_file(server, http, api.MAX_FILE_SIZE)
+    file_id = _large_file(server, http, spec.MAX_FILE_SIZE)
     url = http.get(f"{server.base_url}/v1/files/{file_id}/url").json()["url"]
     digest, total = hashlib.sha256(), 0
     with requests.get(url, stream=True) as response:
         for chunk in response.iter_content(1024 * 1024):
             digest.update(chunk)
             total += len(chunk)
-    assert total == api.MAX_FILE_SIZE
+    assert total == spec.MAX_FILE_SIZE
     assert digest.hexdigest() == server.file_info(file_id)["sha256"]
 
 

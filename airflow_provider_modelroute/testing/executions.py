@@ -22,7 +22,6 @@ from airflow_provider_modelroute.testing.wire import ApiFailure, Reply, invalid_
 #: Fake models. ``flux-1.1-pro`` answers like the docs' example model.
 IMAGE_MODELS = frozenset({"test-image", "flux-1.1-pro"})
 MODELS = IMAGE_MODELS | {"test-file", "test-multi"}
-_SIMULATED_OUTCOMES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "EXPIRED"})
 
 
 @dataclass
@@ -79,8 +78,8 @@ class ExecutionsMixin:
         self, execution_id: str, status: str, error_code: str | None = None
     ) -> dict[str, Any]:
         """End an execution now with a terminal ``status`` (files are produced on COMPLETED)."""
-        if status not in _SIMULATED_OUTCOMES:
-            raise ValueError(f"status must be one of {sorted(_SIMULATED_OUTCOMES)}")
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"status must be one of {sorted(TERMINAL_STATUSES)}")
         with self._lock:
             execution = self._executions[execution_id]
             execution.outcome, execution.error_code = status, error_code
@@ -192,9 +191,9 @@ class ExecutionsMixin:
             if outcome is not None:
                 outcome_name = str(outcome.params.get("outcome", "FAILED")).upper()
                 error_code = outcome.params.get("error_code")
-            if outcome_name not in _SIMULATED_OUTCOMES:
+            if outcome_name not in TERMINAL_STATUSES:
                 raise invalid_field(
-                    "input._simulate.outcome", f"must be one of {sorted(_SIMULATED_OUTCOMES)}"
+                    "input._simulate.outcome", f"must be one of {sorted(TERMINAL_STATUSES)}"
                 )
             execution = Execution(
                 id=f"exec_{uuid.uuid4()}",
