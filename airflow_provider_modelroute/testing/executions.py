@@ -192,9 +192,7 @@ class ExecutionsMixin:
                 outcome_name = str(outcome.params.get("outcome", "FAILED")).upper()
                 error_code = outcome.params.get("error_code")
             if outcome_name not in TERMINAL_STATUSES:
-                raise invalid_field(
-                    "input._simulate.outcome", f"must be one of {sorted(TERMINAL_STATUSES)}"
-                )
+                raise invalid_field("input._simulate.outcome", f"must be one of {sorted(TERMINAL_STATUSES)}")
             execution = Execution(
                 id=f"exec_{uuid.uuid4()}",
                 model=model,
