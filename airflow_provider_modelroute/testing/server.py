@@ -31,7 +31,6 @@ from airflow_provider_modelroute.testing.executions import ExecutionsMixin
 from airflow_provider_modelroute.testing.faults import FAULT_KINDS, FaultsMixin
 from airflow_provider_modelroute.testing.spec import IDEMPOTENCY_HEADER, make_api_key
 from airflow_provider_modelroute.testing.storage import FileReply, StorageMixin
-from airflow_provider_modelroute.testing.webhook_endpoints import EndpointError
 from airflow_provider_modelroute.testing.webhooks import WebhookSender
 from airflow_provider_modelroute.testing.wire import (
     ApiFailure,
@@ -430,24 +429,5 @@ class ModelRouteServer(ExecutionsMixin, StorageMixin, FaultsMixin):
         if endpoint == "POST /v1/files/upload":
             return self._upload(body)
         if "/v1/webhooks/" in endpoint:
-            return self._webhook_endpoints(endpoint, params, body)
+            return self.webhooks.api_reply(endpoint, params, body)
         return self._confirm(body)
-
-    def _webhook_endpoints(self, endpoint: str, params: dict[str, str], body: Any) -> Reply:
-        """The endpoints API (testing/webhooks.py), errors in the documented body."""
-        body = body if isinstance(body, dict) else {}
-        hooks = self.webhooks
-        try:
-            if endpoint == "POST /v1/webhooks/endpoints":
-                return json_reply(201, hooks.create_endpoint(body))
-            if endpoint == "GET /v1/webhooks/endpoints":
-                return json_reply(200, hooks.list_endpoints())
-            if endpoint == "PATCH /v1/webhooks/endpoints/{id}":
-                return json_reply(200, hooks.update_endpoint(params["id"], body))
-            if endpoint == "DELETE /v1/webhooks/endpoints/{id}":
-                return json_reply(200, hooks.delete_endpoint(params["id"]))
-            return json_reply(202, hooks.test_endpoint(params["id"]))
-        except EndpointError as exc:
-            if exc.status == 404:
-                raise ApiFailure("NOT_FOUND", str(exc), status=404) from None
-            raise invalid_field(exc.field, str(exc)) from None

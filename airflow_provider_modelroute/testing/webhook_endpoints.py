@@ -6,10 +6,12 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_modelroute.testing.spec import is_https_or_loopback
+from airflow_provider_modelroute.testing.wire import ApiFailure, Reply, invalid_field, json_reply
 
 EVENT_TYPES = ("execution.started", "execution.completed", "execution.failed", "execution.cancelled")
 
@@ -53,6 +55,25 @@ class EndpointsMixin:
 
     _lock: threading.RLock
     endpoints: dict[str, Endpoint]
+    test_endpoint: Callable[[str], dict[str, Any]]  # sends, so it lives with the sending
+
+    def api_reply(self, route: str, params: dict[str, str], body: Any) -> Reply:
+        """The answer to one endpoints-API request (``route``: a route key), errors in the documented body."""
+        body = body if isinstance(body, dict) else {}
+        try:
+            if route == "POST /v1/webhooks/endpoints":
+                return json_reply(201, self.create_endpoint(body))
+            if route == "GET /v1/webhooks/endpoints":
+                return json_reply(200, self.list_endpoints())
+            if route == "PATCH /v1/webhooks/endpoints/{id}":
+                return json_reply(200, self.update_endpoint(params["id"], body))
+            if route == "DELETE /v1/webhooks/endpoints/{id}":
+                return json_reply(200, self.delete_endpoint(params["id"]))
+            return json_reply(202, self.test_endpoint(params["id"]))
+        except EndpointError as exc:
+            if exc.status == 404:
+                raise ApiFailure("NOT_FOUND", str(exc), status=404) from None
+            raise invalid_field(exc.field, str(exc)) from None
 
     def create_endpoint(self, body: dict[str, Any]) -> dict[str, Any]:
         url = body.get("url")
