@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_modelroute.webhooks.routing import is_loopback_url
-from airflow_provider_modelroute.webhooks.signing import sign
+from airflow_provider_modelroute.webhooks.mode import is_loopback_url
+from airflow_provider_modelroute.webhooks.receiver import sign
 
 SHAPES = ("overview", "executions-page")
 EVENT_TYPES = ("execution.started", "execution.completed", "execution.failed", "execution.cancelled")

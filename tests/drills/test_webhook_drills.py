@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS
-from airflow_provider_modelroute.webhooks import signing
+from airflow_provider_modelroute.webhooks.receiver import sign
 from tests.drills.harness import PYTHON, AirflowStack, DrillError, wait_for
 
 pytestmark = [
@@ -199,7 +199,7 @@ def succeeded(stack: WebhookStack, dag_id: str, run_ids: list[str], timeout: flo
 
 def post_delivery(url: str, body: bytes, secret: str, timestamp: int) -> httpx.Response:
     stamp = str(timestamp)
-    headers = {"X-Signature": signing.sign(secret, stamp, body), "X-Signature-Timestamp": stamp}
+    headers = {"X-Signature": sign(secret, stamp, body), "X-Signature-Timestamp": stamp}
     return httpx.post(url, content=body, headers=headers, timeout=30)
 
 
