@@ -32,7 +32,7 @@ def webhook_server(server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch) ->
     """``modelroute_default`` in webhook mode, with a 1 s safety net so that dag.test() ends quickly."""
     extras = {"webhook_secret": SECRET, "webhook_receiver_url": RECEIVER, "webhook_poll_interval": 1}
     monkeypatch.setenv("AIRFLOW_CONN_MODELROUTE_DEFAULT", connection_json(server, **extras))
-    monkeypatch.setattr(receiver, "secrets", receiver.ExpiringCache(8, 30.0))
+    monkeypatch.setattr(receiver, "secret_cache", receiver.ExpiringCache(8, 30.0))
     monkeypatch.setattr(receiver, "seen_events", receiver.ExpiringCache(8, 3600.0))
     return server
 
@@ -54,7 +54,7 @@ def deliver(server: ModelRouteServer, execution_id: str, webhook_url: str) -> st
     answer = TestClient(receiver.create_app()).post(
         f"{url.path.removeprefix(mode.URL_PREFIX)}?{url.query}",
         content=body,
-        headers={"X-Signature": receiver.sign(SECRET, stamp, body), "X-Signature-Timestamp": stamp},
+        headers={"X-Signature": mode.sign(SECRET, stamp, body), "X-Signature-Timestamp": stamp},
     )
     return str(answer.json()["outcome"])
 

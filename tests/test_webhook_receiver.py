@@ -51,7 +51,7 @@ def hooked(server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch) -> ModelRo
         connection_json(server, webhook_secret=SECRET, webhook_receiver_url="https://airflow.example/x"),
     )
     monkeypatch.setattr(receiver, "seen_events", receiver.ExpiringCache(8, 3600.0))
-    monkeypatch.setattr(receiver, "secrets", receiver.ExpiringCache(8, 30.0))
+    monkeypatch.setattr(receiver, "secret_cache", receiver.ExpiringCache(8, 30.0))
     return server
 
 
@@ -158,7 +158,7 @@ def post(
     if token is not None:
         url = url.rsplit("token=", 1)[0] + f"token={token}"
     headers = {
-        "X-Signature": receiver.sign(secret, sent, body),
+        "X-Signature": mode.sign(secret, sent, body),
         "X-Signature-Timestamp": str(sent),
         "Content-Type": "application/json",
         "User-Agent": "ModelRoute-Webhooks/1.0",
@@ -222,7 +222,7 @@ def test_forged_stale_or_misrouted_deliveries_are_refused_and_resume_nothing(
     assert caplog.text.count("refused") >= 4, "the refusals were not logged"
     for secret, sent in ((SECRET, now), ("whsec_guessed", now), (SECRET, now - 301)):
         assert secret not in caplog.text
-        assert receiver.sign(secret, sent, body) not in caplog.text
+        assert mode.sign(secret, sent, body) not in caplog.text
 
 
 def test_a_duplicated_delivery_is_a_no_op_even_on_another_replica(

@@ -13,7 +13,7 @@ import pytest
 from airflow_provider_modelroute.exceptions import ModelRouteApiError, ModelRouteConfigError
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.testing import ModelRouteServer
-from airflow_provider_modelroute.webhooks import receiver
+from airflow_provider_modelroute.webhooks import mode, receiver
 from tests.webhook_capture import CaptureServer, Received, endpoints_cleared
 
 
@@ -47,7 +47,7 @@ def types_of(received: list[Received], execution_id: str) -> list[str]:
 
 def verified(received: Received, secret: str) -> receiver.WebhookEvent:
     """The delivery's signature checks out with ``secret``; returns its parsed event."""
-    receiver.verify(
+    mode.verify(
         secret, received.headers["X-Signature"], received.headers["X-Signature-Timestamp"], received.body
     )
     assert received.headers["User-Agent"] == "ModelRoute-Webhooks/1.0"
@@ -69,7 +69,7 @@ def test_endpoints_api_through_the_hook(hooks: ModelRouteServer, capture: Captur
     hook.update_webhook_endpoint(created["id"], is_active=True)
     hook.test_webhook_endpoint(created["id"])
     [test] = capture.wait_for("the test delivery", lambda r: len(r) == 1)
-    receiver.verify(
+    mode.verify(
         created["secret"], test.headers["X-Signature"], test.headers["X-Signature-Timestamp"], test.body
     )
     hook.delete_webhook_endpoint(created["id"])
@@ -182,7 +182,7 @@ def test_faults_drop_duplicate_wrong_secret_delay_and_reorder(
     forged = start()
     received = capture.wait_for("started and a late completed", lambda r: len(types_of(r, forged)) == 2)
     started, completed = (r for r in received if types_of([r], forged))
-    with pytest.raises(receiver.SignatureRejected):
+    with pytest.raises(mode.SignatureRejected):
         verified(started, endpoint["secret"])
     assert verified(completed, endpoint["secret"]).event_type == "execution.completed"
     _wait(lambda: len([d for d in webhooks.deliveries() if d["execution_id"] == forged]) == 2, "the log")

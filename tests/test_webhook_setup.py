@@ -11,7 +11,7 @@ import pytest
 
 from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS
 from airflow_provider_modelroute.testing import ModelRouteServer
-from airflow_provider_modelroute.webhooks import receiver
+from airflow_provider_modelroute.webhooks import mode, receiver
 from airflow_provider_modelroute.webhooks.__main__ import main
 from tests.conftest import connection_json
 from tests.webhook_capture import endpoints_cleared, served_receiver
@@ -109,7 +109,7 @@ def test_setup_tests_the_receiver_it_stored_the_secret_for(
     assert ours.path == modelroutes.path == f"/modelroute/webhooks/{CONN_ID}"
     secret = stored_extras()["webhook_secret"]
     for delivery in (ours, modelroutes):
-        receiver.verify(
+        mode.verify(
             secret, delivery.headers["X-Signature"], delivery.headers["X-Signature-Timestamp"], delivery.body
         )
     out = capsys.readouterr().out
@@ -120,11 +120,11 @@ def test_setup_tests_the_receiver_it_stored_the_secret_for(
 def test_the_test_command_reports_the_receivers_answer_and_what_to_do(
     no_endpoints: ModelRouteServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The receiver runs as the api-server mounts it; ``secrets`` holds what the api-server process sees
+    """The receiver runs as the api-server mounts it; ``secret_cache`` holds what the api-server process sees
     (an environment variable changed after it started is not among it)."""
     from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 
-    monkeypatch.setattr(receiver, "secrets", receiver.ExpiringCache(8, 3600.0))
+    monkeypatch.setattr(receiver, "secret_cache", receiver.ExpiringCache(8, 3600.0))
     with served_receiver() as base:
         url = f"{base}/modelroute/webhooks/modelroute_check"
         secret = str(ModelRouteHook().create_webhook_endpoint(url)["secret"])
@@ -138,8 +138,8 @@ def test_the_test_command_reports_the_receivers_answer_and_what_to_do(
         for conn_id, receiver_url in receivers.items():
             extras = {"webhook_secret": secret, "webhook_receiver_url": receiver_url}
             monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", connection_json(no_endpoints, **extras))
-        receiver.secrets.put("modelroute_stale", "whsec_before_the_change_0123456789")
-        receiver.secrets.put("modelroute_unset", None)
+        receiver.secret_cache.put("modelroute_stale", "whsec_before_the_change_0123456789")
+        receiver.secret_cache.put("modelroute_unset", None)
 
         answers = {}
         for conn_id in receivers:

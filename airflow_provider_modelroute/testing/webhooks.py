@@ -25,8 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_modelroute.webhooks.mode import is_loopback_url
-from airflow_provider_modelroute.webhooks.receiver import sign
+from airflow_provider_modelroute.webhooks.mode import is_loopback_url, sign
 
 SHAPES = ("overview", "executions-page")
 EVENT_TYPES = ("execution.started", "execution.completed", "execution.failed", "execution.cancelled")

@@ -28,8 +28,11 @@ from airflow_provider_modelroute.exceptions import ModelRouteConfigError, ModelR
 from airflow_provider_modelroute.webhooks.mode import (
     RECEIVER_URL_EXTRA,
     SECRET_EXTRA,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
     WebhookConfig,
     receiver_url,
+    sign,
 )
 
 #: What the receiver acts on; ``execution.started`` would only cost deliveries.
@@ -120,7 +123,6 @@ def check_receiver(hook: Any, conn_id: str, say: Say = print, wait: float = 30.0
     import requests
 
     from airflow_provider_modelroute._compat import AirflowNotFoundException
-    from airflow_provider_modelroute.webhooks.receiver import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 
     try:
         config = WebhookConfig.from_extras(conn_id, hook.get_connection(conn_id).extra_dejson)

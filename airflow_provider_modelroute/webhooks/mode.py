@@ -1,11 +1,12 @@
-"""Webhook mode: the connection's webhook settings, per-execution routes, and the wait they configure.
+"""Webhook mode: the connection's webhook settings, routes and signatures, and the wait they configure.
 
 Off by default; on when the connection names a ``webhook_secret`` (the endpoint's ``whsec_...``) and
 a ``webhook_receiver_url``, the wait is deferrable, and Airflow mounts the receiver (3.1+). Each
 execution's ``webhook_url`` then names its task instance (dag, run, task, map index: the same on
 every try, so a retry re-attaches) and a token, an HMAC of that route under the secret: the receiver
 routes on it without a search and refuses made-up routes. The trigger reads the event the receiver
-may already have recorded, and polls only as a safety net (``webhook_poll_interval``).
+may already have recorded, and polls only as a safety net (``webhook_poll_interval``). Deliveries
+are signed as the docs say: hex HMAC-SHA256 of ``"{X-Signature-Timestamp}.{raw body}"``.
 
 The operator, the sensor and the trigger import this module: it imports nothing above ``_compat``.
 """
@@ -18,6 +19,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,6 +45,10 @@ WEBHOOK_PATH = "/webhooks/{conn_id}"
 EVENT_XCOM_KEY = "modelroute_webhook_event"
 _WAITING_XCOM_PREFIX = "modelroute_waiting."
 _TOKEN_CONTEXT = b"modelroute-webhook-route.v1."
+SIGNATURE_HEADER = "X-Signature"
+TIMESTAMP_HEADER = "X-Signature-Timestamp"
+#: Deliveries whose ``X-Signature-Timestamp`` is further than this from our clock are refused.
+MAX_CLOCK_SKEW = 300.0
 
 
 def waiting_xcom_key(execution_id: str) -> str:
@@ -165,6 +171,38 @@ def route_token(secret: str, route: str) -> str:
 def token_matches(secret: str, route: str, token: str | None) -> bool:
     """Constant-time check of a route's token."""
     return bool(token) and hmac.compare_digest(route_token(secret, route).encode(), str(token).encode())
+
+
+class SignatureRejected(Exception):
+    """A delivery failed verification; the message says why and never holds the secret or signature."""
+
+
+def sign(secret: str, timestamp: int | str, body: bytes) -> str:
+    """``body``'s ``X-Signature`` when sent at ``timestamp``: hex HMAC-SHA256 of ``"{timestamp}.{body}"``."""
+    return hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def verify(
+    secret: str, signature: str | None, timestamp: str | None, body: bytes, *, now: float | None = None
+) -> int:
+    """Check a delivery's signature (constant time) and its timestamp; return the timestamp.
+
+    :raises SignatureRejected: missing headers, a timestamp over 5 minutes away, or a wrong signature.
+    """
+    if not signature or not timestamp:
+        raise SignatureRejected(f"missing {SIGNATURE_HEADER} or {TIMESTAMP_HEADER} header")
+    timestamp = timestamp.strip()
+    try:
+        sent = int(timestamp)
+    except ValueError:
+        raise SignatureRejected(f"{TIMESTAMP_HEADER} is not unix seconds") from None
+    # Computed before the time check, so that a wrong signature and a stale one cost the same.
+    valid = hmac.compare_digest(sign(secret, timestamp, body).encode(), signature.strip().lower().encode())
+    if abs((time.time() if now is None else now) - sent) > MAX_CLOCK_SKEW:
+        raise SignatureRejected(f"{TIMESTAMP_HEADER} is more than {MAX_CLOCK_SKEW:.0f} s away from our clock")
+    if not valid:
+        raise SignatureRejected("the signature does not match this connection's webhook secret")
+    return sent
 
 
 @dataclass(frozen=True)

@@ -1,26 +1,22 @@
-"""The webhook receiver: an Airflow plugin app (3.1+) at ``/modelroute`` that resumes deferred waits.
+"""The webhook receiver: an Airflow 3.1+ api-server plugin app at ``/modelroute`` that resumes waits.
 
-Airflow authenticates no plugin app, so the route is public and the signature is the only gate:
-the body is capped, ``X-Signature`` is checked over the raw bytes (constant time, 5-minute window),
-then a per-execution route's token. A verified terminal event resumes its deferred task as Airflow
-3.3's human-in-the-loop endpoint does: the task instance row is locked and, only if it is still
-DEFERRED on our trigger, the trigger's "done" event is submitted. A task that has not deferred yet
-gets the event as an XCom in the same transaction; its trigger reads it before waiting. Repeats and
-several api-server replicas resolve in the database. Deliveries that concern no waiting task get a
-quick 2xx (ModelRoute deactivates an endpoint after 10 failed deliveries in a row). The secret and
-signatures are never logged.
+Airflow authenticates no plugin app, so the signature is the only gate: the body is capped, then
+``X-Signature`` is checked over the raw bytes, then a per-execution route's token. A verified final
+event resumes its deferred task as Airflow 3.3's human-in-the-loop endpoint does (the task instance
+row locked, the trigger's "done" event submitted only if it is still DEFERRED on our trigger); a task
+that has not deferred yet gets the event as an XCom that its trigger reads first. Repeats and several
+api-server replicas resolve in the database. Deliveries that concern no waiting task get a quick 2xx
+(ModelRoute deactivates an endpoint after 10 failures in a row). Secrets and signatures are never
+logged. Plugins load in every Airflow process: Starlette and the DB models are imported on use.
 
-Every Airflow process loads plugins, so Starlette, SQLAlchemy and Airflow's models are imported on
-the first request. READINGS of the body (both must work): the webhooks overview's ``{"id",
-"event_type", "timestamp", "version", "organization_id", "execution_id", "data": {execution}}`` and
-the executions page's ``{"id", "type", "timestamp", "data": {execution}}``.
+READINGS of the body (both must work): ``{"id", "event_type", "timestamp", "version",
+"organization_id", "execution_id", "data": {execution}}`` and ``{"id", "type", "timestamp", "data"}``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
+import dataclasses
 import json
 import logging
 import threading
@@ -35,17 +31,7 @@ from airflow.providers.common.compat.sdk import AirflowPlugin
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS, AirflowNotFoundException, TriggerEvent
 from airflow_provider_modelroute.provider_info import CONN_TYPE
-from airflow_provider_modelroute.webhooks.mode import (
-    EVENT_XCOM_KEY,
-    SECRET_EXTRA,
-    URL_PREFIX,
-    WEBHOOK_PATH,
-    MalformedRoute,
-    TaskRoute,
-    extra_value,
-    token_matches,
-    waiting_xcom_key,
-)
+from airflow_provider_modelroute.webhooks import mode
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -54,10 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Signature"
-TIMESTAMP_HEADER = "X-Signature-Timestamp"
-#: Deliveries whose ``X-Signature-Timestamp`` is further than this from our clock are refused.
-MAX_CLOCK_SKEW = 300.0
 #: Deliveries larger than this are refused unread (an execution document is a few KiB).
 MAX_BODY_BYTES = 256 * 1024
 #: How long a connection's webhook secret is cached (a rotated secret is picked up after this).
@@ -68,49 +50,10 @@ SECRET_CACHE_SECONDS = 30.0
 RESUME_GRACE = 5.0
 RESUMED = "resumed"
 RECORDED = "recorded for the task's trigger"
-#: The status a terminal event implies when its execution document leaves ``status`` out.
-_TERMINAL_EVENT_STATUS = {
-    "execution.completed": "COMPLETED",
-    "execution.failed": "FAILED",
-    "execution.cancelled": "CANCELLED",
-}
+#: Final events; one implies its status when the execution document leaves it out.
+_FINAL_EVENTS = ("execution.completed", "execution.failed", "execution.cancelled")
 _TRIGGER_MODULE = "airflow_provider_modelroute."  # only this provider's triggers are resumed
 _DB_ATTEMPTS = 4
-
-
-# -- signatures ----------------------------------------------------------------------------------------
-
-
-class SignatureRejected(Exception):
-    """A delivery failed verification; the message says why and never holds the secret or signature."""
-
-
-def sign(secret: str, timestamp: int | str, body: bytes) -> str:
-    """``body``'s ``X-Signature`` when sent at ``timestamp``: hex HMAC-SHA256 of ``"{timestamp}.{body}"``."""
-    return hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
-
-
-def verify(
-    secret: str, signature: str | None, timestamp: str | None, body: bytes, *, now: float | None = None
-) -> int:
-    """Check a delivery's signature (constant time) and its timestamp; return the timestamp.
-
-    :raises SignatureRejected: missing headers, a timestamp over 5 minutes away, or a wrong signature.
-    """
-    if not signature or not timestamp:
-        raise SignatureRejected(f"missing {SIGNATURE_HEADER} or {TIMESTAMP_HEADER} header")
-    timestamp = timestamp.strip()
-    try:
-        sent = int(timestamp)
-    except ValueError:
-        raise SignatureRejected(f"{TIMESTAMP_HEADER} is not unix seconds") from None
-    # Computed before the time check, so that a wrong signature and a stale one cost the same.
-    valid = hmac.compare_digest(sign(secret, timestamp, body).encode(), signature.strip().lower().encode())
-    if abs((time.time() if now is None else now) - sent) > MAX_CLOCK_SKEW:
-        raise SignatureRejected(f"{TIMESTAMP_HEADER} is more than {MAX_CLOCK_SKEW:.0f} s away from our clock")
-    if not valid:
-        raise SignatureRejected("the signature does not match this connection's webhook secret")
-    return sent
 
 
 # -- events --------------------------------------------------------------------------------------------
@@ -167,8 +110,8 @@ def parse_event(body: bytes) -> WebhookEvent:
     if execution.get("id") not in (None, execution_id):
         raise MalformedEvent("the event's 'execution_id' and 'data.id' disagree")
     execution = {**execution, "id": execution_id}
-    if "status" not in execution and event_type in _TERMINAL_EVENT_STATUS:
-        execution["status"] = _TERMINAL_EVENT_STATUS[event_type]
+    if "status" not in execution and event_type in _FINAL_EVENTS:
+        execution["status"] = event_type.removeprefix("execution.").upper()
     return WebhookEvent(event_id, event_type, execution_id, execution)
 
 
@@ -200,7 +143,7 @@ class ExpiringCache:
 #: real one (a second delivery finds the task no longer deferred). Deliveries expire after 24 h.
 seen_events = ExpiringCache(100_000, 24 * 3600.0)
 #: Webhook secrets by connection id (None: the connection names none); made-up ids cannot grow it.
-secrets = ExpiringCache(256, SECRET_CACHE_SECONDS)
+secret_cache = ExpiringCache(256, SECRET_CACHE_SECONDS)
 _UNKNOWN = object()
 
 
@@ -212,7 +155,7 @@ def create_app() -> Starlette:
     from starlette.applications import Starlette
     from starlette.routing import Route
 
-    return Starlette(routes=[Route(WEBHOOK_PATH, receive, methods=["POST"])])
+    return Starlette(routes=[Route(mode.WEBHOOK_PATH, receive, methods=["POST"])])
 
 
 def _answer(status: int, outcome: str) -> JSONResponse:
@@ -221,9 +164,14 @@ def _answer(status: int, outcome: str) -> JSONResponse:
     return JSONResponse({"outcome": outcome}, status_code=status)
 
 
+def _refuse(status: int, conn_id: str, reason: str) -> JSONResponse:
+    log.warning("ModelRoute webhook for connection %r refused: %s", conn_id, reason)
+    return _answer(status, f"refused: {reason}")
+
+
 def webhook_secret(conn_id: str) -> str | None:
     """The connection's webhook secret (cached briefly), or None if it names none."""
-    cached = secrets.get(conn_id, _UNKNOWN)
+    cached = secret_cache.get(conn_id, _UNKNOWN)
     if cached is not _UNKNOWN:
         return cached
     try:
@@ -231,9 +179,11 @@ def webhook_secret(conn_id: str) -> str | None:
     except Exception:  # AirflowNotFoundException, or a secrets backend that is down
         secret = None
     else:
-        found = extra_value(conn.extra_dejson, SECRET_EXTRA) if conn.conn_type == CONN_TYPE else None
+        found = (
+            mode.extra_value(conn.extra_dejson, mode.SECRET_EXTRA) if conn.conn_type == CONN_TYPE else None
+        )
         secret = str(found) if found else None
-    secrets.put(conn_id, secret)
+    secret_cache.put(conn_id, secret)
     return secret
 
 
@@ -255,32 +205,29 @@ async def receive(request: Request) -> JSONResponse:
     """Verify one delivery, then resume (or record the event for) the task that waits for it."""
     from starlette.concurrency import run_in_threadpool
 
-    conn_id = str(request.path_params["conn_id"])
+    conn_id, headers, query = str(request.path_params["conn_id"]), request.headers, request.query_params
     body = await _read_capped(request)
     if body is None:
-        return _answer(413, f"refused: the body is larger than {MAX_BODY_BYTES} bytes")
+        return _refuse(413, conn_id, f"the body is larger than {MAX_BODY_BYTES} bytes")
     secret = await run_in_threadpool(webhook_secret, conn_id)
     if secret is None:
-        log.warning("ModelRoute webhook for connection %r refused: it has no %s", conn_id, SECRET_EXTRA)
-        return _answer(404, f"refused: no ModelRoute connection {conn_id!r} with a webhook secret")
+        return _refuse(404, conn_id, f"no ModelRoute connection {conn_id!r} with a {mode.SECRET_EXTRA}")
     try:
-        verify(secret, request.headers.get(SIGNATURE_HEADER), request.headers.get(TIMESTAMP_HEADER), body)
-    except SignatureRejected as exc:
-        log.warning("ModelRoute webhook for connection %r refused: %s", conn_id, exc)
-        return _answer(401, f"refused: {exc}")
-    route_text, route = request.query_params.get("route"), None
-    if route_text is not None:
+        mode.verify(secret, headers.get(mode.SIGNATURE_HEADER), headers.get(mode.TIMESTAMP_HEADER), body)
+    except mode.SignatureRejected as exc:
+        return _refuse(401, conn_id, str(exc))
+    route = None
+    if "route" in query:
         try:
-            route = TaskRoute.decode(route_text)
-        except MalformedRoute:
+            route = mode.TaskRoute.decode(query["route"])
+        except mode.MalformedRoute:
             route = None
-        if route is None or not token_matches(secret, route_text, request.query_params.get("token")):
-            log.warning("ModelRoute webhook for connection %r refused: a route without its token", conn_id)
-            return _answer(403, "refused: the route's token does not match")
+        if route is None or not mode.token_matches(secret, query["route"], query.get("token")):
+            return _refuse(403, conn_id, "the route's token does not match")
     try:
         event = parse_event(body)
     except MalformedEvent as exc:  # signed by ModelRoute, but in no shape we know: do not make it retry
-        log.info("ModelRoute webhook for connection %r verified but not an execution event: %s", conn_id, exc)
+        log.info("ModelRoute webhook for connection %r verified; not an execution event: %s", conn_id, exc)
         return _answer(200, "ignored: not an execution event")
     if seen_events.get(event.event_id):
         return _answer(200, "duplicate")
@@ -292,18 +239,12 @@ async def receive(request: Request) -> JSONResponse:
             await asyncio.sleep(min(outcome, RESUME_GRACE))
             outcome = str(await run_in_threadpool(apply_event, event, route, 0.0))
     except Exception:
-        log.exception(
-            "Could not apply ModelRoute webhook %s; ModelRoute will deliver it again", event.event_id
-        )
+        log.exception("Could not apply ModelRoute webhook %s; ModelRoute delivers it again", event.event_id)
         return _answer(503, "the database is busy; deliver again later")
     if outcome in (RESUMED, RECORDED):  # not "ignored": the same event may come by a routable URL
         seen_events.put(event.event_id)
     log.info(
-        "ModelRoute webhook %s (%s, execution %s): %s",
-        event.event_id,
-        event.event_type,
-        event.execution_id,
-        outcome,
+        "ModelRoute webhook %s (%s, %s): %s", event.event_id, event.event_type, event.execution_id, outcome
     )
     return _answer(200, outcome)
 
@@ -311,7 +252,9 @@ async def receive(request: Request) -> JSONResponse:
 # -- the metadata DB (the api-server's own session) -----------------------------------------------------
 
 
-def apply_event(event: WebhookEvent, route: TaskRoute | None, grace: float = RESUME_GRACE) -> str | float:
+def apply_event(
+    event: WebhookEvent, route: mode.TaskRoute | None, grace: float = RESUME_GRACE
+) -> str | float:
     """Resume the waiting task, or record the event for its trigger, in one transaction (retried).
 
     Returns what was done, or the seconds to wait before resuming a task that deferred less than
@@ -331,7 +274,7 @@ def apply_event(event: WebhookEvent, route: TaskRoute | None, grace: float = RES
     raise AssertionError("unreachable")
 
 
-def _apply(session: Any, event: WebhookEvent, route: TaskRoute | None, grace: float) -> str | float:
+def _apply(session: Any, event: WebhookEvent, route: mode.TaskRoute | None, grace: float) -> str | float:
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.trigger import Trigger, handle_event_submit
     from airflow.utils.state import TaskInstanceState
@@ -340,16 +283,8 @@ def _apply(session: Any, event: WebhookEvent, route: TaskRoute | None, grace: fl
     route = route or _find_waiting(session, event.execution_id)
     if route is None:
         return "ignored: no task waits for this execution"
-    ti = session.scalars(
-        select(TaskInstance)
-        .where(
-            TaskInstance.dag_id == route.dag_id,
-            TaskInstance.run_id == route.run_id,
-            TaskInstance.task_id == route.task_id,
-            TaskInstance.map_index == route.map_index,
-        )
-        .with_for_update(of=TaskInstance)
-    ).one_or_none()
+    locked = select(TaskInstance).filter_by(**dataclasses.asdict(route)).with_for_update(of=TaskInstance)
+    ti = session.scalars(locked).one_or_none()
     if ti is None:
         return "ignored: no such task instance"
     if ti.state == TaskInstanceState.DEFERRED:
@@ -366,12 +301,7 @@ def _apply(session: Any, event: WebhookEvent, route: TaskRoute | None, grace: fl
         payload = {**event.done_event(), "try_number": ti.try_number}
         _store_xcom(session, payload, route)
         handle_event_submit(TriggerEvent(payload), task_instance=ti, session=session)
-        log.info(
-            "Resumed %s from ModelRoute webhook %s: execution %s ended",
-            route,
-            event.event_id,
-            event.execution_id,
-        )
+        log.info("Resumed %s: ModelRoute webhook %s says its execution ended", route, event.event_id)
         return RESUMED
     if ti.state == TaskInstanceState.RUNNING and not ti.next_method:
         _store_xcom(session, event.done_event(), route)  # the early-event race: its trigger reads this
@@ -379,23 +309,22 @@ def _apply(session: Any, event: WebhookEvent, route: TaskRoute | None, grace: fl
     return "ignored: the task is not waiting"
 
 
-def _find_waiting(session: Any, execution_id: str) -> TaskRoute | None:
+def _find_waiting(session: Any, execution_id: str) -> mode.TaskRoute | None:
     """The task that waits for an execution, by the marker XCom it pushed (one indexed lookup)."""
     from airflow.models.xcom import XComModel
     from sqlalchemy import select
 
     row = session.execute(
         select(XComModel.dag_id, XComModel.run_id, XComModel.task_id, XComModel.map_index)
-        .where(XComModel.key == waiting_xcom_key(execution_id))
+        .where(XComModel.key == mode.waiting_xcom_key(execution_id))
         .limit(1)
     ).first()
-    return TaskRoute(row.dag_id, row.run_id, row.task_id, row.map_index) if row is not None else None
+    return mode.TaskRoute(row.dag_id, row.run_id, row.task_id, row.map_index) if row is not None else None
 
 
-def _store_xcom(session: Any, value: Any, route: TaskRoute) -> None:
+def _store_xcom(session: Any, value: Any, route: mode.TaskRoute) -> None:
     """Store the task's event XCom from the api-server as the execution API stores a worker's: in the
     XCom backend's serialized form, so that ``XCom.get_one`` in the trigger reads back ``value``."""
-    import dataclasses
     import inspect
 
     from airflow.models.dagrun import DagRun
@@ -404,19 +333,15 @@ def _store_xcom(session: Any, value: Any, route: TaskRoute) -> None:
     from sqlalchemy import delete, select
 
     ids = dataclasses.asdict(route)
-    stored = XCom.serialize_value(value, key=EVENT_XCOM_KEY, **ids)
+    stored = XCom.serialize_value(value, key=mode.EVENT_XCOM_KEY, **ids)
     if "serialize" in inspect.signature(XComModel.set).parameters:  # Airflow 3.2+
-        XComModel.set(key=EVENT_XCOM_KEY, value=stored, serialize=False, session=session, **ids)
+        XComModel.set(key=mode.EVENT_XCOM_KEY, value=stored, serialize=False, session=session, **ids)
         return
     # Airflow 3.1's XComModel.set would serialize again: do what its execution API's set_xcom does
     model: Any = XComModel
-    session.execute(
-        delete(model).where(model.key == EVENT_XCOM_KEY, *(getattr(model, k) == v for k, v in ids.items()))
-    )
-    dag_run_id = session.scalar(
-        select(DagRun.id).where(DagRun.dag_id == route.dag_id, DagRun.run_id == route.run_id)
-    )
-    session.add(model(dag_run_id=dag_run_id, key=EVENT_XCOM_KEY, value=stored, **ids))
+    session.execute(delete(model).filter_by(key=mode.EVENT_XCOM_KEY, **ids))
+    dag_run_id = session.scalar(select(DagRun.id).filter_by(dag_id=route.dag_id, run_id=route.run_id))
+    session.add(model(dag_run_id=dag_run_id, key=mode.EVENT_XCOM_KEY, value=stored, **ids))
     session.flush()
 
 
@@ -454,7 +379,7 @@ class ModelRouteWebhooksPlugin(AirflowPlugin):
 
     name = "modelroute_webhooks"
     fastapi_apps = (
-        [{"app": LazyReceiver(), "url_prefix": URL_PREFIX, "name": "ModelRoute webhook receiver"}]
+        [{"app": LazyReceiver(), "url_prefix": mode.URL_PREFIX, "name": "ModelRoute webhook receiver"}]
         if AIRFLOW_V_3_1_PLUS
         else []
     )

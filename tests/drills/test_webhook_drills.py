@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS
-from airflow_provider_modelroute.webhooks.receiver import sign
+from airflow_provider_modelroute.webhooks.mode import sign
 from tests.drills.harness import PYTHON, AirflowStack, DrillError, wait_for
 
 pytestmark = [
