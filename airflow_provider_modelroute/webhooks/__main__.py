@@ -94,28 +94,21 @@ def _say_where_to_add(conn_id: str, extras: dict[str, str], say: Say) -> None:
     """Setup cannot write this connection: say which extras to add, where, and what to restart."""
     variable = f"AIRFLOW_CONN_{conn_id.upper()}"
     if variable in os.environ:
-        say(
-            f"Connection {conn_id!r} comes from the environment variable {variable}, which setup cannot "
-            f'change. Add these two extras to it (to its JSON form\'s "extra", or as URL-encoded query '
+        where = (
+            f'the environment variable {variable} (its JSON form\'s "extra", or URL-encoded query '
             "parameters of its URI form) wherever Airflow's processes get it: the api-server (the "
-            "receiver), the scheduler or workers, and the triggerer. The secret is shown only this once:"
+            "receiver), the scheduler or workers, and the triggerer"
         )
-        say(json.dumps(extras))
-        say(
-            "Then restart those processes (a running process keeps the environment it started with; until "
-            "the api-server restarts, the receiver answers 404), and check the receiver with:\n"
-            f"    {PROG} --conn-id {conn_id} test"
+        then = (
+            "restart those processes: a running process keeps the environment it started with (until the "
+            "api-server restarts, the receiver answers 404)"
         )
-        return
-    say(
-        f"Connection {conn_id!r} is not in Airflow's metadata DB (a secrets backend?): add these two "
-        "extras to it there. The secret is shown only this once:"
-    )
+    else:  # neither the environment nor the metadata DB: a secrets backend
+        where = f"connection {conn_id!r} in your secrets backend"
+        then = "nothing to restart, unless your secrets backend caches connections"
+    say(f"Add these two extras to {where}. The secret is shown only this once:")
     say(json.dumps(extras))
-    say(
-        "Airflow reads the connection when it uses it: nothing to restart unless your secrets backend "
-        f"caches connections. Then check the receiver with:\n    {PROG} --conn-id {conn_id} test"
-    )
+    say(f"Then {then}. Check the receiver with:\n    {PROG} --conn-id {conn_id} test")
 
 
 def check_receiver(hook: Any, conn_id: str, say: Say = print, wait: float = 30.0) -> bool:
@@ -151,11 +144,8 @@ def check_receiver(hook: Any, conn_id: str, say: Say = print, wait: float = 30.0
         outcome = str(answer.json().get("outcome", ""))
     except ValueError:
         outcome = ""
-    accepted = answer.ok
     say(_explain(answer.status_code, outcome, conn_id, url))
-    if accepted:
-        accepted = _modelroute_test_delivery(hook, url, wait, say)
-    return accepted
+    return answer.ok and _modelroute_test_delivery(hook, url, wait, say)
 
 
 def _explain(status: int, outcome: str, conn_id: str, url: str) -> str:
@@ -184,26 +174,31 @@ def _explain(status: int, outcome: str, conn_id: str, url: str) -> str:
 
 
 def _modelroute_test_delivery(hook: Any, url: str, wait: float, say: Say) -> bool:
-    """Have ModelRoute send its test delivery to the endpoint registered for ``url``; report the result."""
-    endpoint_id = next((e.get("id") for e in hook.list_webhook_endpoints() if e.get("url") == url), None)
-    if endpoint_id is None:
+    """Have ModelRoute send its test delivery to the endpoint registered for ``url``; report how the
+    receiver answered it, by the endpoint's ``last_success`` and ``failure_count``."""
+
+    def endpoint() -> dict[str, Any]:
+        return next((e for e in hook.list_webhook_endpoints() if e.get("url") == url), {})
+
+    before = endpoint()
+    if not before:
         say(f"No ModelRoute webhook endpoint is registered for {url}: run `{PROG} setup`.")
         return False
-    hook.test_webhook_endpoint(str(endpoint_id))
+    hook.test_webhook_endpoint(str(before["id"]))
     deadline = time.monotonic() + wait
-    while True:
-        found = [e for e in hook.list_webhook_endpoints() if e.get("id") == endpoint_id]
-        endpoint: dict[str, Any] = found[0] if found else {}
-        if endpoint.get("last_success"):
-            say(f"ModelRoute's test delivery to {endpoint_id} got a 2xx from the receiver.")
+    while time.monotonic() < deadline:
+        now = endpoint()
+        if now.get("last_success") and now.get("last_success") != before.get("last_success"):
+            say(f"ModelRoute's test delivery to {before['id']} got a 2xx from the receiver.")
             return True
-        if endpoint.get("failure_count") or time.monotonic() > deadline:
-            say(
-                f"ModelRoute's test delivery to {endpoint_id} did not get a 2xx: ModelRoute cannot reach "
-                f"{url} (check the public URL, TLS and firewalls). Deferred waits still end by polling."
-            )
-            return False
+        if (now.get("failure_count") or 0) > (before.get("failure_count") or 0):
+            break
         time.sleep(1.0)
+    say(
+        f"ModelRoute's test delivery to {before['id']} did not get a 2xx: check that ModelRoute can reach "
+        f"{url} (DNS, TLS, firewalls). Deferred waits still end by polling meanwhile."
+    )
+    return False
 
 
 # -- the connection in the metadata DB ------------------------------------------------------------------
