@@ -154,10 +154,12 @@ def _explain(status: int, outcome: str, conn_id: str, url: str) -> str:
     if 200 <= status < 300:
         return f"{answered}: it verified a delivery signed with connection {conn_id!r}'s {SECRET_EXTRA}."
     if status == 404 and outcome:
+        from airflow_provider_modelroute.webhooks.receiver import SECRET_CACHE_SECONDS
+
         return (
-            f"{answered}: the api-server does not see a {SECRET_EXTRA} in connection {conn_id!r}. Add the "
-            "extras where the api-server gets the connection; after changing an environment variable, "
-            "restart the api-server."
+            f"{answered}: the api-server does not see a {SECRET_EXTRA} in connection {conn_id!r} (it reads "
+            f"the connection again after {SECRET_CACHE_SECONDS:.0f} s). Add the extras where the api-server "
+            "gets the connection; after changing an environment variable, restart the api-server."
         )
     if status == 404:
         return (
