@@ -149,19 +149,32 @@ def _listening_socket() -> socket.socket:
     return sock
 
 
+def mounted_receiver() -> Any:
+    """The plugin's apps mounted on a bare root app, as the api-server mounts them (uvicorn's factory)."""
+    from fastapi import FastAPI
+
+    from airflow_provider_modelroute.webhooks.receiver import ModelRouteWebhooksPlugin
+
+    root = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    for spec in ModelRouteWebhooksPlugin.fastapi_apps:
+        root.mount(spec["url_prefix"], spec["app"])
+    return root
+
+
 @contextlib.contextmanager
 def _receiver(sock: socket.socket, env: dict[str, str]) -> Iterator[None]:
     """The receiver app in its own process, serving ``sock``, as the api-server serves it."""
     import httpx
 
-    app = "airflow_provider_modelroute.webhooks.receiver:mounted_app"
     process = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "uvicorn",
             "--factory",
-            app,
+            "bench_webhooks:mounted_receiver",
+            "--app-dir",
+            os.path.dirname(os.path.abspath(__file__)),
             "--fd",
             str(sock.fileno()),
             "--log-level",
@@ -212,7 +225,7 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
     conn = json.loads(cfg["airflow_conn"])
     from airflow_provider_modelroute.testing import RemoteModelRouteServer
     from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
-    from airflow_provider_modelroute.webhooks import routing
+    from airflow_provider_modelroute.webhooks.mode import TaskRoute, receiver_url
 
     remote = RemoteModelRouteServer(cfg["admin_url"])
     remote.reset()
@@ -224,20 +237,18 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         if mode == "webhooks":
             tis = _deferred_task_instances(n)
             sock = stack.enter_context(_listening_socket())
-            receiver_url = routing.receiver_url(f"http://127.0.0.1:{sock.getsockname()[1]}", CONN_ID)
-            secret = _register(cfg, receiver_url)  # as the setup CLI does; the secret signs deliveries
+            receiver = receiver_url(f"http://127.0.0.1:{sock.getsockname()[1]}", CONN_ID)
+            secret = _register(cfg, receiver)  # as the setup CLI does; the secret signs deliveries
             extras = {
                 "webhook_secret": secret,
-                "webhook_receiver_url": receiver_url,
+                "webhook_receiver_url": receiver,
                 "webhook_poll_interval": 600,
             }
             conn["extra"].update(extras)
             os.environ[f"AIRFLOW_CONN_{CONN_ID.upper()}"] = json.dumps(conn)
             stack.enter_context(_receiver(sock, dict(os.environ)))
-            routes = [dataclasses.asdict(routing.TaskRoute.of(ti)) for ti in tis]
-            urls = [
-                routing.execution_webhook_url(receiver_url, secret, routing.TaskRoute(**r)) for r in routes
-            ]
+            routes = [dataclasses.asdict(TaskRoute.of(ti)) for ti in tis]
+            urls = [TaskRoute(**r).webhook_url(receiver, secret) for r in routes]
         else:
             os.environ[f"AIRFLOW_CONN_{CONN_ID.upper()}"] = json.dumps(conn)
         logging.disable(logging.CRITICAL)

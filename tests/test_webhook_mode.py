@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import time
 from typing import Any
@@ -9,15 +11,15 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from airflow_provider_modelroute._compat import WEBHOOK_RECEIVER_SUPPORTED, AirflowFailException
+from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS, AirflowFailException, BaseOperator
 from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
 from airflow_provider_modelroute.sensors.modelroute import ModelRouteExecutionSensor
 from airflow_provider_modelroute.testing import ModelRouteServer
-from airflow_provider_modelroute.webhooks import routing, signing
+from airflow_provider_modelroute.webhooks import mode, receiver
 from tests.conftest import connection_json, make_dag, run_dag, task_instance, task_states, xcom
 
 pytestmark = pytest.mark.skipif(
-    not WEBHOOK_RECEIVER_SUPPORTED, reason="webhook mode needs the api-server plugin app (Airflow 3.1+)"
+    not AIRFLOW_V_3_1_PLUS, reason="webhook mode needs the api-server plugin app (Airflow 3.1+)"
 )
 
 SECRET = "whsec_mode_test_" + "cd" * 16
@@ -28,18 +30,33 @@ STATUS_READS = "GET /v1/executions/{id}"
 @pytest.fixture
 def webhook_server(server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch) -> ModelRouteServer:
     """``modelroute_default`` in webhook mode, with a 1 s safety net so that dag.test() ends quickly."""
-    from airflow_provider_modelroute.webhooks import receiver
-
     extras = {"webhook_secret": SECRET, "webhook_receiver_url": RECEIVER, "webhook_poll_interval": 1}
     monkeypatch.setenv("AIRFLOW_CONN_MODELROUTE_DEFAULT", connection_json(server, **extras))
-    receiver._secrets.clear()
-    receiver.seen_events.__init__()  # type: ignore[misc]
+    monkeypatch.setattr(receiver, "secret_cache", receiver.ExpiringCache(8, 30.0))
+    monkeypatch.setattr(receiver, "seen_events", receiver.ExpiringCache(8, 3600.0))
     return server
 
 
-def route_of(url: str) -> tuple[routing.TaskRoute, str]:
+def route_of(url: str) -> tuple[mode.TaskRoute, str]:
     query = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
-    return routing.TaskRoute.decode(query["route"]), query["token"]
+    return mode.TaskRoute.decode(query["route"]), query["token"]
+
+
+def deliver(server: ModelRouteServer, execution_id: str, webhook_url: str) -> str:
+    """Sign the execution's completion as ModelRoute does, POST it to the real receiver app at
+    ``webhook_url``'s route, and return the receiver's outcome."""
+    from fastapi.testclient import TestClient
+
+    document = {k: v for k, v in server.execution(execution_id).items() if k != "input"}
+    body = json.dumps({"id": "evt_early", "type": "execution.completed", "data": document}).encode()
+    stamp = str(int(time.time()))
+    url = urlsplit(webhook_url)
+    answer = TestClient(receiver.create_app()).post(
+        f"{url.path.removeprefix(mode.URL_PREFIX)}?{url.query}",
+        content=body,
+        headers={"X-Signature": mode.sign(SECRET, stamp, body), "X-Signature-Timestamp": stamp},
+    )
+    return str(answer.json()["outcome"])
 
 
 class DeliveredEarly(ModelRouteExecuteOperator):
@@ -49,23 +66,32 @@ class DeliveredEarly(ModelRouteExecuteOperator):
     server: ModelRouteServer
 
     def submit(self, context: Any) -> dict[str, Any]:
-        from fastapi.testclient import TestClient
-
-        from airflow_provider_modelroute.webhooks.receiver import app
-
         execution = super().submit(context)
-        self.server.set_execution_status(str(execution["id"]), "COMPLETED")
-        document = {k: v for k, v in self.server.execution(str(execution["id"])).items() if k != "input"}
-        body = json.dumps({"id": "evt_early", "type": "execution.completed", "data": document}).encode()
-        stamp = str(int(time.time()))
-        path = urlsplit(self.server.execution(str(execution["id"]))["webhook_url"])
-        answer = TestClient(app).post(
-            f"{path.path.removeprefix(routing.URL_PREFIX)}?{path.query}",
-            content=body,
-            headers={"X-Signature": signing.sign(SECRET, stamp, body), "X-Signature-Timestamp": stamp},
-        )
-        assert answer.json()["outcome"].startswith("recorded"), answer.text
+        execution_id = str(execution["id"])
+        self.server.set_execution_status(execution_id, "COMPLETED")
+        outcome = deliver(self.server, execution_id, self.server.execution(execution_id)["webhook_url"])
+        assert outcome.startswith("recorded"), outcome
         return execution
+
+
+class StoppedAfterItsWebhook(BaseOperator):
+    """Plays the triggerer for a task the receiver resumed: the real receiver records the execution's
+    end for this task, then Airflow stops the task's trigger through ``on_kill``."""
+
+    server: ModelRouteServer
+
+    def execute(self, context: Any) -> None:
+        from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+        from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
+
+        execution_id = str(ModelRouteHook().create_execution("test-image", {"prompt": "resume"})["id"])
+        self.server.set_execution_status(execution_id, "COMPLETED")
+        route = mode.TaskRoute.of(context["ti"])
+        assert deliver(self.server, execution_id, route.webhook_url(RECEIVER, SECRET)).startswith("recorded")
+        trigger = ModelRouteExecutionTrigger(
+            execution_id, poll_interval=600, webhook_route=dataclasses.asdict(route), cancel_on_kill=True
+        )
+        asyncio.run(trigger.on_kill())
 
 
 def test_an_event_before_the_task_defers_completes_it_with_no_status_read(
@@ -90,8 +116,27 @@ def test_an_event_before_the_task_defers_completes_it_with_no_status_read(
     assert webhook_server.stats()["requests"].get(STATUS_READS, 0) == 0, "no ModelRoute status read at all"
     ti = task_instance(dag_run, "generate")
     route, token = route_of(webhook_server.execution(execution_id)["webhook_url"])
-    assert route == routing.TaskRoute.of(ti) and routing.token_matches(SECRET, route.encode(), token)
-    assert xcom(dag_run, "generate", routing.waiting_xcom_key(execution_id)) == execution_id
+    assert route == mode.TaskRoute.of(ti) and mode.token_matches(SECRET, route.encode(), token)
+    assert xcom(dag_run, "generate", mode.waiting_xcom_key(execution_id)) == execution_id
+
+
+def test_a_trigger_stopped_after_its_webhook_says_the_task_resumed_and_cancels_nothing(
+    airflow_db: None, webhook_server: ModelRouteServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    StoppedAfterItsWebhook.server = webhook_server
+    dag = make_dag("webhook_mode_resume_log")
+    with dag:
+        StoppedAfterItsWebhook(task_id="generate")
+    dag_run = run_dag(dag)
+
+    assert task_states(dag_run) == {"generate": "success"}
+    [execution_id] = webhook_server.execution_ids()
+    logs = capsys.readouterr().out
+    assert (
+        f"ModelRoute execution {execution_id} ended (COMPLETED) and the task resumed from its webhook "
+        "(event evt_early): this wait is over, nothing was cancelled" in logs
+    ), logs[-3000:]
+    assert webhook_server.stats()["cancels"] == {}
 
 
 def test_without_a_delivery_the_safety_net_polls_slowly(
@@ -134,7 +179,7 @@ def test_the_sensor_announces_its_wait_and_polls_slowly(
     dag_run = run_dag(dag)
 
     assert task_states(dag_run) == {"wait": "success"}
-    assert xcom(dag_run, "wait", routing.waiting_xcom_key(execution_id)) == execution_id
+    assert xcom(dag_run, "wait", mode.waiting_xcom_key(execution_id)) == execution_id
     # the first poke, then a look every 0.75-1.25 s (not every 0.05 s) until it ends; a loaded
     # machine may start the task late, so only an upper bound (polling every 0.05 s: ~80 reads)
     assert 1 <= webhook_server.stats()["requests"][STATUS_READS] <= 7

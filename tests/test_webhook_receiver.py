@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_modelroute._compat import WEBHOOK_RECEIVER_SUPPORTED
+from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS
 from airflow_provider_modelroute.testing import ModelRouteServer
-from airflow_provider_modelroute.webhooks import routing, signing
+from airflow_provider_modelroute.webhooks import mode, receiver
 from tests.conftest import connection_json, make_dag, run_dag, task_instance
 
 pytestmark = pytest.mark.skipif(
-    not WEBHOOK_RECEIVER_SUPPORTED, reason="the receiver is an api-server plugin app (Airflow 3.1+)"
+    not AIRFLOW_V_3_1_PLUS, reason="the receiver is an api-server plugin app (Airflow 3.1+)"
 )
 
 SECRET = "whsec_receiver_test_" + "ab" * 16
@@ -46,14 +46,12 @@ def client() -> Iterator[Any]:
 @pytest.fixture
 def hooked(server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch) -> ModelRouteServer:
     """A connection with a webhook secret (the receiver looks it up by the id in its path)."""
-    from airflow_provider_modelroute.webhooks import receiver
-
     monkeypatch.setenv(
         f"AIRFLOW_CONN_{CONN_ID.upper()}",
         connection_json(server, webhook_secret=SECRET, webhook_receiver_url="https://airflow.example/x"),
     )
-    receiver.seen_events.__init__()  # type: ignore[misc]
-    receiver._secrets.clear()
+    monkeypatch.setattr(receiver, "seen_events", receiver.ExpiringCache(8, 3600.0))
+    monkeypatch.setattr(receiver, "secret_cache", receiver.ExpiringCache(8, 30.0))
     return server
 
 
@@ -109,7 +107,7 @@ def db_state(ti: Any) -> SimpleNamespace:
         state=state,
         event=event,
         trigger_id=trigger_id,
-        recorded=xcom(run, ti.task_id, routing.EVENT_XCOM_KEY),
+        recorded=xcom(run, ti.task_id, mode.EVENT_XCOM_KEY),
     )
 
 
@@ -148,19 +146,19 @@ def post(
     client: Any,
     body: bytes,
     *,
-    route: routing.TaskRoute | None = None,
+    route: mode.TaskRoute | None = None,
     secret: str = SECRET,
     timestamp: int | None = None,
     token: str | None = None,
     conn_id: str = CONN_ID,
 ) -> Any:
     sent = int(time.time()) if timestamp is None else timestamp
-    receiver = routing.receiver_url("http://testserver", conn_id)
-    url = routing.execution_webhook_url(receiver, SECRET, route) if route else receiver
+    base = mode.receiver_url("http://testserver", conn_id)
+    url = route.webhook_url(base, SECRET) if route else base
     if token is not None:
         url = url.rsplit("token=", 1)[0] + f"token={token}"
     headers = {
-        "X-Signature": signing.sign(secret, sent, body),
+        "X-Signature": mode.sign(secret, sent, body),
         "X-Signature-Timestamp": str(sent),
         "Content-Type": "application/json",
         "User-Agent": "ModelRoute-Webhooks/1.0",
@@ -176,7 +174,7 @@ def test_a_signed_delivery_resumes_the_deferred_task_without_api_calls(
     set_state(ti, "deferred", execution_id)
     before = hooked.stats()["requests"]
 
-    answer = post(client, delivery(hooked, execution_id, shape=shape), route=routing.TaskRoute.of(ti))
+    answer = post(client, delivery(hooked, execution_id, shape=shape), route=mode.TaskRoute.of(ti))
 
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"outcome": "resumed"}
@@ -204,7 +202,7 @@ def test_forged_stale_or_misrouted_deliveries_are_refused_and_resume_nothing(
 ) -> None:
     ti, execution_id = completed_task(airflow_db, hooked, "forged")
     set_state(ti, "deferred", execution_id)
-    route = routing.TaskRoute.of(ti)
+    route = mode.TaskRoute.of(ti)
     body = delivery(hooked, execution_id)
     caplog.set_level(logging.DEBUG)
 
@@ -212,7 +210,7 @@ def test_forged_stale_or_misrouted_deliveries_are_refused_and_resume_nothing(
     forged = post(client, body, route=route, secret="whsec_guessed", timestamp=now)
     stale = post(client, body, route=route, timestamp=now - 301)
     wrong_token = post(client, body, route=route, token="00" * 32, timestamp=now)
-    other_task = post(client, body, route=routing.TaskRoute(ti.dag_id, ti.run_id, "other"), token="00" * 32)
+    other_task = post(client, body, route=mode.TaskRoute(ti.dag_id, ti.run_id, "other"), token="00" * 32)
     unknown_conn = post(client, body, route=route, conn_id="modelroute_default")
     oversized = post(client, b" " * (300 * 1024) + body, route=route)
 
@@ -224,21 +222,19 @@ def test_forged_stale_or_misrouted_deliveries_are_refused_and_resume_nothing(
     assert caplog.text.count("refused") >= 4, "the refusals were not logged"
     for secret, sent in ((SECRET, now), ("whsec_guessed", now), (SECRET, now - 301)):
         assert secret not in caplog.text
-        assert signing.sign(secret, sent, body) not in caplog.text
+        assert mode.sign(secret, sent, body) not in caplog.text
 
 
 def test_a_duplicated_delivery_is_a_no_op_even_on_another_replica(
-    airflow_db: None, hooked: ModelRouteServer, client: Any
+    airflow_db: None, hooked: ModelRouteServer, client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from airflow_provider_modelroute.webhooks import receiver
-
     ti, execution_id = completed_task(airflow_db, hooked, "duplicate")
     set_state(ti, "deferred", execution_id)
-    route, body = routing.TaskRoute.of(ti), delivery(hooked, execution_id)
+    route, body = mode.TaskRoute.of(ti), delivery(hooked, execution_id)
 
     first = post(client, body, route=route)
     again = post(client, body, route=route)
-    receiver.seen_events.__init__()  # type: ignore[misc]  # a replica that has not seen it
+    monkeypatch.setattr(receiver, "seen_events", receiver.ExpiringCache(8, 3600.0))  # another replica
     elsewhere = post(client, body, route=route)
 
     assert first.json() == {"outcome": "resumed"}
@@ -253,7 +249,7 @@ def test_an_event_before_the_task_defers_is_recorded_for_its_trigger(
     ti, execution_id = completed_task(airflow_db, hooked, "early")
     set_state(ti, "running")
 
-    answer = post(client, delivery(hooked, execution_id), route=routing.TaskRoute.of(ti))
+    answer = post(client, delivery(hooked, execution_id), route=mode.TaskRoute.of(ti))
 
     assert answer.status_code == 200 and answer.json()["outcome"].startswith("recorded")
     after = db_state(ti)
@@ -277,12 +273,10 @@ def test_unknown_executions_and_non_final_events_get_a_quick_2xx(
 
     answers = [
         post(client, delivery(hooked, execution_id, event_id="evt_org")),  # org-wide, no marker: unknown
-        post(client, json.dumps(started).encode(), route=routing.TaskRoute.of(ti)),
-        post(client, json.dumps(unknown_type).encode(), route=routing.TaskRoute.of(ti)),
-        post(client, not_json, route=routing.TaskRoute.of(ti)),
-        post(
-            client, delivery(hooked, other, event_id="evt_o"), route=routing.TaskRoute(ti.dag_id, "nope", "x")
-        ),
+        post(client, json.dumps(started).encode(), route=mode.TaskRoute.of(ti)),
+        post(client, json.dumps(unknown_type).encode(), route=mode.TaskRoute.of(ti)),
+        post(client, not_json, route=mode.TaskRoute.of(ti)),
+        post(client, delivery(hooked, other, event_id="evt_o"), route=mode.TaskRoute(ti.dag_id, "nope", "x")),
     ]
 
     assert [a.status_code for a in answers] == [200] * len(answers)
@@ -300,7 +294,7 @@ def test_an_organisation_wide_delivery_is_routed_by_the_waiting_marker(
     set_state(ti, "deferred", execution_id)
     with create_session() as session:
         XComModel.set(
-            key=routing.waiting_xcom_key(execution_id),
+            key=mode.waiting_xcom_key(execution_id),
             value=execution_id,
             dag_id=ti.dag_id,
             task_id=ti.task_id,
@@ -319,14 +313,12 @@ def test_a_task_that_deferred_just_now_is_resumed_after_the_grace(
     airflow_db: None, hooked: ModelRouteServer, client: Any
 ) -> None:
     """Airflow 3.3.2 can fail a task resumed before the scheduler saw its deferring process end."""
-    from airflow_provider_modelroute.webhooks.receiver import RESUME_GRACE
-
     ti, execution_id = completed_task(airflow_db, hooked, "grace")
     set_state(ti, "deferred", execution_id, deferred_seconds_ago=0)
     started = time.monotonic()
-    answer = post(client, delivery(hooked, execution_id), route=routing.TaskRoute.of(ti))
+    answer = post(client, delivery(hooked, execution_id), route=mode.TaskRoute.of(ti))
     assert answer.json() == {"outcome": "resumed"}
-    assert time.monotonic() - started >= RESUME_GRACE * 0.9
+    assert time.monotonic() - started >= receiver.RESUME_GRACE * 0.9
     assert db_state(ti).state == "scheduled"
 
 
@@ -338,6 +330,6 @@ def test_an_unroutable_copy_of_an_event_does_not_shadow_the_routable_one(
     set_state(ti, "deferred", execution_id)
     body = delivery(hooked, execution_id)
     org_wide = post(client, body)  # no route, no waiting marker: cannot be routed
-    routed = post(client, body, route=routing.TaskRoute.of(ti))
+    routed = post(client, body, route=mode.TaskRoute.of(ti))
     assert org_wide.json()["outcome"].startswith("ignored")
     assert routed.json() == {"outcome": "resumed"}

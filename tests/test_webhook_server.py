@@ -13,7 +13,7 @@ import pytest
 from airflow_provider_modelroute.exceptions import ModelRouteApiError, ModelRouteConfigError
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.testing import ModelRouteServer
-from airflow_provider_modelroute.webhooks import events, signing
+from airflow_provider_modelroute.webhooks import mode, receiver
 from tests.webhook_capture import CaptureServer, Received, endpoints_cleared
 
 
@@ -25,8 +25,8 @@ def hooks(server: ModelRouteServer) -> Iterator[ModelRouteServer]:
 
 @pytest.fixture
 def capture() -> Iterator[CaptureServer]:
-    with CaptureServer() as receiver:
-        yield receiver
+    with CaptureServer() as capture_server:
+        yield capture_server
 
 
 def start(seconds: float = 0.2, webhook_url: str | None = None, **simulate: Any) -> str:
@@ -45,13 +45,13 @@ def types_of(received: list[Received], execution_id: str) -> list[str]:
     ]
 
 
-def verified(received: Received, secret: str) -> events.WebhookEvent:
+def verified(received: Received, secret: str) -> receiver.WebhookEvent:
     """The delivery's signature checks out with ``secret``; returns its parsed event."""
-    signing.verify(
+    mode.verify(
         secret, received.headers["X-Signature"], received.headers["X-Signature-Timestamp"], received.body
     )
     assert received.headers["User-Agent"] == "ModelRoute-Webhooks/1.0"
-    return events.parse_event(received.body)
+    return receiver.parse_event(received.body)
 
 
 def test_endpoints_api_through_the_hook(hooks: ModelRouteServer, capture: CaptureServer) -> None:
@@ -69,7 +69,7 @@ def test_endpoints_api_through_the_hook(hooks: ModelRouteServer, capture: Captur
     hook.update_webhook_endpoint(created["id"], is_active=True)
     hook.test_webhook_endpoint(created["id"])
     [test] = capture.wait_for("the test delivery", lambda r: len(r) == 1)
-    signing.verify(
+    mode.verify(
         created["secret"], test.headers["X-Signature"], test.headers["X-Signature-Timestamp"], test.body
     )
     hook.delete_webhook_endpoint(created["id"])
@@ -182,7 +182,7 @@ def test_faults_drop_duplicate_wrong_secret_delay_and_reorder(
     forged = start()
     received = capture.wait_for("started and a late completed", lambda r: len(types_of(r, forged)) == 2)
     started, completed = (r for r in received if types_of([r], forged))
-    with pytest.raises(signing.SignatureRejected):
+    with pytest.raises(mode.SignatureRejected):
         verified(started, endpoint["secret"])
     assert verified(completed, endpoint["secret"]).event_type == "execution.completed"
     _wait(lambda: len([d for d in webhooks.deliveries() if d["execution_id"] == forged]) == 2, "the log")

@@ -1,4 +1,4 @@
-"""The pure webhook core: signatures, both body shapes, deduplication, size cap, routes and tokens."""
+"""The webhook core: signatures, both body shapes, deduplication, routes and tokens, connection settings."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_modelroute.exceptions import ModelRouteConfigError
-from airflow_provider_modelroute.webhooks import config, events, routing, signing
+from airflow_provider_modelroute.webhooks import mode, receiver
 
 SECRET = "whsec_test_secret_0123456789"
 EXECUTION = {
@@ -49,9 +49,9 @@ def executions_page_body(
 
 def test_signature_accepts_what_was_signed_over_timestamp_and_raw_body() -> None:
     body, now = overview_body(), int(time.time())
-    signature = signing.sign(SECRET, now, body)
-    assert signing.verify(SECRET, signature, str(now), body) == now
-    assert signing.verify(SECRET, signature.upper(), f" {now} ", body, now=now + 299) == now
+    signature = mode.sign(SECRET, now, body)
+    assert mode.verify(SECRET, signature, str(now), body) == now
+    assert mode.verify(SECRET, signature.upper(), f" {now} ", body, now=now + 299) == now
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_signature_accepts_what_was_signed_over_timestamp_and_raw_body() -> None
 )
 def test_signature_rejects_anything_changed_or_missing(change: str) -> None:
     body, now = overview_body(), int(time.time())
-    signature, timestamp, secret, sent = signing.sign(SECRET, now, body), str(now), SECRET, body
+    signature, timestamp, secret, sent = mode.sign(SECRET, now, body), str(now), SECRET, body
     if change == "secret":
         secret = "whsec_another"
     elif change == "body":
@@ -73,8 +73,8 @@ def test_signature_rejects_anything_changed_or_missing(change: str) -> None:
         timestamp = ""
     else:
         timestamp = "yesterday"
-    with pytest.raises(signing.SignatureRejected) as caught:
-        signing.verify(secret, signature, timestamp, sent)
+    with pytest.raises(mode.SignatureRejected) as caught:
+        mode.verify(secret, signature, timestamp, sent)
     assert SECRET not in str(caught.value)
     assert not signature or signature not in str(caught.value)
 
@@ -82,9 +82,9 @@ def test_signature_rejects_anything_changed_or_missing(change: str) -> None:
 @pytest.mark.parametrize("skew", [-301, 301, 3600])
 def test_stale_or_future_timestamp_is_rejected_even_with_a_valid_signature(skew: int) -> None:
     body, now = overview_body(), int(time.time())
-    signature = signing.sign(SECRET, now, body)
-    with pytest.raises(signing.SignatureRejected, match="300 s"):
-        signing.verify(SECRET, signature, str(now), body, now=now + skew)
+    signature = mode.sign(SECRET, now, body)
+    with pytest.raises(mode.SignatureRejected, match="300 s"):
+        mode.verify(SECRET, signature, str(now), body, now=now + skew)
 
 
 # -- body shapes ------------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def test_stale_or_future_timestamp_is_rejected_even_with_a_valid_signature(skew:
     "body", [overview_body(), executions_page_body()], ids=["overview", "executions-page"]
 )
 def test_both_documented_shapes_parse_into_the_same_record(body: bytes) -> None:
-    event = events.parse_event(body)
+    event = receiver.parse_event(body)
     assert event.event_type == "execution.completed"
     assert event.execution_id == EXECUTION["id"]
     assert event.is_terminal
@@ -107,9 +107,9 @@ def test_both_documented_shapes_parse_into_the_same_record(body: bytes) -> None:
 
 def test_terminal_event_without_status_takes_it_from_the_event_type() -> None:
     bare = {"id": EXECUTION["id"]}
-    event = events.parse_event(executions_page_body(bare, "execution.failed"))
+    event = receiver.parse_event(executions_page_body(bare, "execution.failed"))
     assert event.execution["status"] == "FAILED" and event.is_terminal
-    started = events.parse_event(overview_body({**bare, "status": "PROCESSING"}, "execution.started"))
+    started = receiver.parse_event(overview_body({**bare, "status": "PROCESSING"}, "execution.started"))
     assert not started.is_terminal
 
 
@@ -125,78 +125,72 @@ def test_terminal_event_without_status_takes_it_from_the_event_type() -> None:
     ],
 )
 def test_malformed_events_are_refused(document: Any) -> None:
-    with pytest.raises(events.MalformedEvent):
-        events.parse_event(json.dumps(document).encode())
-
-
-def test_oversized_body_is_refused_before_parsing() -> None:
-    padding = {**EXECUTION, "metadata": {"pad": "x" * events.MAX_BODY_BYTES}}
-    with pytest.raises(events.MalformedEvent, match="larger than"):
-        events.parse_event(overview_body(padding))
+    with pytest.raises(receiver.MalformedEvent):
+        receiver.parse_event(json.dumps(document).encode())
 
 
 def test_duplicate_event_ids_are_recognised_until_they_expire() -> None:
-    seen = events.SeenEvents(max_entries=2, ttl=3600)
-    assert "evt_1" not in seen
-    seen.add("evt_1")
-    assert "evt_1" in seen
-    seen.add("evt_2")
-    seen.add("evt_3")  # over max_entries: the oldest goes
-    assert "evt_1" not in seen and "evt_2" in seen and "evt_3" in seen
-    expired = events.SeenEvents(ttl=0)
-    expired.add("evt_1")
-    assert "evt_1" not in expired
+    seen = receiver.ExpiringCache(max_entries=2, ttl=3600)
+    assert not seen.get("evt_1")
+    seen.put("evt_1")
+    assert seen.get("evt_1")
+    seen.put("evt_2")
+    seen.put("evt_3")  # over max_entries: the oldest goes
+    assert not seen.get("evt_1") and seen.get("evt_2") and seen.get("evt_3")
+    expired = receiver.ExpiringCache(max_entries=2, ttl=0)
+    expired.put("evt_1")
+    assert not expired.get("evt_1")
 
 
 # -- routes and tokens ------------------------------------------------------------------------------
 
 
 def test_route_roundtrips_and_its_token_binds_it_to_the_secret() -> None:
-    route = routing.TaskRoute("dag", "manual__2026-01-01T00:00:00+00:00", "generate", 3)
+    route = mode.TaskRoute("dag", "manual__2026-01-01T00:00:00+00:00", "generate", 3)
     encoded = route.encode()
-    assert routing.TaskRoute.decode(encoded) == route
-    token = routing.route_token(SECRET, encoded)
-    assert routing.token_matches(SECRET, encoded, token)
-    assert not routing.token_matches("whsec_other", encoded, token)
-    other = routing.TaskRoute("dag", "manual__2026-01-01T00:00:00+00:00", "generate", 4).encode()
-    assert not routing.token_matches(SECRET, other, token)
-    assert not routing.token_matches(SECRET, encoded, None)
+    assert mode.TaskRoute.decode(encoded) == route
+    token = mode.route_token(SECRET, encoded)
+    assert mode.token_matches(SECRET, encoded, token)
+    assert not mode.token_matches("whsec_other", encoded, token)
+    other = mode.TaskRoute("dag", "manual__2026-01-01T00:00:00+00:00", "generate", 4).encode()
+    assert not mode.token_matches(SECRET, other, token)
+    assert not mode.token_matches(SECRET, encoded, None)
 
 
 @pytest.mark.parametrize("text", ["", "!!!", "bm90IGpzb24", "WzEsMiwzLDRd", "WyJhIiwiYiIsImMiLCJkIl0"])
 def test_routes_this_provider_did_not_write_are_refused(text: str) -> None:
-    with pytest.raises(routing.MalformedRoute):
-        routing.TaskRoute.decode(text)
+    with pytest.raises(mode.MalformedRoute):
+        mode.TaskRoute.decode(text)
 
 
 def test_execution_webhook_url_names_the_receiver_route_and_token() -> None:
     from urllib.parse import parse_qs, urlsplit
 
-    receiver = routing.receiver_url("https://airflow.example.com/", "modelroute default")
-    assert receiver == "https://airflow.example.com/modelroute/webhooks/modelroute%20default"
-    route = routing.TaskRoute("d", "r", "t")
-    url = routing.execution_webhook_url(receiver, SECRET, route)
+    receiver_url = mode.receiver_url("https://airflow.example.com/", "modelroute default")
+    assert receiver_url == "https://airflow.example.com/modelroute/webhooks/modelroute%20default"
+    route = mode.TaskRoute("d", "r", "t")
+    url = route.webhook_url(receiver_url, SECRET)
     parts = urlsplit(url)
     query = {k: v[0] for k, v in parse_qs(parts.query).items()}
-    assert url.startswith(receiver + "?")
-    assert routing.TaskRoute.decode(query["route"]) == route
-    assert routing.token_matches(SECRET, query["route"], query["token"])
+    assert url.startswith(receiver_url + "?")
+    assert mode.TaskRoute.decode(query["route"]) == route
+    assert mode.token_matches(SECRET, query["route"], query["token"])
     assert SECRET not in url
     with pytest.raises(ValueError, match="http"):
-        routing.receiver_url("airflow.example.com", "c")
+        mode.receiver_url("airflow.example.com", "c")
 
 
 # -- connection settings ----------------------------------------------------------------------------
 
 
 def test_webhook_mode_is_on_only_with_a_secret_and_a_receiver_url() -> None:
-    assert config.WebhookConfig.from_extras("c", {}) is None
-    on = config.WebhookConfig.from_extras(
+    assert mode.WebhookConfig.from_extras("c", {}) is None
+    on = mode.WebhookConfig.from_extras(
         "c", {"webhook_secret": SECRET, "webhook_receiver_url": "https://a.example/modelroute/webhooks/c/"}
     )
-    assert on is not None and on.poll_interval == config.DEFAULT_POLL_INTERVAL
+    assert on is not None and on.poll_interval == mode.DEFAULT_POLL_INTERVAL
     assert on.receiver_url == "https://a.example/modelroute/webhooks/c" and SECRET not in repr(on)
-    legacy = config.WebhookConfig.from_extras(
+    legacy = mode.WebhookConfig.from_extras(
         "c",
         {
             "extra__modelroute__webhook_secret": SECRET,
@@ -224,7 +218,7 @@ def test_webhook_mode_is_on_only_with_a_secret_and_a_receiver_url() -> None:
 )
 def test_half_configured_webhook_mode_names_the_field_to_fix(extras: dict[str, Any], names: str) -> None:
     with pytest.raises(ModelRouteConfigError, match=names) as caught:
-        config.WebhookConfig.from_extras("c", extras)
+        mode.WebhookConfig.from_extras("c", extras)
     assert SECRET not in str(caught.value)
 
 
@@ -238,9 +232,8 @@ def test_the_connection_form_masks_the_webhook_secret() -> None:
 
 def test_the_plugin_mounts_the_receiver_only_where_airflow_mounts_plugin_apps() -> None:
     from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS
-    from airflow_provider_modelroute.webhooks.plugin import ModelRouteWebhooksPlugin
 
-    apps = ModelRouteWebhooksPlugin.fastapi_apps
+    apps = receiver.ModelRouteWebhooksPlugin.fastapi_apps
     assert [a["url_prefix"] for a in apps] == (["/modelroute"] if AIRFLOW_V_3_1_PLUS else [])
 
 

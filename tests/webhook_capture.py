@@ -1,4 +1,5 @@
-"""A loopback HTTP receiver that records what the local server delivers (for the webhook tests)."""
+"""Loopback HTTP servers for the webhook tests: one that records what the local server delivers, and
+the receiver plugin's app served as the api-server mounts it."""
 
 from __future__ import annotations
 
@@ -67,6 +68,33 @@ class CaptureServer:
             if time.monotonic() > deadline:
                 raise AssertionError(f"Timed out after {timeout:.0f} s waiting for {what}; received {seen}")
             time.sleep(0.02)
+
+
+@contextmanager
+def served_receiver() -> Iterator[str]:
+    """The plugin's apps mounted at their prefixes on a loopback port (uvicorn); yields the base URL."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from airflow_provider_modelroute.webhooks.receiver import ModelRouteWebhooksPlugin
+
+    app = Starlette(
+        routes=[Mount(a["url_prefix"], app=a["app"]) for a in ModelRouteWebhooksPlugin.fastapi_apps]
+    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise AssertionError("the receiver did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from airflow_provider_modelroute._compat import mask_secret
 from airflow_provider_modelroute.exceptions import ModelRouteConfigError, ModelRouteError
-from airflow_provider_modelroute.webhooks.routing import is_loopback_url
+from airflow_provider_modelroute.webhooks.mode import is_loopback_url
 
 ENDPOINTS_PATH = "/webhooks/endpoints"
 _ENDPOINT_ID_RE = re.compile(r"wh_[A-Za-z0-9_-]{1,128}")

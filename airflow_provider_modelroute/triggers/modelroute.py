@@ -198,7 +198,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
 
     async def on_kill(self) -> None:
         """Cancel the execution when a user kills the deferred task (called by Airflow 3.3+)."""
-        if not self.cancel_on_kill or await self._ended_by_webhook():
+        if await self._ended_by_webhook() or not self.cancel_on_kill:
             return
         try:
             async with ModelRouteHook(self.modelroute_conn_id).async_client() as client:
@@ -215,16 +215,27 @@ class ModelRouteExecutionTrigger(BaseTrigger):
             self.log.info(
                 "The task was killed; ModelRoute execution %s had already finished", self.execution_id
             )
+        else:
+            self.log.info("The task was killed; cancelled ModelRoute execution %s", self.execution_id)
 
     async def _ended_by_webhook(self) -> bool:
-        """True when a webhook delivered this execution's end (a resume by the receiver also cancels us)."""
+        """True when a webhook delivered this execution's end: the receiver resumed the task, and
+        Airflow then stops this trigger through ``on_kill`` (it logs that as a user action)."""
         if self.webhook_route is None:
             return False
         from airflow_provider_modelroute.webhooks.mode import delivered_event
 
         try:
-            return await delivered_event(self.webhook_route, self.execution_id) is not None
+            delivered = await delivered_event(self.webhook_route, self.execution_id)
         except Exception:
             return False
-        else:
-            self.log.info("The task was killed; cancelled ModelRoute execution %s", self.execution_id)
+        if delivered is None:
+            return False
+        self.log.info(
+            "ModelRoute execution %s ended (%s) and the task resumed from its webhook (event %s): "
+            "this wait is over, nothing was cancelled",
+            self.execution_id,
+            delivered.get("execution", {}).get("status"),
+            delivered.get("webhook_event_id"),
+        )
+        return True

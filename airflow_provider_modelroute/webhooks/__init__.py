@@ -1,7 +1,6 @@
 """Webhook-driven completion: ModelRoute's deliveries end deferred waits; slow polling is the safety net.
 
-Pure parts (no Airflow server imports): ``signing`` (verify/sign), ``events`` (both body shapes),
-``routing`` (per-execution URLs and tokens), ``config`` (the connection's webhook extras). The
-receiver (``receiver``, an Airflow 3.1+ api-server plugin: ``plugin``) and the setup CLI
-(``python -m airflow_provider_modelroute.webhooks``) import Airflow's server side on use.
+``mode`` is what the operator, sensor and trigger use (settings, routes, the wait); ``receiver`` is
+the Airflow 3.1+ api-server plugin that verifies deliveries and resumes tasks; ``python -m
+airflow_provider_modelroute.webhooks`` registers the receiver with ModelRoute and checks it.
 """

@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS
-from airflow_provider_modelroute.webhooks import signing
+from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS, TRIGGER_ON_KILL_SUPPORTED
+from airflow_provider_modelroute.webhooks.mode import sign
 from tests.drills.harness import PYTHON, AirflowStack, DrillError, wait_for
 
 pytestmark = [
@@ -75,8 +75,11 @@ class WebhookStack(AirflowStack):
         )
         if setup.returncode != 0:
             raise DrillError(f"webhook setup failed: {setup.stderr[-2000:]}")
-        # An environment connection cannot be written: setup prints the extras to add (last line).
-        extras = json.loads(setup.stdout.strip().splitlines()[-1])
+        # An environment connection cannot be written: setup prints the extras to add (a JSON line)
+        # and says to restart the processes that read it (this stack starts them after this).
+        assert f"AIRFLOW_CONN_{CONN_ID.upper()}" in setup.stdout and "restart" in setup.stdout, setup.stdout
+        [line] = [line for line in setup.stdout.splitlines() if line.startswith("{")]
+        extras = json.loads(line)
         self.webhook_secret = extras["webhook_secret"]
         fast = {
             **extras,
@@ -199,7 +202,7 @@ def succeeded(stack: WebhookStack, dag_id: str, run_ids: list[str], timeout: flo
 
 def post_delivery(url: str, body: bytes, secret: str, timestamp: int) -> httpx.Response:
     stamp = str(timestamp)
-    headers = {"X-Signature": signing.sign(secret, stamp, body), "X-Signature-Timestamp": stamp}
+    headers = {"X-Signature": sign(secret, stamp, body), "X-Signature-Timestamp": stamp}
     return httpx.post(url, content=body, headers=headers, timeout=30)
 
 
@@ -232,6 +235,18 @@ def test_webhook_drill_1_a_delivery_ends_a_10_minute_wait_within_2_s(stack: Webh
             f"status reads despite webhooks: {stats['requests']}"
         )
         assert stats["cancels"] == {}, stats["cancels"]
+        if TRIGGER_ON_KILL_SUPPORTED:
+            # Airflow stops the trigger of a task resumed from outside through on_kill, and logs it as
+            # a user action; the trigger (if it had started) says what happened right after.
+            def explained() -> bool:
+                logs = ["".join(stack.task_logs(DAG_ID, r, "generate").values()) for r in run_ids]
+                return all(
+                    "invoking on_kill" not in text or "and the task resumed from its webhook" in text
+                    for text in logs
+                )
+
+            wait_for("the triggers to be stopped", lambda: triggers_left(stack) == 0, timeout=300)
+            wait_for("each stopped trigger to say the task resumed from its webhook", explained, timeout=60)
         shown = sorted(round(v, 2) for v in latencies.values())
         print(f"\nwebhook drill 1: delivery -> task resumed: {shown} s")
 
