@@ -61,12 +61,8 @@ if Version("2.11") > _AIRFLOW:
         "upgrade Airflow, or pin an older provider."
     )
 
-AIRFLOW_V_3_0_PLUS = Version("3.0") <= _AIRFLOW
-AIRFLOW_V_3_1_PLUS = Version("3.1") <= _AIRFLOW
-AIRFLOW_V_3_3_PLUS = Version("3.3") <= _AIRFLOW
-
-#: Airflow 3.3 calls ``BaseTrigger.on_kill`` when a deferred task is killed or times out.
-TRIGGER_ON_KILL_SUPPORTED = hasattr(BaseTrigger, "on_kill")
+#: The webhook receiver is an api-server plugin app (``fastapi_apps``): Airflow 3.1+.
+WEBHOOK_RECEIVER_SUPPORTED = Version("3.1") <= _AIRFLOW
 
 
 async def aget_connection(conn_id: str) -> Connection:
@@ -104,10 +100,7 @@ def object_storage_path(url: str, conn_id: str | None = None) -> Any:
     return ObjectStoragePath(url, conn_id=conn_id)
 
 
-# -- webhooks (issue 16): Airflow's server side, imported on use (only the api-server and triggerer) --
-
-#: The webhook receiver is an api-server plugin app (``fastapi_apps``): Airflow 3.1+.
-WEBHOOK_RECEIVER_SUPPORTED = AIRFLOW_V_3_1_PLUS
+# -- webhooks: Airflow's server side, imported on use (only the api-server and triggerer) --
 
 
 def airflow_plugin_base() -> type:
@@ -240,10 +233,6 @@ async def aget_xcom(*, key: str, dag_id: str, run_id: str, task_id: str, map_ind
 
 
 __all__ = [
-    "AIRFLOW_V_3_0_PLUS",
-    "AIRFLOW_V_3_1_PLUS",
-    "AIRFLOW_V_3_3_PLUS",
-    "TRIGGER_ON_KILL_SUPPORTED",
     "WEBHOOK_RECEIVER_SUPPORTED",
     "AirflowException",
     "AirflowFailException",

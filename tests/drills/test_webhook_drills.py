@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS
 from airflow_provider_modelroute.webhooks import signing
+from tests.airflow_versions import AIRFLOW_V_3_1_PLUS
 from tests.drills.harness import PYTHON, AirflowStack, DrillError, wait_for
 
 pytestmark = [
