@@ -167,11 +167,12 @@ def is_final_failure(error: dict[str, Any] | None) -> bool:
 _STATUS_HINTS = {
     401: ERROR_CODES["UNAUTHORIZED"].hint,
     403: ERROR_CODES["UNAUTHORIZED"].hint,
+    404: "check the execution or file id: ModelRoute does not know it, or it belongs to another organization",
     429: ERROR_CODES["RATE_LIMITED"].hint,
 }
 _REFUSED_HINT = (
-    "ModelRoute refused the request; if it names an execution, check the id: an execution that does "
-    "not exist, has expired or belongs to another organization is refused this way"
+    "ModelRoute refused the request; if it names an execution, check the id (an unknown or another "
+    "organization's execution may be refused with any 4xx)"
 )
 _SERVER_HINT = "a ModelRoute server error; retried automatically, retry later if it persists"
 
