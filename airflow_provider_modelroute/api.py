@@ -71,9 +71,12 @@ TERMINAL_STATUSES = frozenset(
 FAILED_STATUSES = TERMINAL_STATUSES - {ExecutionStatus.COMPLETED}
 
 
+_TERMINAL_VALUES = frozenset(s.value for s in TERMINAL_STATUSES)
+
+
 def is_terminal(status: str | None) -> bool:
     """ASSUMPTION: an unknown status is not terminal (the caller logs it once and keeps waiting)."""
-    return status in {s.value for s in TERMINAL_STATUSES}
+    return status in _TERMINAL_VALUES
 
 
 def is_known_status(status: str | None) -> bool:

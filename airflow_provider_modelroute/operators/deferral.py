@@ -55,21 +55,21 @@ def save_generation(context: Context, base: str, generation: int, execution_id: 
 
 
 def make_trigger(
-    task: Any,
     execution_id: str,
+    conn_id: str,
     *,
     poll_interval: float,
     deadline: float | None,
     webhook: WebhookWait | None,
     cancel_on_kill: bool = False,
 ) -> ModelRouteExecutionTrigger:
-    """The trigger that waits for ``execution_id`` for ``task``: polling, or in webhook mode."""
+    """The trigger that waits for ``execution_id``: polling every ``poll_interval``, or in webhook mode."""
     from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
 
     wait = webhook.trigger_kwargs() if webhook is not None else {"poll_interval": poll_interval}
     return ModelRouteExecutionTrigger(
         execution_id=execution_id,
-        modelroute_conn_id=task.modelroute_conn_id,
+        modelroute_conn_id=conn_id,
         deadline=deadline,
         cancel_on_kill=cancel_on_kill,
         **wait,

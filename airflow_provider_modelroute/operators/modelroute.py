@@ -245,8 +245,8 @@ class ModelRouteExecuteOperator(BaseOperator):
             raise_for_execution(execution)
             return self._result(context, api.execution_summary(execution))
         trigger = deferral.make_trigger(
-            self,
             execution_id,
+            self.modelroute_conn_id,
             poll_interval=self.poll_interval,
             deadline=self._deadline(context),
             webhook=self._webhook,

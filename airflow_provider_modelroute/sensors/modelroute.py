@@ -91,8 +91,8 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
             return first.xcom_value
         deadline = time.time() + float(self.timeout) if self.timeout else None
         trigger = deferral.make_trigger(
-            self,
             self.execution_id,
+            self.modelroute_conn_id,
             poll_interval=float(self.poke_interval),
             deadline=deadline,
             webhook=webhook,
