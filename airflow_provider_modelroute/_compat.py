@@ -61,8 +61,9 @@ if Version("2.11") > _AIRFLOW:
         "upgrade Airflow, or pin an older provider."
     )
 
+AIRFLOW_V_3_1_PLUS = Version("3.1") <= _AIRFLOW
 #: The webhook receiver is an api-server plugin app (``fastapi_apps``): Airflow 3.1+.
-WEBHOOK_RECEIVER_SUPPORTED = Version("3.1") <= _AIRFLOW
+WEBHOOK_RECEIVER_SUPPORTED = AIRFLOW_V_3_1_PLUS
 
 
 async def aget_connection(conn_id: str) -> Connection:
@@ -232,7 +233,16 @@ async def aget_xcom(*, key: str, dag_id: str, run_id: str, task_id: str, map_ind
     return await sync_to_async(XCom.get_one, thread_sensitive=False)(**ids)
 
 
+# -- Old names used only by tests, kept importable until the merge (tests/airflow_versions.py has them) --
+AIRFLOW_V_3_0_PLUS = Version("3.0") <= _AIRFLOW
+AIRFLOW_V_3_3_PLUS = Version("3.3") <= _AIRFLOW
+TRIGGER_ON_KILL_SUPPORTED = hasattr(BaseTrigger, "on_kill")
+
 __all__ = [
+    "AIRFLOW_V_3_0_PLUS",
+    "AIRFLOW_V_3_1_PLUS",
+    "AIRFLOW_V_3_3_PLUS",
+    "TRIGGER_ON_KILL_SUPPORTED",
     "WEBHOOK_RECEIVER_SUPPORTED",
     "AirflowException",
     "AirflowFailException",

@@ -361,7 +361,7 @@ def test_force_new_execution(server: ModelRouteServer, request: pytest.FixtureRe
     [
         ({"model": "no-such-model"}, "INPUT_VALIDATION_ERROR"),
         ({"input": {"prompt": ""}}, "input.prompt"),
-        ({"input": "{{ 'not a dict' }}"}, "input must be a JSON object (dict)"),
+        ({"input": "{{ 'not a dict' }}"}, "input must be a dict"),
     ],
 )
 def test_bad_input_fails_at_once_without_retrying(

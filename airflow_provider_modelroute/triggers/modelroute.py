@@ -133,7 +133,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         try:
             return await delivered_event(self.webhook_route, self.execution_id)
         except Exception as exc:  # the safety net still ends the wait
-            self.log.warning("Could not read the recorded webhook event (%s); polling slowly", exc)
+            self.log.warning("Could not read the recorded webhook event (%s)", exc)
             return None
 
     async def _poll(self) -> dict[str, Any]:
@@ -176,9 +176,20 @@ class ModelRouteExecutionTrigger(BaseTrigger):
     async def on_kill(self) -> None:
         """Cancel the execution when a user kills the deferred task (called by Airflow 3.3+).
 
-        Not when a webhook delivered its end: the receiver's resume also ends this trigger.
+        Not when a webhook delivered its end: the receiver resumed the task, and Airflow then stops
+        this trigger through ``on_kill`` (it logs that as a user action).
         """
-        if not self.cancel_on_kill or await self._delivered() is not None:
+        delivered = await self._delivered()
+        if delivered is not None:
+            self.log.info(
+                "ModelRoute execution %s ended (%s) and the task resumed from its webhook (event %s): "
+                "this wait is over, nothing was cancelled",
+                self.execution_id,
+                delivered.get("execution", {}).get("status"),
+                delivered.get("webhook_event_id"),
+            )
+            return
+        if not self.cancel_on_kill:
             return
         try:
             async with ModelRouteHook(self.modelroute_conn_id).async_client() as client:
