@@ -57,12 +57,7 @@ if Version("2.11") > _AIRFLOW:
         "upgrade Airflow, or pin an older provider."
     )
 
-AIRFLOW_V_3_0_PLUS = Version("3.0") <= _AIRFLOW
 AIRFLOW_V_3_1_PLUS = Version("3.1") <= _AIRFLOW
-AIRFLOW_V_3_3_PLUS = Version("3.3") <= _AIRFLOW
-
-#: Airflow 3.3 calls ``BaseTrigger.on_kill`` when a deferred task is killed or times out.
-TRIGGER_ON_KILL_SUPPORTED = hasattr(BaseTrigger, "on_kill")
 
 
 async def aget_connection(conn_id: str) -> Connection:
@@ -101,10 +96,7 @@ def object_storage_path(url: str, conn_id: str | None = None) -> Any:
 
 
 __all__ = [
-    "AIRFLOW_V_3_0_PLUS",
     "AIRFLOW_V_3_1_PLUS",
-    "AIRFLOW_V_3_3_PLUS",
-    "TRIGGER_ON_KILL_SUPPORTED",
     "AirflowException",
     "AirflowFailException",
     "AirflowNotFoundException",

@@ -1,4 +1,4 @@
-"""The ModelRoute API contract in one place: key format, statuses, error codes, result shapes.
+"""The ModelRoute API contract in one place: key format, statuses, error codes, idempotency keys, results.
 
 Pure Python (no Airflow, no HTTP client), shared by the hook, the operators and the local test
 server so that both sides of the wire read the documentation the same way. Every assumption we
@@ -8,10 +8,13 @@ make where the public docs are silent lives here, marked ``ASSUMPTION``.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import re
 import secrets
 import zlib
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -61,10 +64,6 @@ class ExecutionStatus(str, enum.Enum):
     CANCELLED = "CANCELLED"
     EXPIRED = "EXPIRED"
 
-    @property
-    def is_terminal(self) -> bool:
-        return self in TERMINAL_STATUSES
-
 
 TERMINAL_STATUSES = frozenset(
     {ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.CANCELLED, ExecutionStatus.EXPIRED}
@@ -72,9 +71,12 @@ TERMINAL_STATUSES = frozenset(
 FAILED_STATUSES = TERMINAL_STATUSES - {ExecutionStatus.COMPLETED}
 
 
+_TERMINAL_VALUES = frozenset(s.value for s in TERMINAL_STATUSES)
+
+
 def is_terminal(status: str | None) -> bool:
     """ASSUMPTION: an unknown status is not terminal (the caller logs it once and keeps waiting)."""
-    return status in {s.value for s in TERMINAL_STATUSES}
+    return status in _TERMINAL_VALUES
 
 
 def is_known_status(status: str | None) -> bool:
@@ -162,9 +164,51 @@ def is_final_failure(error: dict[str, Any] | None) -> bool:
     return error.get("retryable") is False
 
 
-def error_hint(code: str | None) -> str | None:
+#: What to do about an error answer whose code the docs do not list (or a bare HTTP status).
+#: ASSUMPTION: an execution id ModelRoute does not know may come back as any 4xx (there is no
+#: documented EXECUTION_NOT_FOUND), so a refused request that names an execution says so.
+_STATUS_HINTS = {
+    401: ERROR_CODES["UNAUTHORIZED"].hint,
+    403: ERROR_CODES["UNAUTHORIZED"].hint,
+    404: "check the execution or file id: ModelRoute does not know it, or it belongs to another organization",
+    429: ERROR_CODES["RATE_LIMITED"].hint,
+}
+_REFUSED_HINT = (
+    "ModelRoute refused the request; if it names an execution, check the id (an unknown or another "
+    "organization's execution may be refused with any 4xx)"
+)
+_SERVER_HINT = "a ModelRoute server error; retried automatically, retry later if it persists"
+
+
+def error_hint(code: str | None, http_status: int | None = None) -> str | None:
+    """What the user should do about an error code; for a code the docs do not list, by the answer's
+    HTTP status (None without one: an execution's own ``error``)."""
     spec = ERROR_CODES.get(code or "")
-    return spec.hint if spec is not None else None
+    if spec is not None:
+        return spec.hint
+    if http_status is None:
+        return None
+    if http_status in _STATUS_HINTS:
+        return _STATUS_HINTS[http_status]
+    if http_status is not None and http_status >= 500:
+        return _SERVER_HINT
+    return _REFUSED_HINT
+
+
+# --- Idempotency keys ----------------------------------------------------------------------
+
+
+def idempotency_key_base(
+    dag_id: str, run_id: str, task_id: str, map_index: int, *, request: dict[str, Any]
+) -> str:
+    """The same task instance and request give the same key base on every try (never the try number).
+
+    Keys are ``<base>-g<generation>``: the next generation starts a new execution after one failed.
+    """
+    task = {"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index}
+    identity = {**task, "request": request}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return f"airflow-{digest[:40]}"
 
 
 # --- Readings of the docs -------------------------------------------------------------------
@@ -204,6 +248,32 @@ def rate_limit_reset(value: str | None, now: float) -> float | None:
     if number is None or number < 0:
         return None
     return number if number >= _UNIX_TIME_FLOOR else now + number
+
+
+# --- Costs --------------------------------------------------------------------------------
+
+#: The execution's cost fields: the hold and estimate the POST answers, then the final cost. Amounts
+#: stay as the API sends them (decimal strings such as ``"0.040"``) in logs and XCom, and are
+#: compared as ``Decimal``, never as floats.
+ESTIMATE_FIELDS = ("hold_amount", "estimated_cost")
+COST_FIELDS = (*ESTIMATE_FIELDS, "cost")
+
+
+def amount(value: Any) -> Decimal | None:
+    """An API amount (string or number) as a Decimal; None when absent or not a number."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = Decimal(str(value).strip())
+    except InvalidOperation:
+        return None
+    return number if number.is_finite() else None
+
+
+def describe_costs(execution: dict[str, Any]) -> str:
+    """``hold_amount 0.048, estimated_cost 0.040`` (the cost fields the execution has)."""
+    shown = [f"{name} {execution[name]}" for name in COST_FIELDS if execution.get(name) is not None]
+    return ", ".join(shown) or "no cost fields"
 
 
 # --- Results --------------------------------------------------------------------------------

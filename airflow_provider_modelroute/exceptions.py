@@ -1,9 +1,9 @@
-"""One error model for the provider: every failure is a ``ModelRouteError`` that says what to do.
+"""The provider's errors: a few classes by meaning, each saying what to do.
 
-API errors keep the API's ``code``, ``message``, ``retryable``, ``details`` and ``request_id``.
-Errors that no task retry can fix without a human change (bad input, bad credentials, bad
-configuration) also subclass ``AirflowFailException``, so Airflow fails the task at once instead of
-burning its retries.
+Whether a retry can help is an attribute (``retryable``, ``permanent``), decided by ``api.py``. A class
+also subclasses ``AirflowFailException`` where no task retry can help (wrong configuration, a request
+the API refuses for good, an execution that would fail again), so Airflow fails the task at once
+instead of burning its retries; the factories below pick that class from the attribute.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class ModelRouteError(AirflowException):
 
 
 class ModelRouteConfigError(ModelRouteError, AirflowFailException):
-    """The connection or the task's arguments are wrong; the message names the field and the fix."""
+    """The connection or the task's arguments are wrong, or a limit the task set was hit; no retry."""
 
 
 class ModelRouteConnectionError(ModelRouteError):
@@ -35,7 +35,10 @@ class ModelRouteTransferError(ModelRouteError):
 
 
 class ModelRouteApiError(ModelRouteError):
-    """An error response from the ModelRoute API, with the fields of its documented error body."""
+    """An error answer of the ModelRoute API, with the fields of its documented error body.
+
+    ``retryable``: sending the request again may succeed; ``permanent``: no task retry can fix it.
+    """
 
     def __init__(
         self,
@@ -68,7 +71,7 @@ class ModelRouteApiError(ModelRouteError):
         )
         if fields:
             text += f" [{fields}]"
-        hint = api.error_hint(self.code)
+        hint = api.error_hint(self.code, self.http_status)
         if hint is not None:
             text += f". What to do: {hint}"
         if self.request_id:
@@ -91,67 +94,33 @@ def _rebuild_api_error(cls: type[ModelRouteApiError], code: str, message: str, k
 
 
 class ModelRoutePermanentError(ModelRouteApiError, AirflowFailException):
-    """The API refused the request for a reason no retry can fix: the task fails without retries."""
-
-
-class ModelRouteAuthError(ModelRoutePermanentError):
-    """UNAUTHORIZED (or a bare 401/403): the API key is wrong, revoked or missing."""
-
-
-class ModelRouteInputError(ModelRoutePermanentError):
-    """The request itself is wrong (validation, moderation, file format)."""
-
-
-class ModelRouteNotFoundError(ModelRoutePermanentError):
-    """The execution or file does not exist, has expired, or belongs to another organization."""
-
-
-class ModelRouteRateLimitError(ModelRouteApiError):
-    """RATE_LIMITED: too many requests; ``retry_after`` says how long to wait."""
-
-
-_CLASS_BY_CODE: dict[str, type[ModelRouteApiError]] = {
-    "UNAUTHORIZED": ModelRouteAuthError,
-    "INPUT_VALIDATION_ERROR": ModelRouteInputError,
-    "CONTENT_MODERATION_REJECTED": ModelRouteInputError,
-    "FILE_FORMAT_UNSUPPORTED": ModelRouteInputError,
-    "FILE_NOT_FOUND": ModelRouteNotFoundError,
-    "RATE_LIMITED": ModelRouteRateLimitError,
-}
-_CLASS_BY_STATUS: dict[int, type[ModelRouteApiError]] = {
-    401: ModelRouteAuthError,
-    403: ModelRouteAuthError,
-    404: ModelRouteNotFoundError,
-    429: ModelRouteRateLimitError,
-}
+    """An API error no retry can fix (auth, input, not found, balance, an unlisted 4xx): no retries."""
 
 
 def api_error(
     code: str, message: str, *, http_status: int | None = None, **kwargs: Any
 ) -> ModelRouteApiError:
-    """Build the most specific error class for an API error code (or, failing that, HTTP status)."""
-    cls = _CLASS_BY_CODE.get(code) or _CLASS_BY_STATUS.get(http_status or 0, ModelRouteApiError)
-    if api.is_permanent_error(code, http_status, kwargs.get("retryable")) != issubclass(
-        cls, ModelRoutePermanentError
-    ):
-        # the status named a class, but the body says otherwise (e.g. a 404 marked retryable)
-        cls = ModelRoutePermanentError if cls is ModelRouteApiError else ModelRouteApiError
+    """The error of an API error answer: ``ModelRoutePermanentError`` when no retry can fix it."""
+    permanent = api.is_permanent_error(code, http_status, kwargs.get("retryable"))
+    cls = ModelRoutePermanentError if permanent else ModelRouteApiError
+    if permanent and (code == "UNAUTHORIZED" or http_status in (401, 403)):
+        cls = ModelRouteAuthError  # old name: goes with the alias block below
     return cls(code, message, http_status=http_status, **kwargs)
 
 
 class ModelRouteExecutionError(ModelRouteError):
-    """An execution ended without a result: FAILED, CANCELLED or EXPIRED, or our deadline passed."""
-
-    status = "FAILED"
+    """An execution ended without a result: ``status`` is FAILED, CANCELLED or EXPIRED."""
 
     def __init__(
         self,
         execution_id: str,
+        status: str,
         code: str | None = None,
         message: str | None = None,
         hint: str | None = None,
     ) -> None:
         self.execution_id = execution_id
+        self.status = status
         self.code = code
         self.message = message
         self.hint = hint
@@ -163,68 +132,58 @@ class ModelRouteExecutionError(ModelRouteError):
         return f"ModelRoute execution {self.execution_id} ended {self.status}.{detail}{hint}"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.execution_id, self.code, self.message, self.hint))
+        return (type(self), (self.execution_id, self.status, self.code, self.message, self.hint))
 
 
-class ModelRouteExecutionFailed(ModelRouteExecutionError):
-    status = "FAILED"
-
-
-class ModelRouteExecutionCancelled(ModelRouteExecutionError):
-    status = "CANCELLED"
-
-
-class ModelRouteExecutionExpired(ModelRouteExecutionError):
-    status = "EXPIRED"
-
-
-class ModelRouteExecutionFailedFinal(ModelRouteExecutionFailed, AirflowFailException):
-    """FAILED in a way a new execution would repeat (or seen by a sensor): no Airflow retries."""
-
-
-class ModelRouteExecutionCancelledFinal(ModelRouteExecutionCancelled, AirflowFailException):
-    """CANCELLED, seen by a sensor: a retry cannot change a terminal state."""
-
-
-class ModelRouteExecutionExpiredFinal(ModelRouteExecutionExpired, AirflowFailException):
-    """EXPIRED, seen by a sensor: a retry cannot change a terminal state."""
+class ModelRouteExecutionFinalError(ModelRouteExecutionError, AirflowFailException):
+    """An execution ended in a way no task retry can change: no Airflow retries."""
 
 
 class ModelRouteExecutionTimeout(ModelRouteExecutionError):
     """Our own deadline passed before the execution finished; ``message`` names the limit."""
 
-    status = "TIMED OUT"
+    def __init__(self, execution_id: str, message: str) -> None:
+        super().__init__(execution_id, "TIMED OUT", None, message)
 
     def _text(self) -> str:
         return f"Stopped waiting for ModelRoute execution {self.execution_id}: {self.message}"
 
-
-#: (status, final) -> error class
-EXECUTION_ERRORS: dict[tuple[str, bool], type[ModelRouteExecutionError]] = {
-    ("FAILED", False): ModelRouteExecutionFailed,
-    ("CANCELLED", False): ModelRouteExecutionCancelled,
-    ("EXPIRED", False): ModelRouteExecutionExpired,
-    ("FAILED", True): ModelRouteExecutionFailedFinal,
-    ("CANCELLED", True): ModelRouteExecutionCancelledFinal,
-    ("EXPIRED", True): ModelRouteExecutionExpiredFinal,
-}
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.execution_id, self.message))
 
 
 def raise_for_execution(execution: dict[str, Any], *, final: bool = False) -> None:
-    """Raise the error matching a FAILED / CANCELLED / EXPIRED execution (no-op otherwise).
+    """Raise the error of a FAILED / CANCELLED / EXPIRED execution (no-op otherwise).
 
     ``final``: no retry can help (a sensor watching this one execution). A FAILED execution whose
     code would fail again with the same input is final anyway: no Airflow retries, no new execution.
     """
     status = str(execution.get("status"))
+    if status not in api.FAILED_STATUSES:
+        return
     error: dict[str, Any] = execution.get("error") or {}
     repeats = status == "FAILED" and api.is_final_failure(error)
-    cls = EXECUTION_ERRORS.get((status, final or repeats))
-    if cls is None:
-        return
     hint = api.error_hint(error.get("code"))
     if repeats:
         hint = f"{hint or 'change the input'}. A new execution would fail the same way: not retrying"
     elif final:
         hint = "the execution has ended; a retry of this task cannot change that"
-    raise cls(str(execution.get("id")), error.get("code"), error.get("message"), hint)
+    cls = ModelRouteExecutionFinalError if final or repeats else ModelRouteExecutionError
+    raise cls(str(execution.get("id")), status, error.get("code"), error.get("message"), hint)
+
+
+# -- Old names, kept importable until the other modules have moved to the classes above ----------
+class ModelRouteAuthError(ModelRoutePermanentError):
+    """UNAUTHORIZED or a bare 401/403 (the hook's connection test still tells it apart by class)."""
+
+
+ModelRouteInputError = ModelRoutePermanentError
+ModelRouteNotFoundError = ModelRoutePermanentError
+ModelRouteRateLimitError = ModelRouteApiError
+ModelRouteExecutionFailed = ModelRouteExecutionError
+ModelRouteExecutionCancelled = ModelRouteExecutionError
+ModelRouteExecutionExpired = ModelRouteExecutionError
+ModelRouteExecutionFailedFinal = ModelRouteExecutionFinalError
+ModelRouteExecutionCancelledFinal = ModelRouteExecutionFinalError
+ModelRouteExecutionExpiredFinal = ModelRouteExecutionFinalError
+ModelRouteCostLimitError = ModelRouteConfigError

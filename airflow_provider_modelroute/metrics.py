@@ -17,9 +17,9 @@ from airflow_provider_modelroute import api
 
 #: ``modelroute.request.<endpoint>.<outcome>``: one per API response or connection failure.
 #: ``<endpoint>`` is the method and path without ids (``get_executions``, ``post_executions_cancel``,
-#: ``get_files_download``...; ``storage`` for presigned URLs); ``<outcome>`` is one of ``OUTCOMES``.
+#: ``get_files_download``...; ``storage`` for presigned URLs); ``<outcome>``: ``ok``, ``rate_limited``,
+#: ``client_error``, ``server_error`` or ``connection_error``.
 REQUEST = "modelroute.request.{endpoint}.{outcome}"
-OUTCOMES = ("ok", "rate_limited", "client_error", "server_error", "connection_error")
 #: Responses 429 (also counted in ``modelroute.request.*.rate_limited``).
 RATE_LIMITED = "modelroute.rate_limited"
 #: Retries of a request (after a retryable error or a 429) and resumes of a download.

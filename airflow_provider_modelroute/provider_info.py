@@ -136,7 +136,7 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {
                 "integration-name": "ModelRoute",
-                "python-modules": [f"{_PKG}.operators.modelroute", f"{_PKG}.operators.cancel"],
+                "python-modules": [f"{_PKG}.operators.modelroute"],
             }
         ],
         "sensors": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.sensors.modelroute"]}],

@@ -21,9 +21,9 @@ os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
 
 import pytest  # noqa: E402
 
-from airflow_provider_modelroute._compat import AIRFLOW_V_3_0_PLUS, AIRFLOW_V_3_1_PLUS  # noqa: E402
 from airflow_provider_modelroute.testing import ModelRouteServer  # noqa: E402
 from airflow_provider_modelroute.testing.dialects import PRESETS, Dialect  # noqa: E402
+from tests.airflow_versions import AIRFLOW_V_3_0_PLUS, AIRFLOW_V_3_1_PLUS  # noqa: E402
 
 if AIRFLOW_V_3_0_PLUS and not AIRFLOW_V_3_1_PLUS:
     # Two gaps of Airflow 3.0's in-process dag.test() (a worker does not have them):

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from airflow_provider_modelroute._compat import AIRFLOW_V_3_3_PLUS
+from tests.airflow_versions import AIRFLOW_V_3_3_PLUS
 from tests.conftest import REPO
 
 # The benchmarks measure (and compare baselines of) the latest Airflow only: their baselines' providers

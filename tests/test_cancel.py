@@ -6,8 +6,10 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_modelroute.operators.cancel import ModelRouteCancelExecutionOperator
-from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
+from airflow_provider_modelroute.operators.modelroute import (
+    ModelRouteCancelExecutionOperator,
+    ModelRouteExecuteOperator,
+)
 from airflow_provider_modelroute.testing import ModelRouteServer
 from tests.conftest import make_dag, run_dag, task_states, xcom
 

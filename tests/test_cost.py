@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -10,22 +9,10 @@ import pytest
 from airflow_provider_modelroute.exceptions import ModelRouteConfigError
 from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
 from airflow_provider_modelroute.testing import ModelRouteServer
-from tests.conftest import make_dag, run_dag, task_instance, xcom
+from tests.conftest import task_instance, xcom
+from tests.test_execute import run_execute
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
-
-
-def run_generate(request: pytest.FixtureRequest, **kwargs: Any) -> Any:
-    params: dict[str, Any] = {
-        "model": "test-image",
-        "input": {"prompt": "a red fox"},
-        "poll_interval": 0.05,
-        "retry_delay": timedelta(0),
-        **kwargs,
-    }
-    with make_dag(request.node.name) as dag:
-        ModelRouteExecuteOperator(task_id="generate", **params)
-    return run_dag(dag)
 
 
 @pytest.mark.parametrize("deferrable", [False, True], ids=["sync", "deferrable"])
@@ -35,7 +22,7 @@ def test_cost_fields_are_logged_and_returned(
     capsys: pytest.CaptureFixture[str],
     deferrable: bool,
 ) -> None:
-    dr = run_generate(request, deferrable=deferrable, max_estimated_cost="0.05")
+    dr = run_execute(request, deferrable=deferrable, max_estimated_cost="0.05")
     assert dr.state == "success"
     result = xcom(dr, "generate")
     assert (result["hold_amount"], result["estimated_cost"], result["cost"]) == ("0.048", "0.040", "0.040")
@@ -57,7 +44,7 @@ def test_estimate_from_submit_fills_a_final_answer_without_it(
         return doc
 
     monkeypatch.setattr(ModelRouteServer, "_execution_document", final_cost_only)
-    dr = run_generate(request, deferrable=True)
+    dr = run_execute(request, deferrable=True)
     assert dr.state == "success"
     result = xcom(dr, "generate")
     assert (result["hold_amount"], result["estimated_cost"], result["cost"]) == ("0.048", "0.040", "0.040")
@@ -70,7 +57,7 @@ def test_estimate_above_max_cancels_and_fails_without_retry(
     capsys: pytest.CaptureFixture[str],
     deferrable: bool,
 ) -> None:
-    dr = run_generate(
+    dr = run_execute(
         request,
         deferrable=deferrable,
         retries=2,
@@ -86,7 +73,7 @@ def test_estimate_above_max_cancels_and_fails_without_retry(
     assert "GET /v1/executions/{id}" not in server.stats()["requests"]  # no wait began
     logs = capsys.readouterr().out
     assert "estimated_cost 0.040, above max_estimated_cost 0.01: cancelled it" in logs
-    assert "ModelRouteCostLimitError" in logs
+    assert "ModelRouteConfigError" in logs
 
 
 @pytest.mark.parametrize("bad", [-1, "a lot", float("nan"), True])

@@ -7,15 +7,15 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_modelroute._compat import AIRFLOW_V_3_0_PLUS
 from airflow_provider_modelroute.exceptions import ModelRouteConfigError
-from airflow_provider_modelroute.operators import modelroute as operator_module
+from airflow_provider_modelroute.operators import deferral
 from airflow_provider_modelroute.operators.modelroute import (
     ModelRouteExecuteOperator,
     ModelRouteExecutionLink,
 )
 from airflow_provider_modelroute.testing import ModelRouteServer
 from airflow_provider_modelroute.testing.dialects import Dialect
+from tests.airflow_versions import AIRFLOW_V_3_0_PLUS
 from tests.conftest import make_dag, run_dag, task_instance, task_states, xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -182,7 +182,7 @@ def test_retry_after_failure_mid_wait_reattaches(
 def state_store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """With Airflow 3.3's task state store (where there is one), and as on Airflow < 3.3 without it."""
     if request.param == "no-state-store":
-        monkeypatch.setattr(operator_module, "task_state_store", lambda context: None)
+        monkeypatch.setattr(deferral, "task_state_store", lambda context: None)
     return str(request.param)
 
 
@@ -193,7 +193,7 @@ def test_failed_execution_is_not_replayed_forever(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # as on Airflow < 3.3, without a task state store: only the try number bounds the replays
-    monkeypatch.setattr(operator_module, "task_state_store", lambda context: None)
+    monkeypatch.setattr(deferral, "task_state_store", lambda context: None)
     server.add_fault(
         "POST /v1/executions", "outcome", count=1, outcome="FAILED", error_code="GENERATION_FAILED"
     )

@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_modelroute._compat import AIRFLOW_V_3_0_PLUS, AirflowFailException
+from airflow_provider_modelroute._compat import AirflowFailException
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.operators.modelroute import ModelRouteExecutionLink
 from airflow_provider_modelroute.sensors.modelroute import ModelRouteExecutionSensor
 from airflow_provider_modelroute.testing import ModelRouteServer
+from tests.airflow_versions import AIRFLOW_V_3_0_PLUS
 from tests.conftest import make_dag, run_dag, task_instance, task_states, xcom
 from tests.waiting import wait_for
 
@@ -139,13 +140,18 @@ def test_unsuccessful_execution_fails_at_once(
     [("literal", {"mode": "reschedule"}), ("presigned", {"deferrable": True})],
 )
 def test_unknown_execution_fails_at_once(
-    server: ModelRouteServer, request: pytest.FixtureRequest, mode: dict, reading: str
+    server: ModelRouteServer,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+    mode: dict,
+    reading: str,
 ) -> None:
     server.dialect = reading
     dr = run_sensor(request, "exec_00000000-0000-0000-0000-000000000000", timeout=60, retries=3, **mode)
     assert task_states(dr) == {"wait": "failed"}
     assert task_instance(dr, "wait").try_number == 1
     assert server.stats()["requests"]["GET /v1/executions/{id}"] == 1  # no HTTP retries either
+    assert "What to do: check the execution or file id" in capsys.readouterr().out  # no documented code
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_modelroute._compat import TRIGGER_ON_KILL_SUPPORTED
+from airflow_provider_modelroute._compat import BaseTrigger
 from airflow_provider_modelroute.hooks.async_client import ModelRouteAsyncClient
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.testing import ModelRouteServer
 from airflow_provider_modelroute.triggers.modelroute import (
-    MIN_POLL_GRID,
+    MAX_CONSECUTIVE_FAILURES,
     ModelRouteExecutionTrigger,
     poll_grid,
 )
@@ -61,7 +61,6 @@ def test_serialize_roundtrip_behaves_the_same(server: ModelRouteServer) -> None:
         "poll_interval": 0.05,
         "deadline": trigger.deadline,
         "cancel_on_kill": True,
-        "max_consecutive_failures": 5,
         "try_number": 2,
         "webhook_route": None,
     }
@@ -101,12 +100,12 @@ def test_gives_up_after_consecutive_failures_with_one_event(
     monkeypatch.setenv("AIRFLOW_CONN_MODELROUTE_DEFAULT", connection_json(server, max_retries=0))
     execution_id = start_execution(60)
     server.add_fault("GET /v1/executions/{id}", "error", count=None, code="SERVICE_UNAVAILABLE")
-    events = run(ModelRouteExecutionTrigger(execution_id, poll_interval=0.01, max_consecutive_failures=3))
+    events = run(ModelRouteExecutionTrigger(execution_id, poll_interval=0.01))
     assert len(events) == 1
     assert events[0]["status"] == "error" and events[0]["execution_id"] == execution_id
     assert events[0]["error"]["code"] == "SERVICE_UNAVAILABLE"
     assert events[0]["error"]["request_id"].startswith("req_")
-    assert server.stats()["requests"]["GET /v1/executions/{id}"] == 3
+    assert server.stats()["requests"]["GET /v1/executions/{id}"] == MAX_CONSECUTIVE_FAILURES
 
 
 def test_non_retryable_error_ends_the_wait_at_once(server: ModelRouteServer) -> None:
@@ -198,8 +197,8 @@ def test_pauses_end_on_the_loop_grid(poll_interval: float, pollers: int, grid: f
 @pytest.mark.parametrize(("poll_interval", "pollers"), [(5.0, 5000), (0.05, 1)])
 def test_no_grid_where_polls_already_share_wake_ups(poll_interval: float, pollers: int) -> None:
     trigger = ModelRouteExecutionTrigger("exec_1", poll_interval=poll_interval)
-    grid = poll_grid(poll_interval, pollers)  # the grid the pauses would end on
-    assert grid < MIN_POLL_GRID
+    assert poll_grid(poll_interval, pollers) == 0
+    grid = min(0.5, poll_interval / 10, 10 * poll_interval / pollers)  # what the grid would be
 
     async def ends() -> list[float]:
         loop = asyncio.get_running_loop()
@@ -274,9 +273,11 @@ def test_cancelled_run_cleans_up(server: ModelRouteServer) -> None:
     assert server.stats()["cancels"] == {}  # a triggerer restart must not cancel the execution
 
 
-@pytest.mark.skipif(not TRIGGER_ON_KILL_SUPPORTED, reason="BaseTrigger.on_kill arrived in Airflow 3.3")
+@pytest.mark.skipif(not hasattr(BaseTrigger, "on_kill"), reason="BaseTrigger.on_kill arrived in Airflow 3.3")
 @pytest.mark.parametrize("cancel_on_kill", [True, False])
-def test_on_kill_cancels_when_asked(server: ModelRouteServer, cancel_on_kill: bool) -> None:
+def test_on_kill_cancels_when_asked(
+    server: ModelRouteServer, capsys: pytest.CaptureFixture[str], cancel_on_kill: bool
+) -> None:
     execution_id = start_execution(60)
     trigger = ModelRouteExecutionTrigger(execution_id, poll_interval=0.05, cancel_on_kill=cancel_on_kill)
     asyncio.run(trigger.on_kill())
@@ -285,3 +286,16 @@ def test_on_kill_cancels_when_asked(server: ModelRouteServer, cancel_on_kill: bo
     assert server.execution(execution_id)["status"] in (
         {"CANCELLED"} if cancel_on_kill else {"PENDING", "PROCESSING"}
     )
+    said = f"The task was killed; cancelled ModelRoute execution {execution_id}" in capsys.readouterr().out
+    assert said is cancel_on_kill
+
+
+@pytest.mark.skipif(not hasattr(BaseTrigger, "on_kill"), reason="BaseTrigger.on_kill arrived in Airflow 3.3")
+def test_on_kill_after_the_end_says_so(server: ModelRouteServer, capsys: pytest.CaptureFixture[str]) -> None:
+    execution_id = start_execution(0)
+    assert run(ModelRouteExecutionTrigger(execution_id, poll_interval=0.05))[0]["status"] == "done"
+    capsys.readouterr()
+    asyncio.run(ModelRouteExecutionTrigger(execution_id, cancel_on_kill=True).on_kill())
+    logs = capsys.readouterr().out
+    assert f"ModelRoute execution {execution_id} had already finished" in logs
+    assert "cancelled ModelRoute execution" not in logs

@@ -231,7 +231,7 @@ def test_the_connection_form_masks_the_webhook_secret() -> None:
 
 
 def test_the_plugin_mounts_the_receiver_only_where_airflow_mounts_plugin_apps() -> None:
-    from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS
+    from tests.airflow_versions import AIRFLOW_V_3_1_PLUS
 
     apps = receiver.ModelRouteWebhooksPlugin.fastapi_apps
     assert [a["url_prefix"] for a in apps] == (["/modelroute"] if AIRFLOW_V_3_1_PLUS else [])

@@ -1,4 +1,8 @@
-"""How operators and the sensor wait on ModelRouteExecutionTrigger: defer, resume, or run it in place."""
+"""How the operator and the sensor wait on ModelRouteExecutionTrigger across deferrals and tries.
+
+Defer, or run the trigger in place; on resume, tell an earlier try's or another execution's event
+from this one's; keep which execution (key generation) a task instance is on, for its next try.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from airflow_provider_modelroute._compat import task_state_store
 from airflow_provider_modelroute.exceptions import (
     ModelRouteError,
     ModelRouteExecutionTimeout,
@@ -17,9 +22,58 @@ from airflow_provider_modelroute.exceptions import (
 if TYPE_CHECKING:
     from airflow_provider_modelroute._compat import BaseOperator, Context
     from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
+    from airflow_provider_modelroute.webhooks.mode import WebhookWait
 
 #: The framework's deferral timeout fires this long after the trigger's own deadline, never first.
 DEFER_GRACE = timedelta(minutes=2)
+#: Where the operator keeps its execution across tries (Airflow 3.3+ task state store).
+STATE_KEY = "modelroute_execution"
+
+
+def resume_point(context: Context, base: str) -> tuple[int, int]:
+    """The key generation to start from, and how many generations' keys earlier tries may have sent.
+
+    Airflow 3.3+ keeps the generation in the task state store. Elsewhere, ASSUMPTION: each try
+    sends at most one generation's key that no try sent before (see the operator's ``submit``), so
+    before try ``n`` at most ``n - 1`` keys were sent.
+    """
+    store = task_state_store(context)
+    if store is not None:
+        state = store.get(STATE_KEY)
+        if isinstance(state, dict) and state.get("base") == base:
+            generation = int(state.get("generation", 0))
+            return generation, generation + 1
+        return 0, 0
+    return 0, max(int(context["ti"].try_number) - 1, 0)
+
+
+def save_generation(context: Context, base: str, generation: int, execution_id: str) -> None:
+    """Keep the task instance's key generation and execution for its next try (Airflow 3.3+)."""
+    store = task_state_store(context)
+    if store is not None:
+        store.set(STATE_KEY, {"base": base, "generation": generation, "execution_id": execution_id})
+
+
+def make_trigger(
+    execution_id: str,
+    conn_id: str,
+    *,
+    poll_interval: float,
+    deadline: float | None,
+    webhook: WebhookWait | None,
+    cancel_on_kill: bool = False,
+) -> ModelRouteExecutionTrigger:
+    """The trigger that waits for ``execution_id``: polling every ``poll_interval``, or in webhook mode."""
+    from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
+
+    wait = webhook.trigger_kwargs() if webhook is not None else {"poll_interval": poll_interval}
+    return ModelRouteExecutionTrigger(
+        execution_id=execution_id,
+        modelroute_conn_id=conn_id,
+        deadline=deadline,
+        cancel_on_kill=cancel_on_kill,
+        **wait,
+    )
 
 
 def defer_to_trigger(task: BaseOperator, context: Context, trigger: ModelRouteExecutionTrigger) -> NoReturn:

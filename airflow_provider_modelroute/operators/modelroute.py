@@ -1,13 +1,10 @@
-"""ModelRouteExecuteOperator: submit an execution, re-attach to it on retry, and wait for it.
+"""Operators that run and cancel ModelRoute executions, and the link to an execution's dashboard page.
 
-Cheap to import (DAG files import it at every parse): the hook and trigger modules, which pull in
-the HTTP clients, are imported only when a task runs.
+Cheap to import (DAG files import it at every parse): the HTTP clients load only when a task runs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -15,13 +12,12 @@ from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_modelroute import api, cost
+from airflow_provider_modelroute import api
 from airflow_provider_modelroute._compat import (
     AirflowFailException,
     BaseOperator,
     BaseOperatorLink,
     conf,
-    task_state_store,
     xcom_value,
 )
 from airflow_provider_modelroute.exceptions import (
@@ -31,22 +27,21 @@ from airflow_provider_modelroute.exceptions import (
     ModelRouteExecutionTimeout,
     raise_for_execution,
 )
+from airflow_provider_modelroute.operators import deferral
 
 if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
 
     from airflow_provider_modelroute._compat import Context, TaskInstanceKey
     from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
-    from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
     from airflow_provider_modelroute.webhooks.mode import WebhookWait
 
-#: Where the operator keeps its execution across tries (Airflow 3.3+ task state store).
-STATE_KEY = "modelroute_execution"
 #: How many failed executions a task may leave behind before it stops starting new ones.
 MAX_GENERATIONS = 100
-#: With ``execution_timeout`` set, our deadline falls this long (at most 20 % of it) before it,
-#: to leave time to cancel.
+#: With ``execution_timeout`` set, our deadline falls this long (at most 20 % of it) before it.
 TIMEOUT_MARGIN = 30.0
+#: XCom key of the hold and estimate the POST answered (a deferred task resumes without that answer).
+ESTIMATE_XCOM_KEY = "cost_estimate"
 
 
 class ModelRouteExecutionLink(BaseOperatorLink):
@@ -71,16 +66,12 @@ class ModelRouteExecuteOperator(BaseOperator):
     """
     Submit a ModelRoute execution and (by default) wait for it, deferrably if asked.
 
-    A retry never pays twice: the ``Idempotency-Key`` derives from the task instance (dag, run,
-    task, map index) and the request, not the try number, so a retry after a crash or a timed-out
-    wait re-attaches to the execution the earlier try started. A COMPLETED execution is returned at
-    once (also when the POST itself answers it); a FAILED, CANCELLED or EXPIRED one fails this try,
-    and the next try starts at most one new execution. A failure that a new execution would repeat
-    (e.g. ``CONTENT_MODERATION_REJECTED``) fails the task without Airflow retries. On Airflow 3.3+
-    the execution id is also kept in the task state store.
-
-    The execution id is pushed to XCom (key ``execution_id``) as soon as it is known; the return
-    value is the execution's summary: ``id``, ``status``, ``result``, ``files``, cost fields.
+    A retry never pays twice: the ``Idempotency-Key`` derives from the task instance and the
+    request, not the try number, so a retry re-attaches to the execution an earlier try started
+    (kept in the task state store too, on Airflow 3.3+). A FAILED, CANCELLED or EXPIRED execution
+    fails this try, and the next try starts at most one new one; a failure a new execution would
+    repeat (e.g. ``CONTENT_MODERATION_REJECTED``) fails the task without retries. The id goes to
+    XCom (``execution_id``) at once; the return value is the execution's summary.
 
     :param model: The model slug, e.g. ``flux-1.1-pro``. (templated)
     :param input: The model's input object; file inputs are ``file_...`` references. (templated)
@@ -144,45 +135,22 @@ class ModelRouteExecuteOperator(BaseOperator):
         self.cancel_on_kill = cancel_on_kill
         self.force_new_execution = force_new_execution
         self.webhook = webhook
+        limit = api.amount(max_estimated_cost)
+        if max_estimated_cost is not None and (limit is None or limit < 0):
+            raise ModelRouteConfigError(
+                "max_estimated_cost must be a non-negative amount in the account's currency (e.g. 0.5 or "
+                f"'0.50'), got {max_estimated_cost!r}"
+            )
+        self.max_estimated_cost = max_estimated_cost
         self.execution_id: str | None = None
-        self._webhook: WebhookWait | None = None
-        self.max_estimated_cost = cost.check_limit(max_estimated_cost)
         self.summary: dict[str, Any] | None = None
+        self._webhook: WebhookWait | None = None
 
     @cached_property
     def hook(self) -> ModelRouteHook:
         from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 
         return ModelRouteHook(self.modelroute_conn_id)
-
-    # -- submit / re-attach ---------------------------------------------------------------------
-
-    def _request_body(self) -> dict[str, Any]:
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ModelRouteConfigError("model must be a non-empty model slug, e.g. model='flux-1.1-pro'")
-        if not isinstance(self.input, dict):
-            raise ModelRouteConfigError(
-                f"input must be a dict (the model's input object), got {type(self.input).__name__}"
-            )
-        return {
-            "model": self.model,
-            "input": self.input,
-            "metadata": self.metadata,
-            "webhook": self.webhook_url,
-        }
-
-    def _key_base(self, context: Context) -> str:
-        """Same task instance + same request = same key base, on every try."""
-        ti = context["ti"]
-        identity = {
-            "dag_id": ti.dag_id,
-            "run_id": ti.run_id,
-            "task_id": ti.task_id,
-            "map_index": getattr(ti, "map_index", -1),
-            "request": self._request_body(),
-        }
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-        return f"airflow-{digest[:40]}"
 
     def _remember(self, context: Context, execution: dict[str, Any], base: str, generation: int) -> None:
         """Make the execution id known at once: log, XCom, extra link, and the durable task store."""
@@ -194,26 +162,7 @@ class ModelRouteExecuteOperator(BaseOperator):
         )
         context["ti"].xcom_push(key="execution_id", value=execution_id)
         context["ti"].xcom_push(key="execution_url", value=url)
-        store = task_state_store(context)
-        if store is not None:
-            store.set(STATE_KEY, {"base": base, "generation": generation, "execution_id": execution_id})
-
-    @staticmethod
-    def _resume_point(context: Context, base: str) -> tuple[int, int]:
-        """The generation to start from, and how many generations' keys earlier tries may have sent.
-
-        Airflow 3.3+ keeps the generation in the task state store. Elsewhere, ASSUMPTION: each try
-        sends at most one generation's key that no try sent before (see ``submit``), so before try
-        ``n`` at most ``n - 1`` keys were sent.
-        """
-        store = task_state_store(context)
-        if store is not None:
-            state = store.get(STATE_KEY)
-            if isinstance(state, dict) and state.get("base") == base:
-                generation = int(state.get("generation", 0))
-                return generation, generation + 1
-            return 0, 0
-        return 0, max(int(context["ti"].try_number) - 1, 0)
+        deferral.save_generation(context, base, generation, execution_id)
 
     def submit(self, context: Context) -> dict[str, Any]:
         """Start the execution, or find the one an earlier try of this task instance started.
@@ -222,14 +171,16 @@ class ModelRouteExecuteOperator(BaseOperator):
         answer, perhaps a stale one: the execution is read again before deciding. If it has failed
         since, the next generation starts a new execution, unless it failed in a way a new one would
         repeat. The answer to a key no try sent before is this try's own execution, whatever its
-        status: it is never submitted again.
+        status: it is never submitted again. The hook checks ``model`` and ``input`` before sending.
         """
-        self._request_body()  # validates model and input before any request
         if self.force_new_execution:
             base, first, sent_before = f"airflow-{uuid.uuid4()}", 0, 0
         else:
-            base = self._key_base(context)
-            first, sent_before = self._resume_point(context, base)
+            ti = context["ti"]
+            request = {"model": self.model, "input": self.input, "metadata": self.metadata}
+            task = (ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1))
+            base = api.idempotency_key_base(*task, request={**request, "webhook": self.webhook_url})
+            first, sent_before = deferral.resume_point(context, base)
         for generation in range(first, MAX_GENERATIONS):
             answer, replayed = self.hook.submit_execution(
                 self.model,
@@ -254,7 +205,21 @@ class ModelRouteExecuteOperator(BaseOperator):
             "Fix the cause, then clear the task or set force_new_execution=True."
         )
 
-    # -- wait ------------------------------------------------------------------------------------
+    def _check_estimate(self, context: Context, execution: dict[str, Any]) -> None:
+        """Log and keep the hold and estimate; over ``max_estimated_cost``: cancel, fail without retries."""
+        estimate = {name: execution[name] for name in api.ESTIMATE_FIELDS if execution.get(name) is not None}
+        self.log.info("ModelRoute execution %s: %s", execution.get("id"), api.describe_costs(estimate))
+        if estimate:
+            context["ti"].xcom_push(key=ESTIMATE_XCOM_KEY, value=estimate)
+        cost, limit = api.amount(execution.get("estimated_cost")), api.amount(self.max_estimated_cost)
+        if cost is None or limit is None or cost <= limit:
+            return
+        outcome = self._cancel(str(execution["id"]), "its estimate is above max_estimated_cost", force=True)
+        raise ModelRouteConfigError(
+            f"ModelRoute execution {execution.get('id')} has estimated_cost {execution['estimated_cost']}, "
+            f"above max_estimated_cost {self.max_estimated_cost}: {outcome}. Raise max_estimated_cost or "
+            "choose a cheaper model or input."
+        )
 
     def _deadline(self, context: Context) -> float | None:
         """Absolute time our wait ends: ``timeout`` from now, and before ``execution_timeout`` strikes."""
@@ -265,20 +230,6 @@ class ModelRouteExecuteOperator(BaseOperator):
             limit = start.timestamp() + budget - min(TIMEOUT_MARGIN, 0.2 * budget)
             deadline = min(deadline, limit) if deadline else limit
         return deadline
-
-    def _trigger(self, execution_id: str, deadline: float | None) -> ModelRouteExecutionTrigger:
-        from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
-
-        wait: dict[str, Any] = {"poll_interval": self.poll_interval}
-        if self._webhook is not None:
-            wait.update(self._webhook.trigger_kwargs())
-        return ModelRouteExecutionTrigger(
-            execution_id=execution_id,
-            modelroute_conn_id=self.modelroute_conn_id,
-            deadline=deadline,
-            cancel_on_kill=self.cancel_on_kill,
-            **wait,
-        )
 
     def execute(self, context: Context) -> dict[str, Any]:
         from airflow_provider_modelroute.webhooks.mode import WebhookWait
@@ -293,16 +244,20 @@ class ModelRouteExecuteOperator(BaseOperator):
         if not self.wait_for_completion or api.is_terminal(str(execution.get("status"))):
             raise_for_execution(execution)
             return self._result(context, api.execution_summary(execution))
-        trigger = self._trigger(execution_id, self._deadline(context))
-        from airflow_provider_modelroute.operators.deferral import defer_to_trigger, wait_in_worker
-
+        trigger = deferral.make_trigger(
+            execution_id,
+            self.modelroute_conn_id,
+            poll_interval=self.poll_interval,
+            deadline=self._deadline(context),
+            webhook=self._webhook,
+            cancel_on_kill=self.cancel_on_kill,
+        )
+        if self._webhook is not None:  # webhook mode is deferrable only
+            self._webhook.announce(context, execution_id)
         if self.deferrable:
-            if self._webhook is not None:
-                self._webhook.announce(context, execution_id)
-            defer_to_trigger(self, context, trigger)
-
+            deferral.defer_to_trigger(self, context, trigger)
         try:
-            event = wait_in_worker(trigger)
+            event = deferral.wait_in_worker(trigger)
         except BaseException:
             # Killed or timed out by Airflow while waiting here: don't leave the execution running.
             self._cancel(execution_id, "the task was interrupted")
@@ -311,27 +266,18 @@ class ModelRouteExecuteOperator(BaseOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Turn the trigger's event into the task's result; cancel what no later try will wait for."""
-        from airflow_provider_modelroute.operators.deferral import (
-            execution_from_event,
-            is_foreign_event,
-            is_stale_resume,
-        )
-
-        if is_stale_resume(context, event):
-            self.log.info("Ignoring the event of try %s: this try re-attaches", event["try_number"])
-            return self.execute(context)
-        if is_foreign_event(context, event):
+        if deferral.is_stale_resume(context, event) or deferral.is_foreign_event(context, event):
             self.log.warning(
-                "Ignoring an event about execution %s: this task re-attaches", event["execution_id"]
+                "Ignoring the event of try %s about execution %s: this try re-attaches",
+                event.get("try_number"),
+                event.get("execution_id"),
             )
             return self.execute(context)
 
-        execution_id = str(event.get("execution_id")) if isinstance(event, dict) else None
-        self.execution_id = execution_id
-        ti = context["ti"]
-        retry_left = ti.try_number <= ti.max_tries
+        self.execution_id = execution_id = str(event.get("execution_id")) if isinstance(event, dict) else None
+        retry_left = context["ti"].try_number <= context["ti"].max_tries
         try:
-            return self._result(context, execution_from_event(event, limit=self._limit()))
+            return self._result(context, deferral.execution_from_event(event, limit=self._limit()))
         except ModelRouteExecutionTimeout:
             if self.restart_on_timeout or not retry_left:
                 self._cancel(execution_id, "the wait timed out")
@@ -355,36 +301,33 @@ class ModelRouteExecuteOperator(BaseOperator):
 
     def _limit(self) -> str:
         """Which limit a timed-out wait reached, named as the parameter that sets it."""
-        limits = []
-        if self.timeout:
-            limits.append(f"timeout={self.timeout:g} s (this operator's `timeout` parameter)")
+        limits = [f"timeout={self.timeout:g} s (this operator's `timeout` parameter)"] if self.timeout else []
         if self.execution_timeout:
-            limits.append(
-                f"execution_timeout={self.execution_timeout.total_seconds():g} s (less a margin to cancel)"
-            )
+            budget = self.execution_timeout.total_seconds()
+            limits.append(f"execution_timeout={budget:g} s (less a margin to cancel)")
         return " or ".join(limits) or "its deadline"
 
     def _result(self, context: Context, summary: dict[str, Any]) -> dict[str, Any]:
-        """The return value: the summary with its cost fields (also kept for OpenLineage)."""
-        self.summary = cost.with_final_cost(self, context, summary)
-        return self.summary
+        """The return value, with the estimate from submit time if the last answer lacked it."""
+        missing = [name for name in api.ESTIMATE_FIELDS if summary.get(name) is None]
+        if missing:
+            ti = context["ti"]
+            saved = ti.xcom_pull(task_ids=ti.task_id, key=ESTIMATE_XCOM_KEY, map_indexes=ti.map_index)
+            if isinstance(saved, dict):
+                summary = {**summary, **{name: saved[name] for name in missing if name in saved}}
+        self.log.info(
+            "ModelRoute execution %s is %s: %s",
+            summary.get("id"),
+            summary.get("status"),
+            api.describe_costs(summary),
+        )
+        self.summary = summary  # also read by OpenLineage
+        return summary
 
-    def _check_estimate(self, context: Context, execution: dict[str, Any]) -> None:
-        """Log the hold and estimate; over ``max_estimated_cost``: cancel at once, fail without retries."""
-        cost.note_estimate(self, context, execution)
-        if not cost.over_limit(execution, self.max_estimated_cost):
-            return
-        try:
-            self.hook.cancel_execution(str(execution["id"]))
-            outcome = "cancelled it"
-        except ModelRouteError as exc:
-            outcome = f"could not cancel it ({exc}); cancel it in the ModelRoute dashboard"
-        raise cost.limit_error(execution, self.max_estimated_cost, outcome)
-
-    def _cancel(self, execution_id: str | None, reason: str) -> None:
-        """Best-effort cancel that says honestly what happened."""
-        if not (self.cancel_on_kill and execution_id):
-            return
+    def _cancel(self, execution_id: str | None, reason: str, *, force: bool = False) -> str:
+        """Best-effort cancel (if ``cancel_on_kill`` or ``force``) that says honestly what happened."""
+        if not ((self.cancel_on_kill or force) and execution_id):
+            return "left it running"
         try:
             result = self.hook.cancel_execution(execution_id)
         except Exception as exc:
@@ -394,11 +337,12 @@ class ModelRouteExecuteOperator(BaseOperator):
                 reason,
                 exc,
             )
-            return
+            return f"could not cancel it ({exc}); cancel it in the ModelRoute dashboard"
         if result is None:
             self.log.info("ModelRoute execution %s had already finished when %s", execution_id, reason)
-        else:
-            self.log.info("Cancelled ModelRoute execution %s because %s", execution_id, reason)
+            return "it had already finished"
+        self.log.info("Cancelled ModelRoute execution %s because %s", execution_id, reason)
+        return "cancelled it"
 
     def on_kill(self) -> None:
         self._cancel(self.execution_id, "the task was killed")
@@ -414,3 +358,43 @@ class ModelRouteExecuteOperator(BaseOperator):
         from airflow_provider_modelroute.lineage import execute_lineage
 
         return execute_lineage(self)
+
+
+class ModelRouteCancelExecutionOperator(BaseOperator):
+    """
+    Cancel a ModelRoute execution (its hold is released). One that has already finished is not an error.
+
+    Returns (XCom) the execution's summary after the cancel request, as the execute operator does.
+
+    :param execution_id: The ``exec_...`` id, e.g.
+        ``{{ ti.xcom_pull(task_ids='generate', key='execution_id') }}``. (templated)
+    :param modelroute_conn_id: The Airflow connection to ModelRoute.
+    """
+
+    template_fields: Sequence[str] = ("execution_id",)
+    ui_color = "#e3ecfa"
+
+    def __init__(self, *, execution_id: str, modelroute_conn_id: str = "modelroute_default", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.execution_id = execution_id
+        self.modelroute_conn_id = modelroute_conn_id
+
+    @cached_property
+    def hook(self) -> ModelRouteHook:
+        from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+
+        return ModelRouteHook(self.modelroute_conn_id)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        execution_id = str(self.execution_id)
+        answer = self.hook.cancel_execution(execution_id)  # None: it had already finished
+        if isinstance(answer, dict) and answer.get("status"):
+            execution = answer
+        else:
+            execution = self.hook.get_execution(execution_id)
+        status = execution.get("status")
+        if answer is None:
+            self.log.info("ModelRoute execution %s had already finished: it is %s", execution_id, status)
+        else:
+            self.log.info("Cancelled ModelRoute execution %s: it is now %s", execution_id, status)
+        return api.execution_summary(execution)

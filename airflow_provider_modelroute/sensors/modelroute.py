@@ -16,6 +16,7 @@ from airflow_provider_modelroute._compat import (
     conf,
 )
 from airflow_provider_modelroute.exceptions import ModelRouteExecutionTimeout, raise_for_execution
+from airflow_provider_modelroute.operators import deferral
 from airflow_provider_modelroute.operators.modelroute import ModelRouteExecutionLink
 
 if TYPE_CHECKING:
@@ -88,31 +89,24 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
         first = self.poke(context)  # an execution that is already done needs no deferral
         if first.is_done:
             return first.xcom_value
-        from airflow_provider_modelroute.operators.deferral import defer_to_trigger
-        from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
-
-        timeout = float(self.timeout) if self.timeout else None
-        wait = (
-            webhook.trigger_kwargs() if webhook is not None else {"poll_interval": float(self.poke_interval)}
+        deadline = time.time() + float(self.timeout) if self.timeout else None
+        trigger = deferral.make_trigger(
+            self.execution_id,
+            self.modelroute_conn_id,
+            poll_interval=float(self.poke_interval),
+            deadline=deadline,
+            webhook=webhook,
         )
-        trigger = ModelRouteExecutionTrigger(
-            execution_id=self.execution_id,
-            modelroute_conn_id=self.modelroute_conn_id,
-            deadline=time.time() + timeout if timeout else None,
-            **wait,
-        )
-        defer_to_trigger(self, context, trigger)
+        deferral.defer_to_trigger(self, context, trigger)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        from airflow_provider_modelroute.operators.deferral import execution_from_event, is_stale_resume
-
-        if is_stale_resume(context, event):
+        if deferral.is_stale_resume(context, event):
             self.log.info("Ignoring the event of try %s: this try pokes from the start", event["try_number"])
             return self.execute(context)
 
         try:
             limit = f"timeout={float(self.timeout):g} s (this sensor's `timeout` parameter)"
-            return execution_from_event(event, self.execution_id, limit=limit, final=True)
+            return deferral.execution_from_event(event, self.execution_id, limit=limit, final=True)
         except ModelRouteExecutionTimeout as exc:
             if self.soft_fail:
                 raise AirflowSkipException(f"Skipping (soft_fail): {exc}") from exc

@@ -1,7 +1,7 @@
 """ModelRouteExecutionTrigger: wait for an execution without holding a worker slot.
 
-The same trigger also serves non-deferrable waits (run in a private event loop on the worker), so
-there is exactly one polling loop in the provider.
+Non-deferrable waits run the same trigger in a private event loop on the worker, so the provider
+has one poll loop.
 """
 
 from __future__ import annotations
@@ -10,62 +10,49 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from airflow_provider_modelroute import api, metrics
 from airflow_provider_modelroute._compat import BaseTrigger, TriggerEvent
-from airflow_provider_modelroute.exceptions import (
-    ModelRouteApiError,
-    ModelRouteError,
-)
+from airflow_provider_modelroute.exceptions import ModelRouteApiError, ModelRouteError
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 
-if TYPE_CHECKING:
-    pass
-
-#: How long the trigger's on_kill may spend cancelling the execution.
+#: Polls that may fail in a row, each after its own HTTP retries, before the wait gives up.
+MAX_CONSECUTIVE_FAILURES = 5
+#: How long ``on_kill`` may spend cancelling the execution.
 CANCEL_TIMEOUT = 15.0
-#: The polls of one event loop (one triggerer) fall on a grid of the loop's clock, so that the
-#: triggers due at about the same time share one wake-up of the loop: at low concurrency, waking a
-#: mostly idle triggerer costs more CPU than the poll itself. The grid is at most this many seconds
-#: and a tenth of the poll interval, and narrow enough that a point of it holds about
-#: ``POLLS_PER_GRID_POINT`` of the loop's polls (no bursts at high concurrency, where wake-ups are
-#: shared anyway). A pause ends on the nearest point: a poll moves by at most half the grid, and polls
-#: come no later on average.
-POLL_GRID = 0.5
-POLLS_PER_GRID_POINT = 10
-#: A narrower grid is not used: polls that frequent already share the loop's wake-ups.
-MIN_POLL_GRID = 0.05
 
 
 def poll_grid(poll_interval: float, pollers: int) -> float:
-    """The width of the loop's poll grid for ``pollers`` triggers polling every ``poll_interval`` s."""
-    return min(POLL_GRID, poll_interval / 10, POLLS_PER_GRID_POINT * poll_interval / max(1, pollers))
+    """Width of the grid of the loop's clock that pauses end on, or 0 for none.
+
+    Polls due at about the same time then share one wake-up of a mostly idle triggerer. The grid is
+    at most 0.5 s and a tenth of the interval, with about ten polls per point (no bursts); below
+    50 ms polls share wake-ups anyway.
+    """
+    grid = min(0.5, poll_interval / 10, 10 * poll_interval / max(1, pollers))
+    return grid if grid >= 0.05 else 0.0
 
 
 class ModelRouteExecutionTrigger(BaseTrigger):
     """
     Poll a ModelRoute execution until it ends, its deadline passes, or polling keeps failing.
 
-    Yields exactly one event: ``{"status": "done", "execution": <summary>}`` once the execution is
-    terminal (COMPLETED or not), ``{"status": "timeout"}`` at the deadline, or
-    ``{"status": "error", "error": {...}}``. Every event carries ``execution_id`` (and
-    ``try_number``, when given). All requests of one API key in one process share one rate budget
-    (see ``RateBudget``), and the triggers of one event loop share one HTTP session per API origin.
+    Yields one event: ``{"status": "done", "execution": <summary>}`` once the execution is terminal
+    (COMPLETED or not), ``{"status": "timeout"}`` at the deadline, or ``{"status": "error", "error":
+    {...}}``. Every event carries ``execution_id`` (and ``try_number``, when given). Requests of one
+    API key share one rate budget; the triggers of one event loop share one HTTP session per origin.
 
     :param execution_id: The execution to wait for (``exec_...``).
     :param modelroute_conn_id: The Airflow connection to ModelRoute.
-    :param poll_interval: Seconds between polls (each jittered by ±10 % to spread the load, then
-        moved by at most 0.25 s so that the polls of one triggerer share wake-ups: ``POLL_GRID``).
+    :param poll_interval: Seconds between polls (jittered by ±10 %, then moved onto ``poll_grid``).
     :param deadline: Absolute unix time of the timeout event; None waits until the execution ends
         (ModelRoute itself expires executions that never finish).
     :param cancel_on_kill: Cancel the execution when a user kills the deferred task (Airflow 3.3+).
-    :param max_consecutive_failures: Polls that may fail in a row, each after its own HTTP retries,
-        before the wait gives up: one failed poll never ends a long wait.
     :param try_number: The deferring task's try, echoed in the event so that a later try can tell
-        that an event is not its own (see ``is_stale_resume``).
+        that an event is not its own.
     :param webhook_route: Webhook mode (``webhooks/mode.py``): the waiting task instance. The event
-        the receiver recorded for it is read first (an Airflow call); polling is the slow safety net.
+        the receiver recorded for it is read first; polling is the slow safety net.
     """
 
     def __init__(
@@ -75,7 +62,6 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         poll_interval: float = 5.0,
         deadline: float | None = None,
         cancel_on_kill: bool = False,
-        max_consecutive_failures: int = 5,
         try_number: int | None = None,
         webhook_route: dict[str, Any] | None = None,
     ) -> None:
@@ -85,7 +71,6 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         self.poll_interval = float(poll_interval)
         self.deadline = float(deadline) if deadline is not None else None
         self.cancel_on_kill = bool(cancel_on_kill)
-        self.max_consecutive_failures = int(max_consecutive_failures)
         self.try_number = try_number
         self.webhook_route = webhook_route
 
@@ -98,7 +83,6 @@ class ModelRouteExecutionTrigger(BaseTrigger):
                 "poll_interval": self.poll_interval,
                 "deadline": self.deadline,
                 "cancel_on_kill": self.cancel_on_kill,
-                "max_consecutive_failures": self.max_consecutive_failures,
                 "try_number": self.try_number,
                 "webhook_route": self.webhook_route,
             },
@@ -106,26 +90,22 @@ class ModelRouteExecutionTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         try:
-            event = await self._wait()
+            event = await self._delivered()
+            if event is not None:  # webhook mode: the receiver recorded the end before we deferred
+                self.log.info(
+                    "ModelRoute execution %s ended before the task deferred (webhook)", self.execution_id
+                )
+            else:
+                event = await self._poll()
         except ModelRouteApiError as exc:
-            event = self._error_event(exc)
+            fields = ("code", "message", "http_status", "retryable", "request_id")
+            event = {"status": "error", "error": {name: getattr(exc, name) for name in fields}}
         except Exception as exc:
             event = {"status": "error", "error": {"code": type(exc).__name__, "message": str(exc)}}
         event["execution_id"] = self.execution_id
         if self.try_number is not None:
             event["try_number"] = self.try_number
         yield TriggerEvent(event)
-
-    @staticmethod
-    def _error_event(exc: ModelRouteApiError) -> dict[str, Any]:
-        error = {
-            "code": exc.code,
-            "message": exc.message,
-            "http_status": exc.http_status,
-            "retryable": exc.retryable,
-            "request_id": exc.request_id,
-        }
-        return {"status": "error", "error": error}
 
     def _seconds_left(self) -> float:
         return float("inf") if self.deadline is None else self.deadline - time.time()
@@ -134,31 +114,30 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         await asyncio.sleep(max(0.0, min(seconds, self._seconds_left())))
 
     def _next_poll(self, pollers: int = 1) -> float:
-        """The pause before the next poll: jittered (widely in webhook mode, to spread the safety net),
-        then ending on the nearest point of the loop's poll grid (``pollers``: the triggers polling
-        the same API from this loop, this one included)."""
+        """The pause before the next poll: jittered (widely in webhook mode, to spread the safety
+        net), then ending on the nearest point of the loop's poll grid."""
         spread = 0.25 if self.webhook_route is not None else 0.1
         pause = self.poll_interval * random.uniform(1 - spread, 1 + spread)
         grid = poll_grid(self.poll_interval, pollers)
-        if grid < MIN_POLL_GRID:
+        if not grid:
             return pause
         now = asyncio.get_running_loop().time()
         return max(0.0, round((now + pause) / grid) * grid - now)
 
-    async def _wait(self) -> dict[str, Any]:
-        if self.webhook_route is not None:  # webhook mode: the event may already be here
-            from airflow_provider_modelroute.webhooks.mode import delivered_event
+    async def _delivered(self) -> dict[str, Any] | None:
+        """Webhook mode: the event the receiver recorded for this task, if any (None otherwise)."""
+        if self.webhook_route is None:
+            return None
+        from airflow_provider_modelroute.webhooks.mode import delivered_event
 
-            try:
-                delivered = await delivered_event(self.webhook_route, self.execution_id)
-            except Exception as exc:  # the safety net still ends the wait
-                self.log.warning("Could not read the recorded webhook event (%s); polling slowly", exc)
-                delivered = None
-            if delivered is not None:
-                self.log.info(
-                    "ModelRoute execution %s ended before the task deferred (webhook)", self.execution_id
-                )
-                return delivered
+        try:
+            return await delivered_event(self.webhook_route, self.execution_id)
+        except Exception as exc:  # the safety net still ends the wait
+            self.log.warning("Could not read the recorded webhook event (%s)", exc)
+            return None
+
+    async def _poll(self) -> dict[str, Any]:
+        if self.webhook_route is not None:  # the first delivery is likelier than a poll to end the wait
             await self._sleep(self._next_poll())
         failures = 0
         reported_unknown: set[str] = set()
@@ -168,16 +147,14 @@ class ModelRouteExecutionTrigger(BaseTrigger):
                 try:
                     execution = await client.get_execution(self.execution_id)
                 except ModelRouteError as exc:
-                    if not getattr(exc, "retryable", False):
-                        raise
                     failures += 1
-                    if failures >= self.max_consecutive_failures:
+                    if not getattr(exc, "retryable", False) or failures >= MAX_CONSECUTIVE_FAILURES:
                         raise
                     self.log.warning(
                         "Polling ModelRoute execution %s failed (%d of %d in a row): %s",
                         self.execution_id,
                         failures,
-                        self.max_consecutive_failures,
+                        MAX_CONSECUTIVE_FAILURES,
                         exc,
                     )
                     await self._sleep(max(client.core.backoff(failures), self.poll_interval))
@@ -197,8 +174,22 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         return {"status": "timeout"}
 
     async def on_kill(self) -> None:
-        """Cancel the execution when a user kills the deferred task (called by Airflow 3.3+)."""
-        if await self._ended_by_webhook() or not self.cancel_on_kill:
+        """Cancel the execution when a user kills the deferred task (called by Airflow 3.3+).
+
+        Not when a webhook delivered its end: the receiver resumed the task, and Airflow then stops
+        this trigger through ``on_kill`` (it logs that as a user action).
+        """
+        delivered = await self._delivered()
+        if delivered is not None:
+            self.log.info(
+                "ModelRoute execution %s ended (%s) and the task resumed from its webhook (event %s): "
+                "this wait is over, nothing was cancelled",
+                self.execution_id,
+                delivered.get("execution", {}).get("status"),
+                delivered.get("webhook_event_id"),
+            )
+            return
+        if not self.cancel_on_kill:
             return
         try:
             async with ModelRouteHook(self.modelroute_conn_id).async_client() as client:
@@ -217,25 +208,3 @@ class ModelRouteExecutionTrigger(BaseTrigger):
             )
         else:
             self.log.info("The task was killed; cancelled ModelRoute execution %s", self.execution_id)
-
-    async def _ended_by_webhook(self) -> bool:
-        """True when a webhook delivered this execution's end: the receiver resumed the task, and
-        Airflow then stops this trigger through ``on_kill`` (it logs that as a user action)."""
-        if self.webhook_route is None:
-            return False
-        from airflow_provider_modelroute.webhooks.mode import delivered_event
-
-        try:
-            delivered = await delivered_event(self.webhook_route, self.execution_id)
-        except Exception:
-            return False
-        if delivered is None:
-            return False
-        self.log.info(
-            "ModelRoute execution %s ended (%s) and the task resumed from its webhook (event %s): "
-            "this wait is over, nothing was cancelled",
-            self.execution_id,
-            delivered.get("execution", {}).get("status"),
-            delivered.get("webhook_event_id"),
-        )
-        return True

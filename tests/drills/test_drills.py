@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_modelroute._compat import AIRFLOW_V_3_0_PLUS
+from tests.airflow_versions import AIRFLOW_V_3_0_PLUS
 from tests.drills.harness import (
     CONNECTION_EXTRAS,
     EXAMPLE_DAG,

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_modelroute._compat import AIRFLOW_V_3_0_PLUS
+from tests.airflow_versions import AIRFLOW_V_3_0_PLUS
 from tests.drills.browser import MISSING_REASON, headless_chromium
 from tests.drills.harness import EXAMPLE_DAG, REPO, AirflowStack
 

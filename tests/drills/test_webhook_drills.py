@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS, TRIGGER_ON_KILL_SUPPORTED
 from airflow_provider_modelroute.webhooks.mode import sign
+from tests.airflow_versions import AIRFLOW_V_3_1_PLUS, TRIGGER_ON_KILL_SUPPORTED
 from tests.drills.harness import PYTHON, AirflowStack, DrillError, wait_for
 
 pytestmark = [

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_modelroute._compat import AIRFLOW_V_3_0_PLUS
+from tests.airflow_versions import AIRFLOW_V_3_0_PLUS
 from tests.drills.harness import REPO, wait_for
 from tests.drills_distributed.batch import (
     AWAITING_WEBHOOK_SECONDS,
