@@ -87,4 +87,4 @@ dist: $(UV)
 # The built wheel installed with plain pip into fresh venvs (Airflow 3.3 and 2.11), running the
 # README's first DAG to a landed file (slow: two Airflow installs; tests/test_dist.py).
 test-dist: dist $(STAMP)
-	$(PY) -m pytest tests/test_dist.py -m dist -n 2
+	MODELROUTE_WHEEL="$$(ls dist/*.whl)" $(PY) -m pytest tests/test_dist.py -m dist -n 2 -rA
