@@ -7,6 +7,7 @@ import inspect
 import json
 import os
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,12 @@ def python_blocks(path: Path) -> list[str]:
 
 
 SNIPPETS = python_blocks(REPO / "README.md")
-#: Whole programs of the README and docs/; an indented snippet is a fragment of the one before it.
+#: Whole programs of the README and docs/; a snippet without imports is a part of the one before it.
 PROGRAMS = {
     f"{path.relative_to(REPO)}#{i}": snippet
     for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
     for i, snippet in enumerate(python_blocks(path))
-    if not snippet.startswith(" ")
+    if "import " in snippet
 }
 
 
@@ -58,8 +59,8 @@ def test_snippet_runs(name: str, tmp_path: Path) -> None:
 
 
 FIRST_DAG = next(s for s in SNIPPETS if 'DAG("daily_images"' in s)
-#: The README's S3 variant: the lines that replace the first DAG's destination.
-S3_LINES = next(s for s in SNIPPETS if "s3://my-bucket" in s)
+#: The README's S3 variant: the store task that replaces the first DAG's.
+S3_STORE = next(s for s in SNIPPETS if "s3://my-bucket" in s)
 LOCAL_DESTINATION = "file:///tmp/modelroute/images/"
 
 
@@ -67,8 +68,9 @@ def first_dag(dag_id: str, destination_root: str, s3: bool = False) -> Any:
     """The README's first DAG (its S3 variant if asked), its output moved under ``destination_root``."""
     text = FIRST_DAG.replace('"daily_images"', f'"{dag_id}"')
     if s3:
-        destination_line = next(line for line in text.splitlines() if "destination=" in line)
-        text = text.replace(destination_line + "\n", S3_LINES)
+        local_store = re.search(r"^    store = .*?^    \)\n", text, flags=re.M | re.S)
+        assert local_store is not None
+        text = text.replace(local_store.group(0), textwrap.indent(S3_STORE, "    "))
     namespace: dict = {}
     exec(compile(text.replace(LOCAL_DESTINATION, destination_root), "README.md", "exec"), namespace)
     return namespace["dag"]
@@ -77,7 +79,7 @@ def first_dag(dag_id: str, destination_root: str, s3: bool = False) -> Any:
 def test_first_dag_needs_no_logical_date() -> None:
     """A manual run on Airflow 3 has no logical date: the first DAG must not use one."""
     for variable in ("ds", "ds_nodash", "logical_date", "execution_date", "ts"):
-        assert not re.search(r"{{[^}]*\b" + variable + r"\b", FIRST_DAG + S3_LINES), variable
+        assert not re.search(r"{{[^}]*\b" + variable + r"\b", FIRST_DAG + S3_STORE), variable
     assert "{{ run_id }}" in FIRST_DAG and LOCAL_DESTINATION in FIRST_DAG
     assert "airflow.sdk" not in FIRST_DAG.replace("airflow.providers.common.compat.sdk", "")
 
