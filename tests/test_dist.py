@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import pytest
 from airflow_provider_modelroute.testing.remote import RemoteModelRouteServer
 from tests.conftest import REPO
 from tests.test_readme import FIRST_DAG, LOCAL_DESTINATION, quickstart_block
+from tests.test_server_cli import cli
 from tests.waiting import wait_for
 
 pytestmark = [
@@ -63,24 +63,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_server(command_line: str, port: int, log: Path) -> Iterator[RemoteModelRouteServer]:
+def local_server(command_line: str, port: int) -> Iterator[RemoteModelRouteServer]:
     """The README's server command, run by the development environment's Python, until it is ready."""
     args = command_line.removeprefix(SERVER_COMMAND).split(">")[0].replace("9494", str(port)).split()
-    with log.open("w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "airflow_provider_modelroute.testing", *args],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            start_new_session=True,
-        )
-    try:
-        assert process.stdout is not None
-        info = json.loads(process.stdout.readline())  # its one JSON line says it is ready
+    with cli(*args, terminal=False) as (info, _):
         yield RemoteModelRouteServer(info["admin_url"])
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
 
 
 @pytest.mark.parametrize("airflow_version", list(AIRFLOW_PINS))
@@ -130,7 +117,7 @@ def test_wheel_runs_the_readme_first_dag(wheel: Path, airflow_version: str, tmp_
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
     }
-    with local_server(server_line, port, tmp_path / "server.log") as server:
+    with local_server(server_line, port) as server:
         run = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", script],
             env=env,
