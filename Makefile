@@ -75,3 +75,16 @@ clean:
 .PHONY: drills-distributed
 drills-distributed: $(STAMP)
 	MODELROUTE_DRILLS_DISTRIBUTED=1 $(PY) -m pytest tests/drills_distributed -m drill -q -s
+
+# The release: sdist and wheel in dist/ (uv build), checked with twine; the version is __version__ in
+# airflow_provider_modelroute/__init__.py.
+.PHONY: dist test-dist
+dist: $(UV)
+	rm -rf dist
+	$(UV) build --quiet --out-dir dist
+	$(UV) tool run --quiet twine check --strict dist/*
+
+# The built wheel installed with plain pip into fresh venvs (Airflow 3.3 and 2.11), running the
+# README's first DAG to a landed file (slow: two Airflow installs; tests/test_dist.py).
+test-dist: dist $(STAMP)
+	MODELROUTE_WHEEL="$$(ls dist/*.whl)" $(PY) -m pytest tests/test_dist.py -m dist -n 2 -rA

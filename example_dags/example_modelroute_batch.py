@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from airflow.sdk import DAG, Asset, Param, task
+# Airflow 2.11 and 3.x alike (the common-compat provider comes with this one)
+from airflow.providers.common.compat.sdk import DAG, Asset, Param, task
 
 from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
 from airflow_provider_modelroute.transfers.modelroute import ModelRouteToStorageOperator

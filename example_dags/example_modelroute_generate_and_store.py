@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import DAG, Asset, Param, task
+# Airflow 2.11 and 3.x alike (the common-compat provider comes with this one)
+from airflow.providers.common.compat.sdk import DAG, Asset, Param, task
 
 from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
 from airflow_provider_modelroute.sensors.modelroute import ModelRouteExecutionSensor

@@ -10,7 +10,8 @@ import base64
 from datetime import datetime
 from pathlib import Path
 
-from airflow.sdk import DAG, Asset, Param, task
+# Airflow 2.11 and 3.x alike (the common-compat provider comes with this one)
+from airflow.providers.common.compat.sdk import DAG, Asset, Param, task
 
 from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
 from airflow_provider_modelroute.transfers.modelroute import (

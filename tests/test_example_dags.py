@@ -10,9 +10,9 @@ import pytest
 
 from airflow_provider_modelroute.testing import ModelRouteServer
 from airflow_provider_modelroute.testing.dialects import Dialect
-from tests.conftest import REPO, dag_bag, needs_airflow_sdk, run_dag, task_states, xcom
+from tests.conftest import REPO, dag_bag, run_dag, task_states, xcom
 
-pytestmark = [pytest.mark.usefixtures("airflow_db"), needs_airflow_sdk("every example DAG")]
+pytestmark = pytest.mark.usefixtures("airflow_db")
 
 EXAMPLES = REPO / "example_dags"
 

@@ -1,18 +1,15 @@
-"""The README runs as written: its Python snippets, and its quickstart from install to s3://."""
+"""The README runs as written: its Python snippets, and its first DAG on file:// and s3://."""
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import inspect
+import json
 import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-from importlib.metadata import version
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,68 +17,112 @@ from airflow_provider_modelroute.testing import ModelRouteServer
 from airflow_provider_modelroute.testing.dialects import Dialect
 from tests.conftest import REPO, S3Bucket, needs_airflow_sdk, run_dag, task_states, xcom
 
-SNIPPETS = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL)
+
+
+SNIPPETS = python_blocks(REPO / "README.md")
+#: Whole programs of the README and docs/; a snippet without imports is a part of the one before it.
+PROGRAMS = {
+    f"{path.relative_to(REPO)}#{i}": snippet
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    for i, snippet in enumerate(python_blocks(path))
+    if "import " in snippet
+}
 
 
 def test_readme_has_snippets() -> None:
-    assert len(SNIPPETS) >= 2
+    assert len(PROGRAMS) >= 4 and len(SNIPPETS) >= 2
 
 
 @pytest.mark.parametrize(
-    "index",
+    "name",
     [
-        pytest.param(i, marks=needs_airflow_sdk(f"README snippet #{i}")) if "airflow.sdk" in s else i
-        for i, s in enumerate(SNIPPETS)
+        pytest.param(name, marks=needs_airflow_sdk(name)) if "from airflow.sdk" in s else name
+        for name, s in PROGRAMS.items()
     ],
 )
-def test_snippet_runs(index: int, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_snippet_runs(name: str, tmp_path: Path) -> None:
     saved = dict(os.environ)
-    namespace: dict = {"__name__": f"readme_snippet_{index}"}
+    namespace: dict = {"__name__": "snippet"}
     try:
-        exec(compile(SNIPPETS[index], f"README.md[python #{index}]", "exec"), namespace)
+        exec(compile(PROGRAMS[name], name, "exec"), namespace)
         tests = [f for name, f in namespace.items() if name.startswith("test_") and callable(f)]
         for test in tests:
             test(**({"tmp_path": tmp_path} if "tmp_path" in inspect.signature(test).parameters else {}))
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    if "DAG(" in SNIPPETS[index]:
+    if "DAG(" in PROGRAMS[name]:
         assert any(type(v).__name__ == "DAG" for v in namespace.values())
 
 
 FIRST_DAG = next(s for s in SNIPPETS if 'DAG("daily_images"' in s)
+#: The README's S3 variant: the store task that replaces the first DAG's.
+S3_STORE = next(s for s in SNIPPETS if "s3://my-bucket" in s)
+LOCAL_DESTINATION = "file:///tmp/modelroute/images/"
 
 
-@needs_airflow_sdk("the README's first DAG")
+def first_dag(dag_id: str, destination_root: str, s3: bool = False) -> Any:
+    """The README's first DAG (its S3 variant if asked), its output moved under ``destination_root``."""
+    text = FIRST_DAG.replace('"daily_images"', f'"{dag_id}"')
+    if s3:
+        local_store = re.search(r"^    store = .*?^    \)\n", text, flags=re.M | re.S)
+        assert local_store is not None
+        text = text.replace(local_store.group(0), textwrap.indent(S3_STORE, "    "))
+    namespace: dict = {}
+    exec(compile(text.replace(LOCAL_DESTINATION, destination_root), "README.md", "exec"), namespace)
+    return namespace["dag"]
+
+
+def test_first_dag_needs_no_logical_date() -> None:
+    """A manual run on Airflow 3 has no logical date: the first DAG must not use one."""
+    for variable in ("ds", "ds_nodash", "logical_date", "execution_date", "ts"):
+        assert not re.search(r"{{[^}]*\b" + variable + r"\b", FIRST_DAG + S3_STORE), variable
+    assert "{{ run_id }}" in FIRST_DAG and LOCAL_DESTINATION in FIRST_DAG
+    assert "airflow.sdk" not in FIRST_DAG.replace("airflow.providers.common.compat.sdk", "")
+
+
 @pytest.mark.usefixtures("airflow_db")
 @pytest.mark.parametrize("deferrable", [True, False], ids=["deferrable", "in-worker"])
 def test_first_dag_runs_in_every_dialect(
-    server: ModelRouteServer,
-    dialect: Dialect,
-    s3_bucket: S3Bucket,
-    monkeypatch: pytest.MonkeyPatch,
-    deferrable: bool,
+    server: ModelRouteServer, dialect: Dialect, tmp_path: Path, deferrable: bool
 ) -> None:
-    dag_id = f"daily_images_{dialect.name}_{deferrable}"
-    namespace: dict = {}
-    exec(compile(FIRST_DAG.replace('"daily_images"', f'"{dag_id}"'), "README.md", "exec"), namespace)
-    dag = namespace["dag"]
+    dag = first_dag(f"daily_images_{dialect.name}_{deferrable}", f"{tmp_path.as_uri()}/")
     dag.get_task("generate").deferrable = deferrable
     dag.get_task("generate").poll_interval = 0.05
-    # the README's destination, moved to a moto bucket (as aws_default)
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", os.environ[f"AIRFLOW_CONN_{s3_bucket.conn_id.upper()}"])
-    to_s3 = dag.get_task("to_s3")
-    to_s3.destination = to_s3.destination.replace("my-bucket", s3_bucket.name)
     dr = run_dag(dag)
     assert dr.state == "success", task_states(dr)
-    assert task_states(dr) == {"generate": "success", "to_s3": "success"}
+    assert task_states(dr) == {"generate": "success", "store": "success"}
     assert server.stats()["executions_created"] == 1
-    (on_s3,) = xcom(dr, "to_s3")
-    assert on_s3["sha256"] == server.file_info(on_s3["file_id"])["sha256"]
-    assert len(s3_bucket.keys("images/")) == 1
+    (stored,) = xcom(dr, "store")
+    (landed,) = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert landed.parent.name == dr.run_id  # one folder per run
+    assert hashlib.sha256(landed.read_bytes()).hexdigest() == stored["sha256"]
+    assert stored["sha256"] == server.file_info(stored["file_id"])["sha256"]
 
 
-# --- the quickstart, from install to a DAG that stores to s3:// -----------------------------------
+@pytest.mark.usefixtures("airflow_db")
+def test_first_dag_stores_on_s3(
+    server: ModelRouteServer, s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's S3 lines, on a moto bucket standing in for ``my-bucket`` (as ``aws_default``)."""
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", os.environ[f"AIRFLOW_CONN_{s3_bucket.conn_id.upper()}"])
+    dag = first_dag("daily_images_s3", LOCAL_DESTINATION, s3=True)
+    store = dag.get_task("store")
+    assert store.destination_conn_id == "aws_default"
+    store.destination = store.destination.replace("my-bucket", s3_bucket.name)
+    dag.get_task("generate").poll_interval = 0.05
+    dr = run_dag(dag)
+    assert dr.state == "success", task_states(dr)
+    (stored,) = xcom(dr, "store")
+    (key,) = s3_bucket.keys("images/")
+    assert stored["sha256"] == server.file_info(stored["file_id"])["sha256"]
+    assert hashlib.sha256(s3_bucket.read(key)).hexdigest() == stored["sha256"]
+
+
+# --- the quickstart block: tests/test_dist.py runs it on the built wheel ------------------------
 
 QUICKSTART_MARK = "<!-- readme-test: quickstart"
 
@@ -92,75 +133,18 @@ def quickstart_block() -> str:
     return after[after.index("```sh\n") + len("```sh\n") : after.index("\n```", after.index("```sh"))]
 
 
-def uv_binary() -> str | None:
-    return shutil.which("uv") or next((str(p) for p in [REPO / ".uv" / "bin" / "uv"] if p.exists()), None)
+def test_quickstart_block_is_what_the_wheel_test_runs() -> None:
+    lines = quickstart_block().splitlines()
+    assert lines[0].startswith("python -m airflow_provider_modelroute.testing ")
+    assert any(line.startswith("export AIRFLOW_CONN_MODELROUTE_DEFAULT=") for line in lines)
+    assert "airflow db migrate" in lines and "airflow dags test daily_images" in lines
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def test_quickstart_connection_line_matches_the_stable_key() -> None:
+    """The README's fixed connection line is what ``--port 9494 --stable-key`` serves."""
+    from airflow_provider_modelroute.testing.__main__ import STABLE_API_KEY
 
-
-@pytest.mark.drill  # ~3 min: a fresh virtualenv, `airflow db migrate` and a DAG run
-@needs_airflow_sdk("the quickstart DAG")
-def test_quickstart_runs_from_install_to_s3(tmp_path: Path, moto_s3_endpoint: str) -> None:
-    """The README's commands as a new user runs them: fresh venv and AIRFLOW_HOME, S3 on moto."""
-    import boto3
-
-    uv = uv_binary()
-    if uv is None:
-        pytest.skip("uv is needed to install Airflow in seconds (make setup provides .uv/bin/uv)")
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=moto_s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="x",
-        aws_secret_access_key="x",
-    )
-    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
-        s3.create_bucket(Bucket="my-bucket")
-    home, venv = tmp_path / "home", tmp_path / "venv"
-    subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
-    dag_snippet = next(s for s in SNIPPETS if '"daily_images"' in s)
-    (home / "airflow" / "dags").mkdir(parents=True)
-    (home / "airflow" / "dags" / "daily_images.py").write_text(dag_snippet)  # "Save this as ..."
-
-    # What differs from a user's machine: the source is this checkout (no network), uv stands in for
-    # pip (same arguments) with the Airflow under test, a free port, and S3 is moto.
-    port = str(free_port())
-    script = (
-        quickstart_block()
-        .replace("git+https://github.com/modelroute/airflow-provider-modelroute", REPO.as_uri())
-        .replace(
-            "pip install ", f'"{uv}" pip install --quiet "apache-airflow=={version("apache-airflow")}" ', 1
-        )
-        .replace("9494", port)
-    )
-    env = {
-        **{name: value for name, value in os.environ.items() if not name.startswith("AIRFLOW")},
-        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
-        "HOME": str(home),
-        "VIRTUAL_ENV": str(venv),
-        "UV_CACHE_DIR": os.environ.get("UV_CACHE_DIR", str(Path.home() / ".cache" / "uv")),
-        "AWS_ENDPOINT_URL": moto_s3_endpoint,
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-    }
-    process = subprocess.Popen(
-        ["bash", "-euo", "pipefail", "-c", script],
-        env=env,
-        cwd=home,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # the backgrounded server too: ended with the whole group below
-    )
-    try:
-        output, _ = process.communicate(timeout=900)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-    assert process.returncode == 0, f"the quickstart failed:\n{output[-8000:]}"
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="my-bucket", Prefix="images/").get("Contents", [])]
-    assert len(keys) == 1 and keys[0].endswith(".png"), keys
-    assert s3.get_object(Bucket="my-bucket", Key=keys[0])["Body"].read().startswith(b"\x89PNG")
+    (line,) = [line for line in quickstart_block().splitlines() if line.startswith("export AIRFLOW_CONN_")]
+    conn = json.loads(line.split("=", 1)[1].strip("'"))
+    assert conn["password"] == STABLE_API_KEY
+    assert conn["host"] == "http://127.0.0.1:9494"
