@@ -24,7 +24,7 @@ from airflow_provider_modelroute.exceptions import (
     ModelRouteRateLimitError,
     ModelRouteTransferError,
 )
-from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, ModelRouteHook
 from airflow_provider_modelroute.testing import ModelRouteServer
 from airflow_provider_modelroute.testing.dialects import Dialect
 from airflow_provider_modelroute.testing.wire import CODE_STATUSES
@@ -362,7 +362,7 @@ def test_rate_limit_headers_are_read(
         hook = ModelRouteHook("mr")
         started = time.time()
         created = hook.create_execution("test-image", {"prompt": "p"})
-        seen = hook.core.rate_limit
+        seen = hook.transport.rate_limit
         assert seen.limit == 3
         if reset == "absent":  # no window end: Remaining cannot pace, Retry-After will
             assert seen.remaining is None and seen.reset is None
@@ -375,7 +375,7 @@ def test_rate_limit_headers_are_read(
         assert small.stats()["rate_limited"] == (1 if reset == "absent" else 0)
 
 
-def test_async_client_is_not_paced_without_a_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_async_hook_is_not_paced_without_a_reset(monkeypatch: pytest.MonkeyPatch) -> None:
     with ModelRouteServer(
         rate_limit=3, rate_window=2.0, processing_seconds=30, dialect="literal,rate_limit_reset=absent"
     ) as small:
@@ -383,7 +383,7 @@ def test_async_client_is_not_paced_without_a_reset(monkeypatch: pytest.MonkeyPat
         created = ModelRouteHook("mr").create_execution("test-image", {"prompt": "p"})
 
         async def poll(times: int) -> None:
-            async with ModelRouteHook("mr").async_client() as client:
+            async with ModelRouteAsyncHook("mr") as client:
                 for _ in range(times):
                     await client.get_execution(created["id"])
 
@@ -451,13 +451,13 @@ def test_an_empty_key_fails_before_any_request(
 
 
 def test_missing_connection_fails_at_once_naming_it(server: ModelRouteServer) -> None:
-    async def open_async_client() -> None:
-        async with ModelRouteHook("nowhere").async_client():
+    async def open_async_hook() -> None:
+        async with ModelRouteAsyncHook("nowhere"):
             pass
 
     for attempt in (
         lambda: ModelRouteHook("nowhere").get_execution("exec_1"),
-        lambda: asyncio.run(open_async_client()),
+        lambda: asyncio.run(open_async_hook()),
     ):
         with pytest.raises(
             ModelRouteConfigError, match="connection 'nowhere' does not exist: create it"
@@ -491,7 +491,7 @@ def test_base_url_normalisation(
     server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch, host: str | None, expected: str
 ) -> None:
     use_connection(monkeypatch, server, fields={"host": host})
-    assert ModelRouteHook("mr").core.settings.base_url == expected
+    assert ModelRouteHook("mr").transport.settings.base_url == expected
 
 
 def test_secrets_never_in_logs_errors_or_reprs(
@@ -508,14 +508,14 @@ def test_secrets_never_in_logs_errors_or_reprs(
     done = wait_until_terminal(hook, created["id"])
     server.dialect = "presigned"  # /download answers the URL document: a signature to keep secret
     download = hook.download_file(api.result_files(done)[0]["file_id"])
-    signature = str(download._source.url).split("Signature=")[1].split("&")[0]  # type: ignore[attr-defined]
+    signature = str(download._url).split("Signature=")[1].split("&")[0]
     for _ in download:
         pass
     captured = capsys.readouterr()
     logs = caplog.text + captured.out + captured.err  # Airflow 3 logs hooks through structlog (stdout)
     assert "retry" in logs.lower()  # the retries were logged...
     assert "/files/" in logs  # ...and so was the storage request (urllib3 debug line)...
-    texts = [logs, str(err.value), repr(err.value), repr(hook.core.settings), repr(hook.core)]
+    texts = [logs, str(err.value), repr(err.value), repr(hook.transport.settings), repr(hook.transport)]
     for text in texts:  # ...and none of this carries a secret
         assert server.api_key not in text
         assert signature not in text
@@ -536,13 +536,13 @@ def test_test_connection(server: ModelRouteServer, dialect: Dialect, monkeypatch
 # --- async twin --------------------------------------------------------------------------------
 
 
-def test_async_client_reads_retries_and_cancels(server: ModelRouteServer) -> None:
+def test_async_hook_reads_retries_and_cancels(server: ModelRouteServer) -> None:
     hook = ModelRouteHook()
     created = hook.create_execution("test-image", {"prompt": "a", "_simulate": {"seconds": 30}})
     server.add_fault("GET /v1/executions/{id}", "error", count=2, code="MODEL_OVERLOADED")
 
     async def run() -> tuple[dict, dict | None]:
-        async with hook.async_client() as client:
+        async with ModelRouteAsyncHook() as client:
             doc = await client.get_execution(created["id"])
             return doc, await client.cancel_execution(created["id"])
 
@@ -552,9 +552,9 @@ def test_async_client_reads_retries_and_cancels(server: ModelRouteServer) -> Non
     assert server.stats()["requests"]["GET /v1/executions/{id}"] == 3
 
 
-def test_async_client_raises_the_same_error_model(server: ModelRouteServer) -> None:
+def test_async_hook_raises_the_same_error_model(server: ModelRouteServer) -> None:
     async def run() -> None:
-        async with ModelRouteHook().async_client() as client:
+        async with ModelRouteAsyncHook() as client:
             await client.get_execution("exec_00000000-0000-0000-0000-00000000abcd")
 
     with pytest.raises(ModelRouteNotFoundError):

@@ -1,20 +1,23 @@
-"""ModelRouteHook: the ModelRoute API for tasks (sync) and triggers (async), one error model.
+"""ModelRouteHook (tasks, requests) and ModelRouteAsyncHook (triggers, aiohttp), side by side.
 
-The sync calls use one ``requests.Session`` per hook; triggers get a :class:`ModelRouteAsyncClient`
-from :meth:`ModelRouteHook.async_client`. Both go through one :class:`ApiCore` (URLs, headers,
-error parsing, retry policy), so the two paths cannot drift apart. The readings of ``/download``
-live in ``hooks/download.py``, presigned-URL transfers in ``hooks/storage.py``, pacing in
-``hooks/rate_budget.py``, TLS and proxies in ``hooks/network.py``.
+Both read the connection into one :class:`~airflow_provider_modelroute.hooks.transport.Transport`
+(settings, TLS and proxies, error model, retry policy, rate budget), so the two paths cannot drift
+apart. Presigned-URL transfers live in ``hooks/storage.py``. aiohttp is imported when the first
+async session opens, never at import time: DAG files import this module at every parse.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import astuple
 from functools import cached_property
-from typing import IO, Any
-from urllib.parse import quote
+from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
 
 import requests
 import tenacity
@@ -24,6 +27,7 @@ from airflow_provider_modelroute._compat import (
     AirflowNotFoundException,
     BaseHook,
     aget_connection,
+    mask_secret,
 )
 from airflow_provider_modelroute.exceptions import (
     ModelRouteApiError,
@@ -31,31 +35,60 @@ from airflow_provider_modelroute.exceptions import (
     ModelRouteConfigError,
     ModelRouteError,
 )
-from airflow_provider_modelroute.hooks.async_client import ModelRouteAsyncClient
-from airflow_provider_modelroute.hooks.core import ApiCore, execution_path
-from airflow_provider_modelroute.hooks.download import ApiDownloadSource
-from airflow_provider_modelroute.hooks.network import route
-from airflow_provider_modelroute.hooks.settings import ConnectionSettings
-from airflow_provider_modelroute.hooks.storage import FileDownload, StorageClient, check_storage_url
-from airflow_provider_modelroute.hooks.webhook_endpoints import WebhookEndpointsMixin
+from airflow_provider_modelroute.hooks.storage import (
+    FileDownload,
+    StorageClient,
+    check_storage_url,
+    local_address,
+)
+from airflow_provider_modelroute.hooks.transport import ConnectionSettings, Route, Transport, api_path
 from airflow_provider_modelroute.provider_info import CONN_TYPE, connection_form_widgets, ui_field_behaviour
 
+if TYPE_CHECKING:
+    import aiohttp
+
 _PROBE_EXECUTION_ID = "exec_00000000-0000-0000-0000-000000000000"
+_ENDPOINTS = "/webhooks/endpoints"
+_UPDATABLE = frozenset({"url", "description", "events", "headers", "is_active"})
+#: Idle keep-alive connections are kept longer than the usual poll intervals (no reconnect per poll)
+#: and shorter than the idle timeouts of common load balancers (60 s and up).
+_KEEPALIVE_EXPIRY = 50.0
+#: Connections to one origin per event loop; more requests at once wait for a free connection.
+_MAX_CONNECTIONS = 100
 
 
-class ModelRouteHook(WebhookEndpointsMixin, BaseHook):
-    """
-    Talk to the ModelRoute API: executions, results, cancellation, file downloads and uploads.
+def check_execution_request(model: Any, input: Any) -> None:
+    """Refuse a request the API would refuse for its shape alone: no model slug, or input not an object."""
+    if not isinstance(model, str) or not model.strip():
+        raise ModelRouteConfigError("model must be a non-empty model slug, e.g. model='flux-1.1-pro'")
+    if not isinstance(input, dict):
+        raise ModelRouteConfigError(
+            f"input must be a dict (the model's input object), got {type(input).__name__}"
+        )
 
-    The connection holds the API key in its password and, optionally, the base URL in its host
-    (default ``https://api.modelroute.ai``). Extras tune timeouts (``timeout``, ``connect_timeout``),
-    retries (``max_retries``, ``retry_base_wait``, ``retry_max_wait``, ``retry_deadline``),
-    ``dashboard_url``, TLS (``ca_bundle``, ``client_cert``, ``client_key``; see ``hooks/network.py``
-    for these and the proxy variables), and ``allow_insecure_storage_urls`` (local testing only).
-    Webhook endpoints: ``hooks/webhook_endpoints.py``.
 
-    :param modelroute_conn_id: The Airflow connection to use.
-    """
+@contextlib.contextmanager
+def _reading(conn_id: str) -> Iterator[None]:
+    """Around a connection lookup: "not found" says how to create it; any other failure surfaces as
+    itself, naming the connection (a retry may help, so it does not fail the task at once)."""
+    try:
+        yield
+    except AirflowNotFoundException:
+        raise ModelRouteConfigError(
+            f"Airflow connection {conn_id!r} does not exist: create it (type {CONN_TYPE!r}, the API key in "
+            "its API key field, `password` in JSON) or set modelroute_conn_id to an existing one. If it "
+            "exists, Airflow could not read it: its log names the secrets backend's error"
+        ) from None
+    except ModelRouteError:
+        raise
+    except Exception as exc:
+        raise ModelRouteError(
+            f"Could not read Airflow connection {conn_id!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+class _ModelRouteBaseHook(BaseHook):
+    """What both hooks share: the connection id and the form of its connection type."""
 
     conn_name_attr = "modelroute_conn_id"
     default_conn_name = "modelroute_default"
@@ -66,8 +99,7 @@ class ModelRouteHook(WebhookEndpointsMixin, BaseHook):
         super().__init__(**kwargs)
         self.modelroute_conn_id = modelroute_conn_id
 
-    # -- connection form (Airflow 2.11; 3.2+ reads the same definitions from provider info) --
-
+    # Airflow 2.11 reads the form here; 3.2+ reads the same definitions from provider info.
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
         return ui_field_behaviour()
@@ -76,103 +108,88 @@ class ModelRouteHook(WebhookEndpointsMixin, BaseHook):
     def get_connection_form_widgets(cls) -> dict[str, Any]:
         return connection_form_widgets()
 
-    # -- plumbing ---------------------------------------------------------------------------
+
+class ModelRouteHook(_ModelRouteBaseHook):
+    """
+    Talk to the ModelRoute API: executions, cancellation, file downloads and uploads, webhook endpoints.
+
+    The connection holds the API key in its password and, optionally, the base URL in its host
+    (default ``https://api.modelroute.ai``). Extras tune timeouts (``timeout``, ``connect_timeout``),
+    retries (``max_retries``, ``retry_base_wait``, ``retry_max_wait``, ``retry_deadline``),
+    ``dashboard_url``, TLS (``ca_bundle``, ``client_cert``, ``client_key``), and
+    ``allow_insecure_storage_urls`` (local testing only).
+
+    :param modelroute_conn_id: The Airflow connection to use.
+    """
 
     @cached_property
-    def core(self) -> ApiCore:
-        try:
+    def transport(self) -> Transport:
+        with _reading(self.modelroute_conn_id):
             conn = self.get_connection(self.modelroute_conn_id)
-        except AirflowNotFoundException:
-            raise ConnectionSettings.missing(self.modelroute_conn_id) from None
-        return ApiCore(ConnectionSettings.from_connection(conn), self.log)
+        return Transport(ConnectionSettings.from_connection(conn), self.log)
 
     @cached_property
     def session(self) -> requests.Session:
         session = requests.Session()
-        session.trust_env = False  # CA bundle and proxies come from ``network.route``, as for triggers
-        session.headers.update(self.core.headers)
+        session.trust_env = False  # CA bundle and proxies come from ``Transport.route``, as for triggers
+        session.headers.update(self.transport.headers)
         return session
 
     @cached_property
-    def _route_options(self) -> dict[str, Any]:
-        return route(self.core.settings, self.core.settings.base_url).requests_options()
+    def _options(self) -> dict[str, Any]:
+        return self.transport.route(self.transport.settings.base_url).requests_options()
 
     @cached_property
     def storage(self) -> StorageClient:
         """Presigned-URL transfers, without the API key."""
-        return StorageClient(self.core)
+        return StorageClient(self.transport)
 
     def get_conn(self) -> requests.Session:
         return self.session
 
     def send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         """One request to the API, paced by the key's rate budget; transport errors in the error model."""
-        budget = self.core.budget
-        budget.acquire_blocking(self.log)
-        seen = None
-        try:
-            try:
-                response = self.session.request(
-                    method,
-                    url,
-                    timeout=(self.core.settings.connect_timeout, self.core.settings.read_timeout),
-                    allow_redirects=False,
-                    **self._route_options,
-                    **kwargs,
-                )
-            except requests.RequestException as exc:
-                raise self.core.transport_error(exc, method, url) from None
-            self.core.note_rate_limit(response.headers)
-            seen = self.core.rate_limit
+        transport = self.transport
+        transport.budget.acquire_blocking(self.log)
+        with transport.exchange(method, url, requests.RequestException) as answered:
+            response = self.session.request(
+                method,
+                url,
+                timeout=transport.settings.timeouts,
+                allow_redirects=False,
+                **self._options,
+                **kwargs,
+            )
+            answered(response.headers)
             return response
-        finally:
-            budget.observe(seen)
 
-    def _request_once(
-        self,
-        method: str,
-        path: str,
-        json_body: Any,
-        headers: Mapping[str, str] | None,
-    ) -> tuple[Any, Mapping[str, str]]:
-        response = self.send(method, self.core.url(path), json=json_body, headers=dict(headers or {}))
-        body = self.core.parse(method, path, response.status_code, response.headers, response.content)
-        return body, response.headers
-
-    def _exchange(
-        self,
-        method: str,
-        path: str,
-        *,
-        json_body: Any = None,
-        headers: Mapping[str, str] | None = None,
+    def _call(
+        self, method: str, path: str, json_body: Any = None, headers: Mapping[str, str] | None = None
     ) -> tuple[Any, Mapping[str, str]]:
         """One API call with the retry policy: the answer's JSON and headers."""
-        retrying = tenacity.Retrying(**self.core.retry_kwargs())
-        return retrying(self._request_once, method, path, json_body, headers)
 
-    def _request(self, method: str, path: str, *, json_body: Any = None) -> Any:
-        return self._exchange(method, path, json_body=json_body)[0]
+        def once() -> tuple[Any, Mapping[str, str]]:
+            url = self.transport.url(path)
+            response = self.send(method, url, json=json_body, headers=dict(headers or {}))
+            body = self.transport.parse(
+                method, path, response.status_code, response.headers, response.content
+            )
+            return body, response.headers
+
+        return tenacity.Retrying(**self.transport.retry_args())(once)
+
+    def _request(self, method: str, path: str, json_body: Any = None) -> Any:
+        return self._call(method, path, json_body)[0]
 
     # -- executions -------------------------------------------------------------------------
 
-    def create_execution(
-        self,
-        model: str,
-        input: dict[str, Any],
-        *,
-        idempotency_key: str | None = None,
-        metadata: dict[str, Any] | None = None,
-        webhook_url: str | None = None,
-    ) -> dict[str, Any]:
-        """Start an execution. Every HTTP retry re-sends the same ``Idempotency-Key``, so it runs once.
+    def create_execution(self, model: str, input: dict[str, Any], **options: Any) -> dict[str, Any]:
+        """Start an execution (see :meth:`submit_execution`) and return the POST's answer.
 
-        Returns the POST's answer: usually ``PENDING`` (202), but it may already be terminal (a
-        ``COMPLETED`` one carries its ``result``), and for a repeated key it may replay an old answer.
+        Usually ``PENDING`` (202), but it may already be terminal (a ``COMPLETED`` one carries its
+        ``result``), and for a repeated key it may replay an old answer.
         """
-        return self.submit_execution(
-            model, input, idempotency_key=idempotency_key, metadata=metadata, webhook_url=webhook_url
-        )[0]
+        return self.submit_execution(model, input, **options)[0]
 
     def submit_execution(
         self,
@@ -183,69 +200,48 @@ class ModelRouteHook(WebhookEndpointsMixin, BaseHook):
         metadata: dict[str, Any] | None = None,
         webhook_url: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """:meth:`create_execution`, also saying whether the server marked the answer a replay.
+        """Start an execution; also say whether the server marked the answer a replay.
 
-        A replayed answer may be stale (the original ``PENDING``): read the execution before deciding.
+        Every HTTP retry re-sends the same ``Idempotency-Key``, so it runs once. A replayed answer
+        may be stale (the original ``PENDING``): read the execution before deciding.
         """
-        if not isinstance(model, str) or not model:
-            raise ModelRouteConfigError("model must be a non-empty string, e.g. 'flux-1.1-pro'")
-        if not isinstance(input, dict):
-            raise ModelRouteConfigError(f"input must be a JSON object (dict), got {type(input).__name__}")
+        check_execution_request(model, input)
         body: dict[str, Any] = {"model": model, "input": input}
         if metadata is not None:
             body["metadata"] = metadata
         if webhook_url is not None:
             body["webhook_url"] = webhook_url
-        key = idempotency_key or f"airflow-{uuid.uuid4()}"
-        execution, headers = self._exchange(
-            "POST", "/executions", json_body=body, headers={"Idempotency-Key": key}
-        )
-        replayed = str(headers.get(api.REPLAY_HEADER, "")).strip().lower() == "true"
-        return execution, replayed
+        key = {"Idempotency-Key": idempotency_key or f"airflow-{uuid.uuid4()}"}
+        execution, headers = self._call("POST", "/executions", body, key)
+        return execution, str(headers.get(api.REPLAY_HEADER, "")).strip().lower() == "true"
 
     def get_execution(self, execution_id: str) -> dict[str, Any]:
-        return self._request("GET", execution_path(execution_id))
+        return self._request("GET", api_path("executions", execution_id))
 
     def get_execution_result(self, execution_id: str) -> dict[str, Any]:
-        return self._request("GET", execution_path(execution_id, "/result"))
+        return self._request("GET", api_path("executions", execution_id, "/result"))
 
     def cancel_execution(self, execution_id: str) -> dict[str, Any] | None:
-        """Cancel an execution; returns None if it had already finished.
-
-        The docs give no code for cancelling a finished execution: a refusal is checked by reading it.
-        """
+        """Cancel an execution; None if it had already finished."""
         try:
-            return self._request("POST", execution_path(execution_id, "/cancel"))
-        except ModelRouteApiError as exc:
-            if not exc.permanent or not api.is_terminal(self.get_execution(execution_id).get("status")):
-                raise
-            return None
+            return self._request("POST", api_path("executions", execution_id, "/cancel"))
+        except ModelRouteApiError as exc:  # the docs give no code for "already finished": read it
+            if exc.permanent and api.is_terminal(self.get_execution(execution_id).get("status")):
+                return None
+            raise
 
     def execution_url(self, execution_id: str) -> str:
         """The execution's page in the ModelRoute dashboard."""
-        return f"{self.core.settings.dashboard_url}/executions/{quote(execution_id)}"
+        return f"{self.transport.settings.dashboard_url}/executions/{quote(execution_id)}"
 
     # -- files --------------------------------------------------------------------------------
 
     def download_file(self, file_id: str, *, chunk_size: int = 1024 * 1024) -> FileDownload:
         """Open a file for streaming: iterate the result for its bytes, never the whole file in memory.
 
-        Asks ``GET /v1/files/{id}/download`` at once, so the size and type are known before the first
-        byte is read; any of its readings works (the bytes, a URL document, a redirect).
+        Any reading of ``GET /v1/files/{id}/download`` works (the bytes, a URL document, a redirect).
         """
-        source = ApiDownloadSource(self.core, self.send, self.storage, file_id)
-        first = source.prefetch()
-        document = source.document or {}
-        size = document.get("size_bytes") if source.document else _announced_size(first)
-        content_type = document.get("content_type") or first.headers.get("Content-Type")
-        return FileDownload(
-            file_id=file_id,
-            size_bytes=int(size) if size is not None else None,
-            content_type=str(content_type or "application/octet-stream").split(";")[0].strip(),
-            _source=source,
-            _storage=self.storage,
-            chunk_size=chunk_size,
-        )
+        return FileDownload(self.storage, self.send, file_id, chunk_size)
 
     def upload_file(
         self,
@@ -268,23 +264,20 @@ class ModelRouteHook(WebhookEndpointsMixin, BaseHook):
             raise ModelRouteConfigError(
                 f"{filename} is {size_bytes} bytes; ModelRoute accepts files up to {api.MAX_FILE_SIZE} bytes"
             )
-        body: dict[str, Any] = {
+        body = {
             "filename": filename,
             "content_type": content_type,
             "size_bytes": size_bytes,
             "purpose": purpose,
         }
-        if region is not None:
-            body["region"] = region
-        if ttl_days is not None:
-            body["ttl_days"] = ttl_days
-        slot = self._request("POST", "/files/upload", json_body=body)
-        file_id, url = str(slot["file_id"]), check_storage_url(self.core, str(slot["upload_url"]))
+        body.update({k: v for k, v in (("region", region), ("ttl_days", ttl_days)) if v is not None})
+        slot = self._request("POST", "/files/upload", body)
+        file_id, url = str(slot["file_id"]), check_storage_url(self.transport, str(slot["upload_url"]))
         self.storage.put(
             url, open_source, filename=filename, size_bytes=size_bytes, content_type=content_type
         )
         try:
-            confirmed = self._request("POST", "/files/confirm", json_body={"file_id": file_id})
+            confirmed = self._request("POST", "/files/confirm", {"file_id": file_id})
         except ModelRouteApiError as exc:
             if exc.http_status not in api.CONFIRM_ABSENT_STATUSES:
                 raise
@@ -292,6 +285,57 @@ class ModelRouteHook(WebhookEndpointsMixin, BaseHook):
         result = {"file_id": file_id, "content_type": content_type, "size_bytes": size_bytes}
         result.update({k: v for k, v in (confirmed or {}).items() if k in result})
         return result
+
+    # -- webhook endpoints (an endpoint's ``secret`` is shown once, in the answer to its creation) --
+
+    def create_webhook_endpoint(
+        self,
+        url: str,
+        *,
+        description: str | None = None,
+        events: Sequence[str] = (),
+        headers: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Register ``url`` (https) for ``events`` (empty: all); the answer holds the one-time ``secret``."""
+        loopback = isinstance(url, str) and local_address(urlsplit(url).hostname or "") == "loopback"
+        if not isinstance(url, str) or not (url.startswith("https://") or loopback):
+            raise ModelRouteConfigError(f"A webhook endpoint url must be https://..., got {url!r}")
+        body: dict[str, Any] = {"url": url, "events": list(events)}
+        if description is not None:
+            body["description"] = description
+        if headers:
+            body["headers"] = dict(headers)
+        # The same key on every HTTP retry: a retried create must not register the receiver twice.
+        key = {"Idempotency-Key": f"airflow-webhook-{uuid.uuid4()}"}
+        endpoint: dict[str, Any] = self._call("POST", _ENDPOINTS, body, key)[0]
+        if endpoint.get("secret"):
+            mask_secret(str(endpoint["secret"]))
+        return endpoint
+
+    def list_webhook_endpoints(self) -> list[dict[str, Any]]:
+        """Every endpoint, with ``is_active``, ``failure_count`` and ``last_success``."""
+        document = self._request("GET", _ENDPOINTS)
+        if isinstance(document, dict):  # the docs show neither a bare list nor a wrapped one
+            document = next(
+                (document[k] for k in ("data", "endpoints", "items", "webhooks") if k in document), None
+            )
+        if not isinstance(document, list):
+            raise ModelRouteError(f"Unexpected answer listing webhook endpoints: {str(document)[:200]}")
+        return [item for item in document if isinstance(item, dict)]
+
+    def update_webhook_endpoint(self, endpoint_id: str, **changes: Any) -> dict[str, Any]:
+        """Change ``url``, ``description``, ``events``, ``headers`` or ``is_active`` (re-activate it)."""
+        unknown = set(changes) - _UPDATABLE
+        if unknown:
+            raise ModelRouteConfigError(f"Cannot update {sorted(unknown)}; updatable: {sorted(_UPDATABLE)}")
+        return dict(self._request("PATCH", api_path("webhooks/endpoints", endpoint_id), changes))
+
+    def delete_webhook_endpoint(self, endpoint_id: str) -> None:
+        self._request("DELETE", api_path("webhooks/endpoints", endpoint_id))
+
+    def test_webhook_endpoint(self, endpoint_id: str) -> dict[str, Any]:
+        """Ask ModelRoute to send the endpoint a test delivery; returns its answer."""
+        return dict(self._request("POST", api_path("webhooks/endpoints", endpoint_id, "/test"), {}) or {})
 
     # -- connection test ----------------------------------------------------------------------
 
@@ -301,36 +345,150 @@ class ModelRouteHook(WebhookEndpointsMixin, BaseHook):
         Any 4xx other than an auth refusal means the key was accepted and the id is unknown.
         """
         try:
-            self._request("GET", execution_path(_PROBE_EXECUTION_ID))
+            self.get_execution(_PROBE_EXECUTION_ID)
         except ModelRouteAuthError as exc:
-            return False, str(exc)
+            return False, self._anonymous(exc)
         except ModelRouteApiError as exc:
             if not exc.permanent:
-                return False, str(exc)
+                return False, self._anonymous(exc)
         except ModelRouteError as exc:
-            # The UI's Test button tests a temporary connection under a random id: never show it.
-            return False, str(exc).replace(f"Connection {self.modelroute_conn_id!r}", "This connection")
-        return True, f"Connected to ModelRoute at {self.core.settings.base_url}"
+            return False, self._anonymous(exc)
+        return True, f"Connected to ModelRoute at {self.transport.settings.base_url}"
 
-    # -- async (triggers) ---------------------------------------------------------------------
+    def _anonymous(self, exc: Exception) -> str:
+        """The UI's Test button tests a temporary connection under a random id: never show it."""
+        named = re.compile(rf"(?:Airflow )?([Cc])onnection {re.escape(repr(self.modelroute_conn_id))}")
+        return named.sub(lambda m: "This connection" if m[1] == "C" else "this connection", str(exc))
 
-    @asynccontextmanager
-    async def async_client(self) -> AsyncIterator[ModelRouteAsyncClient]:
-        """An async client for triggers: looks the connection up without blocking the event loop."""
-        try:
+
+_SessionKey = tuple[str, str, str | None, str | None]
+
+
+class _SharedSession:
+    """One event loop's aiohttp session to one origin (and TLS setup), and how many hooks use it."""
+
+    __slots__ = ("session", "users")
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+        self.users = 0
+
+
+_SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_SessionKey, _SharedSession]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class ModelRouteAsyncHook(_ModelRouteBaseHook):
+    """
+    The ModelRoute calls of triggers (status, result, cancel) on aiohttp, without blocking the loop.
+
+    Use it as ``async with ModelRouteAsyncHook(conn_id) as hook``: entering looks the connection up
+    asynchronously. All hooks of one event loop (one triggerer) that talk to one API origin share
+    one aiohttp session, so thousands of triggers share at most ``_MAX_CONNECTIONS`` keep-alive
+    connections; requests are paced by the API key's shared rate budget.
+
+    :param modelroute_conn_id: The Airflow connection to use.
+    """
+
+    transport: Transport
+    _shared: _SharedSession | None = None
+
+    async def __aenter__(self) -> ModelRouteAsyncHook:
+        with _reading(self.modelroute_conn_id):
             conn = await aget_connection(self.modelroute_conn_id)
-        except AirflowNotFoundException:
-            raise ConnectionSettings.missing(self.modelroute_conn_id) from None
-        client = ModelRouteAsyncClient(ApiCore(ConnectionSettings.from_connection(conn), self.log))
+        self.transport = transport = Transport(ConnectionSettings.from_connection(conn), self.log)
+        settings = transport.settings
+        self._route = transport.route(settings.base_url)
+        self._key: _SessionKey = (settings.base_url, *astuple(self._route)[:3])
+        import aiohttp
+
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.connect_timeout + settings.read_timeout,
+            sock_connect=settings.connect_timeout,
+            sock_read=settings.read_timeout,
+        )
+        self._shared = _open_session(self._key, self._route)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        shared, self._shared = self._shared, None
+        if shared is None:
+            return
+        shared.users -= 1  # the last user closes the session
+        if shared.users == 0:
+            per_loop = _SESSIONS.get(asyncio.get_running_loop(), {})
+            if per_loop.get(self._key) is shared:
+                del per_loop[self._key]
+            await shared.session.close()
+
+    @property
+    def sharing(self) -> int:
+        """How many hooks of this event loop share this one's session (this one included)."""
+        return self._shared.users if self._shared is not None else 1
+
+    async def _send(self, method: str, url: str) -> tuple[int, Mapping[str, str], bytes]:
+        assert self._shared is not None, "use the hook as `async with ModelRouteAsyncHook(...) as hook`"
         try:
-            yield client
-        finally:
-            await client.aclose()
+            async with self._shared.session.request(
+                method,
+                url,
+                headers=self.transport.headers,
+                proxy=self._route.proxy,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as response:
+                return response.status, response.headers, await response.read()
+        except asyncio.TimeoutError as exc:
+            if str(exc):
+                raise
+            settings = self.transport.settings
+            raise TimeoutError(
+                f"no complete answer within {settings.connect_timeout:g} s (connect) + "
+                f"{settings.read_timeout:g} s (read)"
+            ) from exc
+
+    async def _request(self, method: str, path: str) -> Any:
+        transport = self.transport
+
+        async def once() -> Any:
+            url = transport.url(path)
+            await transport.budget.acquire(self.log)
+            with transport.exchange(method, url, Exception) as answered:
+                status, headers, content = await self._send(method, url)
+                answered(headers)
+            return transport.parse(method, path, status, headers, content)
+
+        return await tenacity.AsyncRetrying(**transport.retry_args())(once)
+
+    async def get_execution(self, execution_id: str) -> dict[str, Any]:
+        return await self._request("GET", api_path("executions", execution_id))
+
+    async def get_execution_result(self, execution_id: str) -> dict[str, Any]:
+        return await self._request("GET", api_path("executions", execution_id, "/result"))
+
+    async def cancel_execution(self, execution_id: str) -> dict[str, Any] | None:
+        """Cancel an execution; None if it had already finished."""
+        try:
+            return await self._request("POST", api_path("executions", execution_id, "/cancel"))
+        except ModelRouteApiError as exc:  # the docs give no code for "already finished": read it
+            if exc.permanent and api.is_terminal((await self.get_execution(execution_id)).get("status")):
+                return None
+            raise
 
 
-def _announced_size(response: requests.Response) -> int | None:
-    """The file's size from a response to a GET from byte 0, when it says (and is not compressed)."""
-    if response.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
-        return None
-    length = response.headers.get("Content-Length")
-    return int(length) if length is not None and length.isdigit() else None
+def _open_session(key: _SessionKey, route: Route) -> _SharedSession:
+    """The running loop's session for ``key``, created on first use; the caller becomes a user."""
+    per_loop = _SESSIONS.setdefault(asyncio.get_running_loop(), {})
+    shared = per_loop.get(key)
+    if shared is None:
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(
+            limit=_MAX_CONNECTIONS, keepalive_timeout=_KEEPALIVE_EXPIRY, ssl=route.ssl_context()
+        )
+        # trust_env stays off: ``Transport.route`` already read the proxy and CA variables, as for the
+        # sync hook (aiohttp's own reading of NO_PROXY differs from requests').
+        shared = per_loop[key] = _SharedSession(aiohttp.ClientSession(connector=connector, trust_env=False))
+    shared.users += 1
+    return shared

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from airflow_provider_modelroute import metrics
+from airflow_provider_modelroute import api, metrics
 
 #: A wait longer than this is logged ("waiting 38 s for the rate window of key ...1a2b").
 LOG_WAITS_OVER = 5.0
@@ -34,6 +35,25 @@ class RateLimit:
     limit: int | None = None
     remaining: int | None = None
     reset: float | None = None
+
+    @classmethod
+    def read(cls, headers: Mapping[str, str]) -> RateLimit | None:
+        """The window the headers describe, or None if they name none.
+
+        ``Reset`` may be a unix time, a delta in seconds, or absent. Without it the window's end is
+        unknown, so ``Remaining`` cannot pace anything: only ``Retry-After`` (then backoff) on a 429.
+        """
+
+        def as_int(name: str) -> int | None:
+            with contextlib.suppress(TypeError, ValueError):
+                return int(float(headers.get(name)))  # type: ignore[arg-type]
+            return None
+
+        limit, remaining = as_int("X-RateLimit-Limit"), as_int("X-RateLimit-Remaining")
+        reset = api.rate_limit_reset(headers.get("X-RateLimit-Reset"), time.time())
+        if limit is None and remaining is None:
+            return None
+        return cls(limit, remaining if reset is not None else None, reset)
 
 
 class _ThreadWaiter:
