@@ -176,7 +176,7 @@ class ModelRouteHook(_ModelRouteBaseHook):
             )
             return body, response.headers
 
-        return tenacity.Retrying(**self.transport.retry_args())(once)
+        return tenacity.Retrying(**self.transport.retry.args())(once)
 
     def _request(self, method: str, path: str, json_body: Any = None) -> Any:
         return self._call(method, path, json_body)[0]
@@ -459,7 +459,7 @@ class ModelRouteAsyncHook(_ModelRouteBaseHook):
                 answered(headers)
             return transport.parse(method, path, status, headers, content)
 
-        return await tenacity.AsyncRetrying(**transport.retry_args())(once)
+        return await tenacity.AsyncRetrying(**transport.retry.args())(once)
 
     async def get_execution(self, execution_id: str) -> dict[str, Any]:
         return await self._request("GET", api_path("executions", execution_id))

@@ -1,6 +1,7 @@
-"""Client-side pacing by the API's ``X-RateLimit-*`` headers: one budget per API key per process.
+"""When a request may go: pacing by the API's ``X-RateLimit-*`` headers, and the retry policy.
 
-The sync hook (threads) and the triggers (event loops) of one process draw from the same budget.
+One budget per API key per process.
+The sync hook (threads) and the triggers (event loops) draw from it.
 Its state sits behind a ``threading.Lock``; a request that must wait queues a waiter (an Event for a
 thread, a Future for a coroutine) and sleeps until it is granted a request: nothing polls. Only the
 head of the queue holds a timer, to the window's reset; a new window wakes exactly as many waiters
@@ -14,13 +15,17 @@ import collections
 import contextlib
 import hashlib
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import tenacity
+
 from airflow_provider_modelroute import api, metrics
+from airflow_provider_modelroute.exceptions import ModelRouteApiError, ModelRouteConnectionError
 
 #: A wait longer than this is logged ("waiting 38 s for the rate window of key ...1a2b").
 LOG_WAITS_OVER = 5.0
@@ -269,3 +274,63 @@ def shared_rate_budget(base_url: str, api_key: str) -> RateBudget:
         if budget is None:
             budget = _BUDGETS[key] = RateBudget(label=api_key[-4:])
         return budget
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, (ModelRouteConnectionError, ModelRouteApiError)) and bool(exc.retryable)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to retry a failed request, the same for sync and async calls (tenacity's arguments).
+
+    Only what says it is retryable, at most ``max_retries`` times within ``deadline`` seconds; a
+    stale kept-alive connection at once, the server's ``Retry-After`` when given, else backoff.
+    """
+
+    max_retries: int = 5
+    base_wait: float = 0.5
+    max_wait: float = 30.0
+    deadline: float = 120.0
+    log: Any = field(default=_log, compare=False, repr=False)
+
+    def backoff(self, attempt: int) -> float:
+        """Capped exponential backoff with full jitter for the ``attempt``-th retry (1-based)."""
+        return random.uniform(0, min(self.max_wait, self.base_wait * 2 ** (attempt - 1)))
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if getattr(exc, "stale", False) and state.attempt_number == 1:
+            return 0.0
+        hinted = getattr(exc, "retry_after", None)
+        if hinted is not None:  # the server's hint, plus a little jitter so clients do not return at once
+            return float(hinted) + random.uniform(0, min(1.0, 0.1 * float(hinted) + 0.05))
+        return self.backoff(state.attempt_number)
+
+    def _stop(self, state: tenacity.RetryCallState) -> bool:
+        upcoming = getattr(state, "upcoming_sleep", 0.0) or 0.0
+        return (
+            state.attempt_number > self.max_retries
+            or (state.seconds_since_start or 0.0) + upcoming > self.deadline
+        )
+
+    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        metrics.retry()
+        self.log.warning(
+            "ModelRoute request failed (%s); retry %d of %d in %.1f s",
+            exc,
+            state.attempt_number,
+            self.max_retries,
+            getattr(state, "upcoming_sleep", 0.0) or 0.0,
+        )
+
+    def args(self) -> dict[str, Any]:
+        """Keyword arguments for ``tenacity.Retrying`` and ``tenacity.AsyncRetrying``."""
+        return {
+            "retry": tenacity.retry_if_exception(_retryable),
+            "wait": self._wait,
+            "stop": self._stop,
+            "before_sleep": self._before_sleep,
+            "reraise": True,
+        }

@@ -164,7 +164,7 @@ class StorageClient:
                     f"Upload of {filename} was refused by storage (HTTP {response.status_code})"
                 )
 
-        tenacity.Retrying(**self.transport.retry_args())(put_once)
+        tenacity.Retrying(**self.transport.retry.args())(put_once)
 
 
 class FileDownload:
@@ -205,7 +205,7 @@ class FileDownload:
             pending.close()
         if self._url is not None:
             return self._storage.get(self._url, offset)
-        retrying = tenacity.Retrying(**self._storage.transport.retry_args())
+        retrying = tenacity.Retrying(**self._storage.transport.retry.args())
         return retrying(self._ask_api, offset, {} if document is None else document)
 
     def _ask_api(self, offset: int, document: dict[str, Any]) -> requests.Response:
@@ -271,7 +271,7 @@ class FileDownload:
                     raise reason from None
             failures += 1
             metrics.retry()
-            if failures > transport.settings.max_retries:
+            if failures > transport.retry.max_retries:
                 raise ModelRouteTransferError(
                     f"Download of file {self.file_id} stopped at byte {offset} of {size} after "
                     f"{failures} failures in a row: {reason}"
@@ -279,7 +279,7 @@ class FileDownload:
             transport.log.warning(
                 "Download of file %s interrupted at byte %d (%s); resuming", self.file_id, offset, reason
             )
-            time.sleep(transport.backoff(failures))
+            time.sleep(transport.retry.backoff(failures))
 
 
 def _announced_size(response: requests.Response) -> int | None:

@@ -1,25 +1,19 @@
-"""What every ModelRoute request shares: the connection's settings, TLS and proxies, errors, retries.
+"""What every ModelRoute request shares: the connection's settings, TLS and proxies, the error model.
 
 The sync hook (requests), the async hook (aiohttp) and storage transfers all take these from one
-:class:`Transport`, so the paths cannot drift apart. TLS and proxies are read here, not by the HTTP
-clients (which read the environment differently): both clients turn environment reading off.
-
-- CA bundle: the connection extra ``ca_bundle``, else ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` or
-  ``SSL_CERT_FILE`` (the first set), else certifi's bundle (what requests trusts by default).
-- Client certificate (``client_cert``, ``client_key`` extras): shown to the API host only.
-- Proxy: ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` by the URL's scheme, except for hosts that
-  ``NO_PROXY`` matches (names, domain suffixes, IP ranges, ``host:port``), as requests reads them.
+:class:`Transport`, so the paths cannot drift apart. Both HTTP clients turn their own reading of
+the environment off (they read it differently) and take TLS and proxies from :meth:`Transport.route`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import http
 import json
 import logging
 import os
-import random
 import re
 import ssl
 import time
@@ -30,8 +24,6 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
-import tenacity
-
 from airflow_provider_modelroute import __version__, api, metrics
 from airflow_provider_modelroute._compat import mask_secret
 from airflow_provider_modelroute.exceptions import (
@@ -41,7 +33,7 @@ from airflow_provider_modelroute.exceptions import (
     ModelRouteError,
     api_error,
 )
-from airflow_provider_modelroute.hooks.rate_budget import RateLimit, shared_rate_budget
+from airflow_provider_modelroute.hooks.rate_budget import RateLimit, RetryPolicy, shared_rate_budget
 from airflow_provider_modelroute.provider_info import CONN_TYPE
 
 if TYPE_CHECKING:
@@ -142,10 +134,7 @@ class ConnectionSettings:
     conn_id: str = "modelroute_default"
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
-    max_retries: int = 5
-    retry_base_wait: float = 0.5
-    retry_max_wait: float = 30.0
-    retry_deadline: float = 120.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     allow_insecure_storage_urls: bool = False
     dashboard_url: str = api.DEFAULT_DASHBOARD_URL
     ca_bundle: str | None = None
@@ -182,10 +171,12 @@ class ConnectionSettings:
             conn_id=conn.conn_id,
             connect_timeout=extras.number("connect_timeout", cls.connect_timeout, 0.001),
             read_timeout=extras.number("timeout", cls.read_timeout, 0.001),
-            max_retries=int(extras.number("max_retries", cls.max_retries, 0)),
-            retry_base_wait=extras.number("retry_base_wait", cls.retry_base_wait, 0),
-            retry_max_wait=extras.number("retry_max_wait", cls.retry_max_wait, 0),
-            retry_deadline=extras.number("retry_deadline", cls.retry_deadline, 0),
+            retry=RetryPolicy(
+                int(extras.number("max_retries", RetryPolicy.max_retries, 0)),
+                extras.number("retry_base_wait", RetryPolicy.base_wait, 0),
+                extras.number("retry_max_wait", RetryPolicy.max_wait, 0),
+                extras.number("retry_deadline", RetryPolicy.deadline, 0),
+            ),
             allow_insecure_storage_urls=extras.flag("allow_insecure_storage_urls"),
             dashboard_url=str(extras.get("dashboard_url", cls.dashboard_url)).rstrip("/"),
             ca_bundle=extras.path("ca_bundle"),
@@ -241,13 +232,9 @@ def _ssl_context(ca_bundle: str, client_cert: str | None, client_key: str | None
     return context
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
+def _origin(url: str) -> tuple[str, str, int]:
     parts = urlsplit(url)
-    return (
-        parts.scheme,
-        (parts.hostname or "").lower(),
-        parts.port or (443 if parts.scheme == "https" else 80),
-    )
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or {"https": 443}.get(parts.scheme, 80)
 
 
 def _ca_bundle(settings: ConnectionSettings) -> str:
@@ -333,6 +320,7 @@ class Transport:
         self.log = log
         self.rate_limit = RateLimit()
         self.budget = shared_rate_budget(settings.base_url, settings.api_key)
+        self.retry = dataclasses.replace(settings.retry, log=log)
         self.headers = {
             "Authorization": f"Bearer {settings.api_key}",
             "Accept": "application/json",
@@ -343,7 +331,13 @@ class Transport:
         return f"{self.settings.base_url}{api.API_PREFIX}{path}"
 
     def route(self, url: str) -> Route:
-        """How to reach ``url`` with this connection's settings and this process's environment."""
+        """How to reach ``url``, the same for both clients and for API and storage URLs.
+
+        CA bundle: the extra ``ca_bundle``, else ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` or
+        ``SSL_CERT_FILE`` (the first set), else certifi's. The client certificate (``client_cert``,
+        ``client_key``) goes to the API host only. Proxy: ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``
+        by scheme, except for hosts ``NO_PROXY`` matches, as requests reads them.
+        """
         settings = self.settings
         to_api = url == settings.base_url or _origin(url) == _origin(settings.base_url)
         return Route(
@@ -465,51 +459,3 @@ class Transport:
         elif any(isinstance(c, _STALE) or type(c).__name__ in _STALE_NAMES for c in causes):
             error.stale = True
         return error
-
-    # -- the retry policy, the same for sync and async calls -----------------------------------
-
-    def backoff(self, attempt: int) -> float:
-        """Capped exponential backoff with full jitter for the ``attempt``-th retry (1-based)."""
-        cap = min(self.settings.retry_max_wait, self.settings.retry_base_wait * 2 ** (attempt - 1))
-        return random.uniform(0, cap)
-
-    def _wait(self, state: tenacity.RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        if getattr(exc, "stale", False) and state.attempt_number == 1:
-            return 0.0
-        hinted = getattr(exc, "retry_after", None)
-        if hinted is not None:  # the server's hint, plus a little jitter so clients do not return at once
-            return float(hinted) + random.uniform(0, min(1.0, 0.1 * float(hinted) + 0.05))
-        return self.backoff(state.attempt_number)
-
-    def _stop(self, state: tenacity.RetryCallState) -> bool:
-        if state.attempt_number > self.settings.max_retries:
-            return True
-        upcoming = getattr(state, "upcoming_sleep", 0.0) or 0.0
-        return (state.seconds_since_start or 0.0) + upcoming > self.settings.retry_deadline
-
-    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        metrics.retry()
-        self.log.warning(
-            "ModelRoute request failed (%s); retry %d of %d in %.1f s",
-            exc,
-            state.attempt_number,
-            self.settings.max_retries,
-            getattr(state, "upcoming_sleep", 0.0) or 0.0,
-        )
-
-    def retry_args(self) -> dict[str, Any]:
-        """The tenacity policy, identical for ``Retrying`` and ``AsyncRetrying``."""
-        return {
-            "retry": tenacity.retry_if_exception(
-                lambda exc: (
-                    isinstance(exc, (ModelRouteConnectionError, ModelRouteApiError))
-                    and bool(getattr(exc, "retryable", False))
-                )
-            ),
-            "wait": self._wait,
-            "stop": self._stop,
-            "before_sleep": self._before_sleep,
-            "reraise": True,
-        }

@@ -180,7 +180,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
                         self.max_consecutive_failures,
                         exc,
                     )
-                    await self._sleep(max(client.transport.backoff(failures), self.poll_interval))
+                    await self._sleep(max(client.transport.retry.backoff(failures), self.poll_interval))
                     continue
                 failures = 0
                 status = str(execution.get("status"))
