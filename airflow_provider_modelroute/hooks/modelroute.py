@@ -1,20 +1,18 @@
 """ModelRouteHook (tasks, requests) and ModelRouteAsyncHook (triggers, aiohttp), side by side.
 
 Both read the connection into one :class:`~airflow_provider_modelroute.hooks.transport.Transport`
-(settings, TLS and proxies, error model, retry policy, rate budget), so the two paths cannot drift
-apart. Presigned-URL transfers live in ``hooks/storage.py``. aiohttp is imported when the first
-async session opens, never at import time: DAG files import this module at every parse.
+(settings, error model, retry policy, rate budget), so the two paths cannot drift apart. aiohttp is
+imported when an async hook is entered, never at import time: DAG files import this at every parse.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import astuple
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import astuple, dataclass
 from functools import cached_property
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
@@ -24,7 +22,6 @@ import tenacity
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute._compat import (
-    AirflowNotFoundException,
     BaseHook,
     aget_connection,
     mask_secret,
@@ -40,8 +37,14 @@ from airflow_provider_modelroute.hooks.storage import (
     StorageClient,
     check_storage_url,
     local_address,
+    route,
 )
-from airflow_provider_modelroute.hooks.transport import ConnectionSettings, Route, Transport, api_path
+from airflow_provider_modelroute.hooks.transport import (
+    ConnectionSettings,
+    Transport,
+    api_path,
+    read_connection,
+)
 from airflow_provider_modelroute.provider_info import CONN_TYPE, connection_form_widgets, ui_field_behaviour
 
 if TYPE_CHECKING:
@@ -65,26 +68,6 @@ def check_execution_request(model: Any, input: Any) -> None:
         raise ModelRouteConfigError(
             f"input must be a dict (the model's input object), got {type(input).__name__}"
         )
-
-
-@contextlib.contextmanager
-def _reading(conn_id: str) -> Iterator[None]:
-    """Around a connection lookup: "not found" says how to create it; any other failure surfaces as
-    itself, naming the connection (a retry may help, so it does not fail the task at once)."""
-    try:
-        yield
-    except AirflowNotFoundException:
-        raise ModelRouteConfigError(
-            f"Airflow connection {conn_id!r} does not exist: create it (type {CONN_TYPE!r}, the API key in "
-            "its API key field, `password` in JSON) or set modelroute_conn_id to an existing one. If it "
-            "exists, Airflow could not read it: its log names the secrets backend's error"
-        ) from None
-    except ModelRouteError:
-        raise
-    except Exception as exc:
-        raise ModelRouteError(
-            f"Could not read Airflow connection {conn_id!r}: {type(exc).__name__}: {exc}"
-        ) from exc
 
 
 class _ModelRouteBaseHook(BaseHook):
@@ -124,20 +107,20 @@ class ModelRouteHook(_ModelRouteBaseHook):
 
     @cached_property
     def transport(self) -> Transport:
-        with _reading(self.modelroute_conn_id):
+        with read_connection(self.modelroute_conn_id):
             conn = self.get_connection(self.modelroute_conn_id)
         return Transport(ConnectionSettings.from_connection(conn), self.log)
 
     @cached_property
     def session(self) -> requests.Session:
         session = requests.Session()
-        session.trust_env = False  # CA bundle and proxies come from ``Transport.route``, as for triggers
+        session.trust_env = False  # CA bundle and proxies come from ``route``, as for triggers
         session.headers.update(self.transport.headers)
         return session
 
     @cached_property
     def _options(self) -> dict[str, Any]:
-        return self.transport.route(self.transport.settings.base_url).requests_options()
+        return route(self.transport.settings, self.transport.settings.base_url).requests_options()
 
     @cached_property
     def storage(self) -> StorageClient:
@@ -184,11 +167,7 @@ class ModelRouteHook(_ModelRouteBaseHook):
     # -- executions -------------------------------------------------------------------------
 
     def create_execution(self, model: str, input: dict[str, Any], **options: Any) -> dict[str, Any]:
-        """Start an execution (see :meth:`submit_execution`) and return the POST's answer.
-
-        Usually ``PENDING`` (202), but it may already be terminal (a ``COMPLETED`` one carries its
-        ``result``), and for a repeated key it may replay an old answer.
-        """
+        """:meth:`submit_execution`'s answer: usually ``PENDING``, maybe already terminal or a replay."""
         return self.submit_execution(model, input, **options)[0]
 
     def submit_execution(
@@ -237,10 +216,7 @@ class ModelRouteHook(_ModelRouteBaseHook):
     # -- files --------------------------------------------------------------------------------
 
     def download_file(self, file_id: str, *, chunk_size: int = 1024 * 1024) -> FileDownload:
-        """Open a file for streaming: iterate the result for its bytes, never the whole file in memory.
-
-        Any reading of ``GET /v1/files/{id}/download`` works (the bytes, a URL document, a redirect).
-        """
+        """Open a file for streaming (any reading of ``/download``): iterate the result for its bytes."""
         return FileDownload(self.storage, self.send, file_id, chunk_size)
 
     def upload_file(
@@ -346,10 +322,8 @@ class ModelRouteHook(_ModelRouteBaseHook):
         """
         try:
             self.get_execution(_PROBE_EXECUTION_ID)
-        except ModelRouteAuthError as exc:
-            return False, self._anonymous(exc)
         except ModelRouteApiError as exc:
-            if not exc.permanent:
+            if isinstance(exc, ModelRouteAuthError) or not exc.permanent:
                 return False, self._anonymous(exc)
         except ModelRouteError as exc:
             return False, self._anonymous(exc)
@@ -361,20 +335,16 @@ class ModelRouteHook(_ModelRouteBaseHook):
         return named.sub(lambda m: "This connection" if m[1] == "C" else "this connection", str(exc))
 
 
-_SessionKey = tuple[str, str, str | None, str | None]
-
-
+@dataclass
 class _SharedSession:
     """One event loop's aiohttp session to one origin (and TLS setup), and how many hooks use it."""
 
-    __slots__ = ("session", "users")
-
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self.session = session
-        self.users = 0
+    session: aiohttp.ClientSession
+    users: int = 0
 
 
-_SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_SessionKey, _SharedSession]] = (
+#: Per event loop, the shared sessions by origin and TLS setup.
+_SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], _SharedSession]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -383,10 +353,9 @@ class ModelRouteAsyncHook(_ModelRouteBaseHook):
     """
     The ModelRoute calls of triggers (status, result, cancel) on aiohttp, without blocking the loop.
 
-    Use it as ``async with ModelRouteAsyncHook(conn_id) as hook``: entering looks the connection up
-    asynchronously. All hooks of one event loop (one triggerer) that talk to one API origin share
-    one aiohttp session, so thousands of triggers share at most ``_MAX_CONNECTIONS`` keep-alive
-    connections; requests are paced by the API key's shared rate budget.
+    Use it as ``async with ModelRouteAsyncHook(conn_id) as hook`` (entering looks the connection up).
+    The hooks of one event loop that talk to one API origin share one aiohttp session: thousands of
+    triggers share at most ``_MAX_CONNECTIONS`` keep-alive connections.
 
     :param modelroute_conn_id: The Airflow connection to use.
     """
@@ -395,67 +364,59 @@ class ModelRouteAsyncHook(_ModelRouteBaseHook):
     _shared: _SharedSession | None = None
 
     async def __aenter__(self) -> ModelRouteAsyncHook:
-        with _reading(self.modelroute_conn_id):
-            conn = await aget_connection(self.modelroute_conn_id)
-        self.transport = transport = Transport(ConnectionSettings.from_connection(conn), self.log)
-        settings = transport.settings
-        self._route = transport.route(settings.base_url)
-        self._key: _SessionKey = (settings.base_url, *astuple(self._route)[:3])
         import aiohttp
 
-        self._timeout = aiohttp.ClientTimeout(
-            total=settings.connect_timeout + settings.read_timeout,
-            sock_connect=settings.connect_timeout,
-            sock_read=settings.read_timeout,
-        )
-        self._shared = _open_session(self._key, self._route)
+        with read_connection(self.modelroute_conn_id):
+            conn = await aget_connection(self.modelroute_conn_id)
+        self.transport = Transport(ConnectionSettings.from_connection(conn), self.log)
+        settings = self.transport.settings
+        self._route = route(settings, settings.base_url)
+        self._key = (settings.base_url, *astuple(self._route)[:3])
+        connect, read = settings.timeouts
+        self._timeout = aiohttp.ClientTimeout(total=connect + read, sock_connect=connect, sock_read=read)
+        sessions = _SESSIONS.setdefault(asyncio.get_running_loop(), {})
+        if self._key not in sessions:
+            tls = self._route.ssl_context()
+            connector = aiohttp.TCPConnector(
+                limit=_MAX_CONNECTIONS, keepalive_timeout=_KEEPALIVE_EXPIRY, ssl=tls
+            )
+            # trust_env stays off: ``route`` read the proxy and CA variables, as for the sync hook
+            # (aiohttp's own reading of NO_PROXY differs from requests').
+            sessions[self._key] = _SharedSession(aiohttp.ClientSession(connector=connector, trust_env=False))
+        self._shared = sessions[self._key]
+        self._shared.users += 1
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         shared, self._shared = self._shared, None
-        if shared is None:
-            return
-        shared.users -= 1  # the last user closes the session
-        if shared.users == 0:
-            per_loop = _SESSIONS.get(asyncio.get_running_loop(), {})
-            if per_loop.get(self._key) is shared:
-                del per_loop[self._key]
-            await shared.session.close()
+        if shared is not None:
+            shared.users -= 1
+            if shared.users == 0:  # the last user closes the session
+                sessions = _SESSIONS.get(asyncio.get_running_loop(), {})
+                if sessions.get(self._key) is shared:
+                    del sessions[self._key]
+                await shared.session.close()
 
     @property
     def sharing(self) -> int:
         """How many hooks of this event loop share this one's session (this one included)."""
         return self._shared.users if self._shared is not None else 1
 
-    async def _send(self, method: str, url: str) -> tuple[int, Mapping[str, str], bytes]:
-        assert self._shared is not None, "use the hook as `async with ModelRouteAsyncHook(...) as hook`"
-        try:
-            async with self._shared.session.request(
-                method,
-                url,
-                headers=self.transport.headers,
-                proxy=self._route.proxy,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as response:
-                return response.status, response.headers, await response.read()
-        except asyncio.TimeoutError as exc:
-            if str(exc):
-                raise
-            settings = self.transport.settings
-            raise TimeoutError(
-                f"no complete answer within {settings.connect_timeout:g} s (connect) + "
-                f"{settings.read_timeout:g} s (read)"
-            ) from exc
-
     async def _request(self, method: str, path: str) -> Any:
-        transport = self.transport
+        assert self._shared is not None, "use the hook as `async with ModelRouteAsyncHook(...) as hook`"
+        transport, session = self.transport, self._shared.session
+        url = transport.url(path)
+        options: dict[str, Any] = {
+            "proxy": self._route.proxy,
+            "timeout": self._timeout,
+            "allow_redirects": False,
+        }
 
         async def once() -> Any:
-            url = transport.url(path)
             await transport.budget.acquire(self.log)
             with transport.exchange(method, url, Exception) as answered:
-                status, headers, content = await self._send(method, url)
+                async with session.request(method, url, headers=transport.headers, **options) as response:
+                    status, headers, content = response.status, response.headers, await response.read()
                 answered(headers)
             return transport.parse(method, path, status, headers, content)
 
@@ -475,20 +436,3 @@ class ModelRouteAsyncHook(_ModelRouteBaseHook):
             if exc.permanent and api.is_terminal((await self.get_execution(execution_id)).get("status")):
                 return None
             raise
-
-
-def _open_session(key: _SessionKey, route: Route) -> _SharedSession:
-    """The running loop's session for ``key``, created on first use; the caller becomes a user."""
-    per_loop = _SESSIONS.setdefault(asyncio.get_running_loop(), {})
-    shared = per_loop.get(key)
-    if shared is None:
-        import aiohttp
-
-        connector = aiohttp.TCPConnector(
-            limit=_MAX_CONNECTIONS, keepalive_timeout=_KEEPALIVE_EXPIRY, ssl=route.ssl_context()
-        )
-        # trust_env stays off: ``Transport.route`` already read the proxy and CA variables, as for the
-        # sync hook (aiohttp's own reading of NO_PROXY differs from requests').
-        shared = per_loop[key] = _SharedSession(aiohttp.ClientSession(connector=connector, trust_env=False))
-    shared.users += 1
-    return shared

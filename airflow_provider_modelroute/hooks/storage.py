@@ -1,4 +1,5 @@
-"""Files on presigned URLs: checked, credential-free, streamed downloads (resumed) and uploads.
+"""Reaching hosts (TLS, proxies, refused addresses) and files on presigned URLs: checked,
+credential-free, streamed downloads (resumed) and uploads.
 
 ``GET /v1/files/{id}/download`` may answer in three documented readings: (1) the file's bytes,
 (2) the JSON document ``{url, expires_at, content_type, size_bytes}``, or (3) a redirect to the
@@ -8,12 +9,16 @@ it expires. A presigned URL is always fetched by :class:`StorageClient`, which n
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
+import os
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import cached_property
 from typing import IO, Any
 from urllib.parse import urljoin, urlsplit
@@ -22,14 +27,20 @@ import requests
 import tenacity
 
 from airflow_provider_modelroute import api, metrics
-from airflow_provider_modelroute.exceptions import ModelRouteConnectionError, ModelRouteTransferError
-from airflow_provider_modelroute.hooks.transport import USER_AGENT, Transport, api_path
+from airflow_provider_modelroute.exceptions import (
+    ModelRouteConfigError,
+    ModelRouteConnectionError,
+    ModelRouteTransferError,
+)
+from airflow_provider_modelroute.hooks.transport import USER_AGENT, ConnectionSettings, Transport, api_path
 
 #: The most read from the network at once: a dropped connection loses only the read in progress.
 NETWORK_READ = 1024 * 1024
 #: A URL document is small; a JSON answer larger than this is a file's bytes.
 _MAX_DOCUMENT = 64 * 1024
 _MAX_REDIRECTS = 5
+CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
+_PROXY_VARIABLES = tuple(n for b in ("https_proxy", "http_proxy", "all_proxy") for n in (b, b.upper()))
 _SIGNED_QUERY_RE = re.compile(r"\?[^\s\"']*Signature=[^\s\"']*")
 
 #: Sends one paced request to the API (``ModelRouteHook.send``).
@@ -49,6 +60,93 @@ def local_address(host: str) -> str | None:
     if address.is_loopback:
         return "loopback"
     return None if address.is_global else "private"
+
+
+@dataclass(frozen=True)
+class Route:
+    """The CA bundle to trust, the client certificate to show, and the proxy to use for one URL."""
+
+    ca_bundle: str
+    client_cert: str | None = None
+    client_key: str | None = None
+    proxy: str | None = None
+
+    def requests_options(self) -> dict[str, Any]:
+        """``verify``/``cert``/``proxies`` for a requests call (whose ``trust_env`` is off)."""
+        cert = (self.client_cert, self.client_key) if self.client_key else self.client_cert
+        proxies = {"http": self.proxy, "https": self.proxy} if self.proxy else {}
+        return {"verify": self.ca_bundle, "cert": cert, "proxies": proxies}
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context for aiohttp (cached: loading a CA bundle is slow)."""
+        try:
+            return _ssl_context(self.ca_bundle, self.client_cert, self.client_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ModelRouteConfigError(
+                f"Cannot load the TLS files (ca_bundle {self.ca_bundle!r}, client_cert "
+                f"{self.client_cert!r}, client_key {self.client_key!r}): {exc}. Fix the connection extras "
+                "or the CA environment variable"
+            ) from None
+
+
+@functools.lru_cache(maxsize=16)
+def _ssl_context(ca_bundle: str, client_cert: str | None, client_key: str | None) -> ssl.SSLContext:
+    if os.path.isdir(ca_bundle):
+        context = ssl.create_default_context(capath=ca_bundle)
+    else:
+        context = ssl.create_default_context(cafile=ca_bundle)
+    if client_cert:
+        context.load_cert_chain(client_cert, client_key)
+    return context
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or {"https": 443}.get(parts.scheme, 80)
+
+
+def _ca_bundle(settings: ConnectionSettings) -> str:
+    if settings.ca_bundle:
+        return settings.ca_bundle
+    for name in CA_BUNDLE_VARIABLES:
+        path = os.environ.get(name)
+        if path:
+            if not os.path.exists(path):
+                raise ModelRouteConfigError(
+                    f"The environment variable {name} names {path!r}, which does not exist: fix or unset it"
+                )
+            return path
+    import certifi
+
+    return str(certifi.where())
+
+
+def _proxy(url: str) -> str | None:
+    # Reading the proxy variables as requests does scans the whole environment: skip it when none
+    # of the usual names is set, as is the rule inside a cluster.
+    if not any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    from requests.utils import get_environ_proxies, select_proxy
+
+    return select_proxy(url, get_environ_proxies(url))
+
+
+def route(settings: ConnectionSettings, url: str) -> Route:
+    """How to reach ``url``, the same for both HTTP clients (their own reading of the environment is
+    off: they read it differently) and for API and storage URLs.
+
+    CA bundle: the extra ``ca_bundle``, else ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` or
+    ``SSL_CERT_FILE`` (the first set), else certifi's. The client certificate (``client_cert``,
+    ``client_key``) goes to the API host only. Proxy: ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``
+    by scheme, except for hosts ``NO_PROXY`` matches, as requests reads them.
+    """
+    to_api = url == settings.base_url or _origin(url) == _origin(settings.base_url)
+    return Route(
+        ca_bundle=_ca_bundle(settings),
+        client_cert=settings.client_cert if to_api else None,
+        client_key=settings.client_key if to_api else None,
+        proxy=_proxy(url),
+    )
 
 
 def check_storage_url(transport: Transport, url: str) -> str:
@@ -105,7 +203,7 @@ class StorageClient:
         if not any(isinstance(f, _PresignedQueryFilter) for f in logger.filters):
             logger.addFilter(_PresignedQueryFilter())
         session = requests.Session()
-        session.trust_env = False  # CA bundle and proxies come from ``Transport.route``
+        session.trust_env = False  # CA bundle and proxies come from ``route``
         session.auth = _strip_authorization
         session.headers["User-Agent"] = USER_AGENT
         return session
@@ -125,7 +223,7 @@ class StorageClient:
                 stream=True,
                 timeout=self.timeout,
                 allow_redirects=False,
-                **self.transport.route(url).requests_options(),
+                **route(self.transport.settings, url).requests_options(),
             )
             if not response.is_redirect:
                 return response
@@ -147,7 +245,7 @@ class StorageClient:
         rejects any other.
         """
         headers = {"Content-Length": str(size_bytes), "Content-Type": content_type}
-        options = self.transport.route(url).requests_options()
+        options = route(self.transport.settings, url).requests_options()
 
         def put_once() -> None:
             with open_source() as source:

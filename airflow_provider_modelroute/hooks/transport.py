@@ -1,15 +1,14 @@
 """What every ModelRoute request shares: the connection's settings, TLS and proxies, the error model.
 
 The sync hook (requests), the async hook (aiohttp) and storage transfers all take these from one
-:class:`Transport`, so the paths cannot drift apart. Both HTTP clients turn their own reading of
-the environment off (they read it differently) and take TLS and proxies from :meth:`Transport.route`.
+:class:`Transport`, so the paths cannot drift apart. TLS and proxies: ``hooks/storage.py``'s :func:`route`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
-import functools
 import http
 import json
 import logging
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from airflow_provider_modelroute import __version__, api, metrics
-from airflow_provider_modelroute._compat import mask_secret
+from airflow_provider_modelroute._compat import AirflowNotFoundException, mask_secret
 from airflow_provider_modelroute.exceptions import (
     ModelRouteApiError,
     ModelRouteConfigError,
@@ -40,8 +39,6 @@ if TYPE_CHECKING:
     from airflow_provider_modelroute._compat import Connection
 
 USER_AGENT = f"airflow-provider-modelroute/{__version__}"
-CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
-_PROXY_VARIABLES = tuple(n for b in ("https_proxy", "http_proxy", "all_proxy") for n in (b, b.upper()))
 _log = logging.getLogger(__name__)
 #: The API's collections: how an id in each looks, and what to call it in an error.
 _IDS = {
@@ -57,6 +54,26 @@ def api_path(collection: str, ident: str, suffix: str = "") -> str:
     if not isinstance(ident, str) or not pattern.fullmatch(ident):
         raise ModelRouteConfigError(f"{name} must look like {shape!r}, got {ident!r}")
     return f"/{collection}/{quote(ident)}{suffix}"
+
+
+@contextlib.contextmanager
+def read_connection(conn_id: str) -> Iterator[None]:
+    """Around a connection lookup: "not found" says how to create it; any other failure surfaces as
+    itself, naming the connection (a retry may help, so it does not fail the task at once)."""
+    try:
+        yield
+    except AirflowNotFoundException:
+        raise ModelRouteConfigError(
+            f"Airflow connection {conn_id!r} does not exist: create it (type {CONN_TYPE!r}, the API key in "
+            "its API key field, `password` in JSON) or set modelroute_conn_id to an existing one. If it "
+            "exists, Airflow could not read it: its log names the secrets backend's error"
+        ) from None
+    except ModelRouteError:
+        raise
+    except Exception as exc:
+        raise ModelRouteError(
+            f"Could not read Airflow connection {conn_id!r}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 class _Extras:
@@ -191,78 +208,6 @@ class ConnectionSettings:
         return settings
 
 
-# -- TLS and proxies ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Route:
-    """The CA bundle to trust, the client certificate to show, and the proxy to use for one URL."""
-
-    ca_bundle: str
-    client_cert: str | None = None
-    client_key: str | None = None
-    proxy: str | None = None
-
-    def requests_options(self) -> dict[str, Any]:
-        """``verify``/``cert``/``proxies`` for a requests call (whose ``trust_env`` is off)."""
-        cert = (self.client_cert, self.client_key) if self.client_key else self.client_cert
-        proxies = {"http": self.proxy, "https": self.proxy} if self.proxy else {}
-        return {"verify": self.ca_bundle, "cert": cert, "proxies": proxies}
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """The TLS context for aiohttp (cached: loading a CA bundle is slow)."""
-        try:
-            return _ssl_context(self.ca_bundle, self.client_cert, self.client_key)
-        except (ssl.SSLError, OSError) as exc:
-            raise ModelRouteConfigError(
-                f"Cannot load the TLS files (ca_bundle {self.ca_bundle!r}, client_cert "
-                f"{self.client_cert!r}, client_key {self.client_key!r}): {exc}. Fix the connection extras "
-                "or the CA environment variable"
-            ) from None
-
-
-@functools.lru_cache(maxsize=16)
-def _ssl_context(ca_bundle: str, client_cert: str | None, client_key: str | None) -> ssl.SSLContext:
-    if os.path.isdir(ca_bundle):
-        context = ssl.create_default_context(capath=ca_bundle)
-    else:
-        context = ssl.create_default_context(cafile=ca_bundle)
-    if client_cert:
-        context.load_cert_chain(client_cert, client_key)
-    return context
-
-
-def _origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
-    return parts.scheme, (parts.hostname or "").lower(), parts.port or {"https": 443}.get(parts.scheme, 80)
-
-
-def _ca_bundle(settings: ConnectionSettings) -> str:
-    if settings.ca_bundle:
-        return settings.ca_bundle
-    for name in CA_BUNDLE_VARIABLES:
-        path = os.environ.get(name)
-        if path:
-            if not os.path.exists(path):
-                raise ModelRouteConfigError(
-                    f"The environment variable {name} names {path!r}, which does not exist: fix or unset it"
-                )
-            return path
-    import certifi
-
-    return str(certifi.where())
-
-
-def _proxy(url: str) -> str | None:
-    # Reading the proxy variables as requests does scans the whole environment: skip it when none
-    # of the usual names is set, as is the rule inside a cluster.
-    if not any(os.environ.get(name) for name in _PROXY_VARIABLES):
-        return None
-    from requests.utils import get_environ_proxies, select_proxy
-
-    return select_proxy(url, get_environ_proxies(url))
-
-
 # -- errors ----------------------------------------------------------------------------------------
 
 #: SSL errors that are only a dropped connection (retried like any other drop).
@@ -329,23 +274,6 @@ class Transport:
 
     def url(self, path: str) -> str:
         return f"{self.settings.base_url}{api.API_PREFIX}{path}"
-
-    def route(self, url: str) -> Route:
-        """How to reach ``url``, the same for both clients and for API and storage URLs.
-
-        CA bundle: the extra ``ca_bundle``, else ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` or
-        ``SSL_CERT_FILE`` (the first set), else certifi's. The client certificate (``client_cert``,
-        ``client_key``) goes to the API host only. Proxy: ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``
-        by scheme, except for hosts ``NO_PROXY`` matches, as requests reads them.
-        """
-        settings = self.settings
-        to_api = url == settings.base_url or _origin(url) == _origin(settings.base_url)
-        return Route(
-            ca_bundle=_ca_bundle(settings),
-            client_cert=settings.client_cert if to_api else None,
-            client_key=settings.client_key if to_api else None,
-            proxy=_proxy(url),
-        )
 
     @contextlib.contextmanager
     def exchange(
@@ -426,9 +354,13 @@ class Transport:
         untrusted certificate or failed handshake, a proxy refusing us, a body that does not
         decompress.
         """
-        text = (
-            f"ModelRoute {method} {api.redact_url(url)} failed: {type(exc).__name__}: {_scrub(str(exc), url)}"
-        )
+        detail = _scrub(str(exc), url)
+        if (
+            isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not detail
+        ):  # aiohttp's timeouts say nothing
+            connect, read = self.settings.timeouts
+            detail = f"no complete answer within {connect:g} s (connect) + {read:g} s (read)"
+        text = f"ModelRoute {method} {api.redact_url(url)} failed: {type(exc).__name__}: {detail}"
         metrics.request(method, url, None)
         causes = list(_causes(exc))
         conn = f"connection {self.settings.conn_id!r}"
