@@ -21,11 +21,7 @@ import requests
 import tenacity
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute._compat import (
-    BaseHook,
-    aget_connection,
-    mask_secret,
-)
+from airflow_provider_modelroute._compat import BaseHook, aget_connection, mask_secret
 from airflow_provider_modelroute.exceptions import (
     ModelRouteApiError,
     ModelRouteAuthError,
@@ -43,6 +39,7 @@ from airflow_provider_modelroute.hooks.transport import (
     ConnectionSettings,
     Transport,
     api_path,
+    check_execution_request,
     read_connection,
 )
 from airflow_provider_modelroute.provider_info import CONN_TYPE, connection_form_widgets, ui_field_behaviour
@@ -58,16 +55,6 @@ _UPDATABLE = frozenset({"url", "description", "events", "headers", "is_active"})
 _KEEPALIVE_EXPIRY = 50.0
 #: Connections to one origin per event loop; more requests at once wait for a free connection.
 _MAX_CONNECTIONS = 100
-
-
-def check_execution_request(model: Any, input: Any) -> None:
-    """Refuse a request the API would refuse for its shape alone: no model slug, or input not an object."""
-    if not isinstance(model, str) or not model.strip():
-        raise ModelRouteConfigError("model must be a non-empty model slug, e.g. model='flux-1.1-pro'")
-    if not isinstance(input, dict):
-        raise ModelRouteConfigError(
-            f"input must be a dict (the model's input object), got {type(input).__name__}"
-        )
 
 
 class _ModelRouteBaseHook(BaseHook):
@@ -249,9 +236,9 @@ class ModelRouteHook(_ModelRouteBaseHook):
         body.update({k: v for k, v in (("region", region), ("ttl_days", ttl_days)) if v is not None})
         slot = self._request("POST", "/files/upload", body)
         file_id, url = str(slot["file_id"]), check_storage_url(self.transport, str(slot["upload_url"]))
-        self.storage.put(
-            url, open_source, filename=filename, size_bytes=size_bytes, content_type=content_type
-        )
+        # The Content-Type declared for the URL: a URL presigned for one rejects any other.
+        headers = {"Content-Length": str(size_bytes), "Content-Type": content_type}
+        self.storage.put(url, open_source, headers, filename)
         try:
             confirmed = self._request("POST", "/files/confirm", {"file_id": file_id})
         except ModelRouteApiError as exc:

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import tenacity
@@ -274,6 +275,19 @@ def shared_rate_budget(base_url: str, api_key: str) -> RateBudget:
         if budget is None:
             budget = _BUDGETS[key] = RateBudget(label=api_key[-4:])
         return budget
+
+
+def retry_after(status: int, headers: Mapping[str, str], window: RateLimit) -> float | None:
+    """How long the server asks us to wait: ``Retry-After`` (seconds or a date), else a 429's window reset."""
+    value = headers.get("Retry-After")
+    if value:
+        with contextlib.suppress(ValueError):
+            return max(0.0, float(value))
+        with contextlib.suppress(TypeError, ValueError):
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    if status == 429 and window.reset is not None:
+        return max(0.0, window.reset - time.time())
+    return None
 
 
 def _retryable(exc: BaseException) -> bool:

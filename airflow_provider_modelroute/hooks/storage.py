@@ -1,10 +1,9 @@
-"""Reaching hosts (TLS, proxies, refused addresses) and files on presigned URLs: checked,
+"""Reaching hosts (TLS, proxies, refused addresses), and files on presigned URLs: checked,
 credential-free, streamed downloads (resumed) and uploads.
 
-``GET /v1/files/{id}/download`` may answer in three documented readings: (1) the file's bytes,
-(2) the JSON document ``{url, expires_at, content_type, size_bytes}``, or (3) a redirect to the
-presigned URL. :class:`FileDownload` handles all three and keeps a presigned URL for resumes until
-it expires. A presigned URL is always fetched by :class:`StorageClient`, which never sends the API key.
+``GET /v1/files/{id}/download`` answers in one of three documented readings, all handled by
+:class:`FileDownload`: the file's bytes, the JSON document ``{url, expires_at, content_type,
+size_bytes}``, or a redirect to the presigned URL, which :class:`StorageClient` fetches without the API key.
 """
 
 from __future__ import annotations
@@ -42,9 +41,6 @@ _MAX_REDIRECTS = 5
 CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
 _PROXY_VARIABLES = tuple(n for b in ("https_proxy", "http_proxy", "all_proxy") for n in (b, b.upper()))
 _SIGNED_QUERY_RE = re.compile(r"\?[^\s\"']*Signature=[^\s\"']*")
-
-#: Sends one paced request to the API (``ModelRouteHook.send``).
-Send = Callable[..., requests.Response]
 
 
 def local_address(host: str) -> str | None:
@@ -132,14 +128,11 @@ def _proxy(url: str) -> str | None:
 
 
 def route(settings: ConnectionSettings, url: str) -> Route:
-    """How to reach ``url``, the same for both HTTP clients (their own reading of the environment is
-    off: they read it differently) and for API and storage URLs.
-
-    CA bundle: the extra ``ca_bundle``, else ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` or
-    ``SSL_CERT_FILE`` (the first set), else certifi's. The client certificate (``client_cert``,
-    ``client_key``) goes to the API host only. Proxy: ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``
-    by scheme, except for hosts ``NO_PROXY`` matches, as requests reads them.
-    """
+    """How to reach ``url``, one answer for both HTTP clients (which would read the environment
+    differently) and for API and storage URLs. CA bundle: the extra ``ca_bundle``, else
+    ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` or ``SSL_CERT_FILE``, else certifi's. The client
+    certificate goes to the API host only. Proxy: ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` by
+    scheme, except for hosts ``NO_PROXY`` matches, as requests reads them."""
     to_api = url == settings.base_url or _origin(url) == _origin(settings.base_url)
     return Route(
         ca_bundle=_ca_bundle(settings),
@@ -194,7 +187,12 @@ class StorageClient:
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
-        self.timeout = transport.settings.timeouts
+
+    def _options(self, url: str) -> dict[str, Any]:
+        return {
+            "timeout": self.transport.settings.timeouts,
+            **route(self.transport.settings, url).requests_options(),
+        }
 
     @cached_property
     def session(self) -> requests.Session:
@@ -218,48 +216,28 @@ class StorageClient:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         for _ in range(_MAX_REDIRECTS):
             response = self.session.get(
-                url,
-                headers=headers,
-                stream=True,
-                timeout=self.timeout,
-                allow_redirects=False,
-                **route(self.transport.settings, url).requests_options(),
+                url, headers=headers, stream=True, allow_redirects=False, **self._options(url)
             )
             if not response.is_redirect:
                 return response
             url = self.follow(response, url)
         raise ModelRouteTransferError(f"Storage redirected more than {_MAX_REDIRECTS} times")
 
-    def put(
-        self,
-        url: str,
-        open_source: Callable[[], IO[bytes]],
-        *,
-        filename: str,
-        size_bytes: int,
-        content_type: str,
-    ) -> None:
-        """PUT a file's bytes to a presigned upload URL, retried per the policy (reopened each time).
-
-        The Content-Type is the one declared when the URL was issued: a URL presigned for it
-        rejects any other.
-        """
-        headers = {"Content-Length": str(size_bytes), "Content-Type": content_type}
-        options = route(self.transport.settings, url).requests_options()
+    def put(self, url: str, open_source: Callable[[], IO[bytes]], headers: dict[str, str], name: str) -> None:
+        """PUT a file's bytes to a presigned upload URL, retried per the policy (reopened each time)."""
+        options = self._options(url)
 
         def put_once() -> None:
             with open_source() as source:
                 try:
-                    response = self.session.put(
-                        url, data=source, headers=headers, timeout=self.timeout, **options
-                    )
+                    response = self.session.put(url, data=source, headers=headers, **options)
                 except requests.RequestException as exc:
                     raise self.transport.transport_error(exc, "PUT", url) from None
             if response.status_code >= 500:
-                raise ModelRouteConnectionError(f"Upload of {filename} got HTTP {response.status_code}")
+                raise ModelRouteConnectionError(f"Upload of {name} got HTTP {response.status_code}")
             if response.status_code >= 300:
                 raise ModelRouteTransferError(
-                    f"Upload of {filename} was refused by storage (HTTP {response.status_code})"
+                    f"Upload of {name} was refused by storage (HTTP {response.status_code})"
                 )
 
         tenacity.Retrying(**self.transport.retry.args())(put_once)
@@ -271,7 +249,9 @@ class FileDownload:
     Opening asks ``/download`` at once, so the size and type are known before the first byte is read.
     """
 
-    def __init__(self, storage: StorageClient, send: Send, file_id: str, chunk_size: int) -> None:
+    def __init__(
+        self, storage: StorageClient, send: Callable[..., requests.Response], file_id: str, chunk_size: int
+    ) -> None:
         self.file_id, self.chunk_size = file_id, chunk_size
         self._storage, self._send = storage, send
         self._path = api_path("files", file_id, "/download")
@@ -335,8 +315,9 @@ class FileDownload:
             try:
                 with self._open(offset) as response:
                     url = response.url
-                    if response.status_code == 403:
-                        raise _UrlExpired()
+                    if response.status_code == 403:  # expired: the next open asks the API for a fresh URL
+                        self._url = None
+                        raise ModelRouteConnectionError("presigned URL expired (HTTP 403)")
                     if response.status_code >= 500:
                         raise ModelRouteConnectionError(f"storage answered HTTP {response.status_code}")
                     if response.status_code not in (200, 206):
@@ -359,8 +340,6 @@ class FileDownload:
                         f"File {self.file_id} is larger than its announced {size} bytes"
                     )
                 reason: Exception = ModelRouteConnectionError(f"body ended at byte {offset} of {size}")
-            except _UrlExpired as exc:
-                reason, self._url = exc, None  # the next open asks the API for a fresh URL
             except ModelRouteConnectionError as exc:
                 reason = exc
             except requests.RequestException as exc:
@@ -433,8 +412,3 @@ class _Prefixed:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._raw, name)
-
-
-class _UrlExpired(Exception):
-    def __str__(self) -> str:
-        return "presigned URL expired (HTTP 403)"

@@ -15,11 +15,9 @@ import logging
 import os
 import re
 import ssl
-import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
@@ -32,7 +30,12 @@ from airflow_provider_modelroute.exceptions import (
     ModelRouteError,
     api_error,
 )
-from airflow_provider_modelroute.hooks.rate_budget import RateLimit, RetryPolicy, shared_rate_budget
+from airflow_provider_modelroute.hooks.rate_budget import (
+    RateLimit,
+    RetryPolicy,
+    retry_after,
+    shared_rate_budget,
+)
 from airflow_provider_modelroute.provider_info import CONN_TYPE
 
 if TYPE_CHECKING:
@@ -54,6 +57,16 @@ def api_path(collection: str, ident: str, suffix: str = "") -> str:
     if not isinstance(ident, str) or not pattern.fullmatch(ident):
         raise ModelRouteConfigError(f"{name} must look like {shape!r}, got {ident!r}")
     return f"/{collection}/{quote(ident)}{suffix}"
+
+
+def check_execution_request(model: Any, input: Any) -> None:
+    """Refuse a request the API would refuse for its shape alone: no model slug, or input not an object."""
+    if not isinstance(model, str) or not model.strip():
+        raise ModelRouteConfigError("model must be a non-empty model slug, e.g. model='flux-1.1-pro'")
+    if not isinstance(input, dict):
+        raise ModelRouteConfigError(
+            f"input must be a dict (the model's input object), got {type(input).__name__}"
+        )
 
 
 @contextlib.contextmanager
@@ -332,19 +345,8 @@ class Transport:
             retryable=retryable if isinstance(retryable, bool) else None,
             details=details if isinstance(details, list) else None,
             request_id=err.get("request_id") or headers.get("X-Request-Id"),
-            retry_after=self._retry_after(status, headers),
+            retry_after=retry_after(status, headers, self.rate_limit),
         )
-
-    def _retry_after(self, status: int, headers: Mapping[str, str]) -> float | None:
-        value = headers.get("Retry-After")
-        if value:
-            with contextlib.suppress(ValueError):
-                return max(0.0, float(value))
-            with contextlib.suppress(TypeError, ValueError):
-                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        if status == 429 and self.rate_limit.reset is not None:
-            return max(0.0, self.rate_limit.reset - time.time())
-        return None
 
     def transport_error(self, exc: BaseException, method: str, url: str) -> ModelRouteError:
         """Classify a failure without an HTTP answer; the text never carries a presigned signature.
