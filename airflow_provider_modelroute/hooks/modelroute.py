@@ -57,6 +57,11 @@ _KEEPALIVE_EXPIRY = 50.0
 _MAX_CONNECTIONS = 100
 
 
+def _given(**fields: Any) -> dict[str, Any]:
+    """The fields that were given: optional body fields are left out, not sent as null."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 class _ModelRouteBaseHook(BaseHook):
     """What both hooks share: the connection id and the form of its connection type."""
 
@@ -83,11 +88,8 @@ class ModelRouteHook(_ModelRouteBaseHook):
     """
     Talk to the ModelRoute API: executions, cancellation, file downloads and uploads, webhook endpoints.
 
-    The connection holds the API key in its password and, optionally, the base URL in its host
-    (default ``https://api.modelroute.ai``). Extras tune timeouts (``timeout``, ``connect_timeout``),
-    retries (``max_retries``, ``retry_base_wait``, ``retry_max_wait``, ``retry_deadline``),
-    ``dashboard_url``, TLS (``ca_bundle``, ``client_cert``, ``client_key``), and
-    ``allow_insecure_storage_urls`` (local testing only).
+    The connection holds the API key in its password, the base URL in its host (default
+    ``https://api.modelroute.ai``), and the extras of the connection form.
 
     :param modelroute_conn_id: The Airflow connection to use.
     """
@@ -107,7 +109,9 @@ class ModelRouteHook(_ModelRouteBaseHook):
 
     @cached_property
     def _options(self) -> dict[str, Any]:
-        return route(self.transport.settings, self.transport.settings.base_url).requests_options()
+        settings = self.transport.settings
+        options = route(settings, settings.base_url).requests_options()
+        return {"timeout": settings.timeouts, "allow_redirects": False, **options}
 
     @cached_property
     def storage(self) -> StorageClient:
@@ -122,14 +126,7 @@ class ModelRouteHook(_ModelRouteBaseHook):
         transport = self.transport
         transport.budget.acquire_blocking(self.log)
         with transport.exchange(method, url, requests.RequestException) as answered:
-            response = self.session.request(
-                method,
-                url,
-                timeout=transport.settings.timeouts,
-                allow_redirects=False,
-                **self._options,
-                **kwargs,
-            )
+            response = self.session.request(method, url, **self._options, **kwargs)
             answered(response.headers)
             return response
 
@@ -139,12 +136,8 @@ class ModelRouteHook(_ModelRouteBaseHook):
         """One API call with the retry policy: the answer's JSON and headers."""
 
         def once() -> tuple[Any, Mapping[str, str]]:
-            url = self.transport.url(path)
-            response = self.send(method, url, json=json_body, headers=dict(headers or {}))
-            body = self.transport.parse(
-                method, path, response.status_code, response.headers, response.content
-            )
-            return body, response.headers
+            r = self.send(method, self.transport.url(path), json=json_body, headers=dict(headers or {}))
+            return self.transport.parse(method, path, r.status_code, r.headers, r.content), r.headers
 
         return tenacity.Retrying(**self.transport.retry.args())(once)
 
@@ -172,11 +165,7 @@ class ModelRouteHook(_ModelRouteBaseHook):
         may be stale (the original ``PENDING``): read the execution before deciding.
         """
         check_execution_request(model, input)
-        body: dict[str, Any] = {"model": model, "input": input}
-        if metadata is not None:
-            body["metadata"] = metadata
-        if webhook_url is not None:
-            body["webhook_url"] = webhook_url
+        body = _given(model=model, input=input, metadata=metadata, webhook_url=webhook_url)
         key = {"Idempotency-Key": idempotency_key or f"airflow-{uuid.uuid4()}"}
         execution, headers = self._call("POST", "/executions", body, key)
         return execution, str(headers.get(api.REPLAY_HEADER, "")).strip().lower() == "true"
@@ -219,21 +208,15 @@ class ModelRouteHook(_ModelRouteBaseHook):
     ) -> dict[str, Any]:
         """Upload an input file through the documented flow; returns ``{file_id, content_type, size_bytes}``.
 
-        The request carries the fields of both documented versions (llms.txt's ``filename``,
-        ``content_type``, ``size_bytes``; the uploading page's ``purpose``, ``region``, ``ttl_days``).
-        ``open_source`` opens the bytes afresh for each attempt, so a dropped upload can be retried.
+        The request carries the fields of both documented versions. ``open_source`` opens the bytes
+        afresh for each attempt, so a dropped upload can be retried.
         """
         if size_bytes > api.MAX_FILE_SIZE:
             raise ModelRouteConfigError(
                 f"{filename} is {size_bytes} bytes; ModelRoute accepts files up to {api.MAX_FILE_SIZE} bytes"
             )
-        body = {
-            "filename": filename,
-            "content_type": content_type,
-            "size_bytes": size_bytes,
-            "purpose": purpose,
-        }
-        body.update({k: v for k, v in (("region", region), ("ttl_days", ttl_days)) if v is not None})
+        fields = {"filename": filename, "content_type": content_type, "size_bytes": size_bytes}
+        body = _given(**fields, purpose=purpose, region=region, ttl_days=ttl_days)
         slot = self._request("POST", "/files/upload", body)
         file_id, url = str(slot["file_id"]), check_storage_url(self.transport, str(slot["upload_url"]))
         # The Content-Type declared for the URL: a URL presigned for one rejects any other.
@@ -263,11 +246,8 @@ class ModelRouteHook(_ModelRouteBaseHook):
         loopback = isinstance(url, str) and local_address(urlsplit(url).hostname or "") == "loopback"
         if not isinstance(url, str) or not (url.startswith("https://") or loopback):
             raise ModelRouteConfigError(f"A webhook endpoint url must be https://..., got {url!r}")
-        body: dict[str, Any] = {"url": url, "events": list(events)}
-        if description is not None:
-            body["description"] = description
-        if headers:
-            body["headers"] = dict(headers)
+        headers = dict(headers) if headers else None
+        body = _given(url=url, events=list(events), description=description, headers=headers)
         # The same key on every HTTP retry: a retried create must not register the receiver twice.
         key = {"Idempotency-Key": f"airflow-webhook-{uuid.uuid4()}"}
         endpoint: dict[str, Any] = self._call("POST", _ENDPOINTS, body, key)[0]
@@ -303,10 +283,8 @@ class ModelRouteHook(_ModelRouteBaseHook):
     # -- connection test ----------------------------------------------------------------------
 
     def test_connection(self) -> tuple[bool, str]:
-        """Check the key and base URL with a harmless read: a lookup of a made-up execution id.
-
-        Any 4xx other than an auth refusal means the key was accepted and the id is unknown.
-        """
+        """Check the key and base URL by reading a made-up execution: any 4xx but an auth refusal
+        means the key was accepted and the id is unknown."""
         try:
             self.get_execution(_PROBE_EXECUTION_ID)
         except ModelRouteApiError as exc:
@@ -340,14 +318,14 @@ class ModelRouteAsyncHook(_ModelRouteBaseHook):
     """
     The ModelRoute calls of triggers (status, result, cancel) on aiohttp, without blocking the loop.
 
-    Use it as ``async with ModelRouteAsyncHook(conn_id) as hook`` (entering looks the connection up).
-    The hooks of one event loop that talk to one API origin share one aiohttp session: thousands of
-    triggers share at most ``_MAX_CONNECTIONS`` keep-alive connections.
+    Use it as ``async with ModelRouteAsyncHook(conn_id) as hook``. The hooks of one event loop that
+    talk to one API origin share one aiohttp session (at most ``_MAX_CONNECTIONS`` connections).
 
     :param modelroute_conn_id: The Airflow connection to use.
     """
 
     transport: Transport
+    _options: dict[str, Any]
     _shared: _SharedSession | None = None
 
     async def __aenter__(self) -> ModelRouteAsyncHook:
@@ -360,7 +338,8 @@ class ModelRouteAsyncHook(_ModelRouteBaseHook):
         self._route = route(settings, settings.base_url)
         self._key = (settings.base_url, *astuple(self._route)[:3])
         connect, read = settings.timeouts
-        self._timeout = aiohttp.ClientTimeout(total=connect + read, sock_connect=connect, sock_read=read)
+        timeout = aiohttp.ClientTimeout(total=connect + read, sock_connect=connect, sock_read=read)
+        self._options = {"proxy": self._route.proxy, "timeout": timeout, "allow_redirects": False}
         sessions = _SESSIONS.setdefault(asyncio.get_running_loop(), {})
         if self._key not in sessions:
             tls = self._route.ssl_context()
@@ -393,11 +372,7 @@ class ModelRouteAsyncHook(_ModelRouteBaseHook):
         assert self._shared is not None, "use the hook as `async with ModelRouteAsyncHook(...) as hook`"
         transport, session = self.transport, self._shared.session
         url = transport.url(path)
-        options: dict[str, Any] = {
-            "proxy": self._route.proxy,
-            "timeout": self._timeout,
-            "allow_redirects": False,
-        }
+        options = self._options
 
         async def once() -> Any:
             await transport.budget.acquire(self.log)

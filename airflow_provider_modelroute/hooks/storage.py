@@ -1,9 +1,8 @@
-"""Reaching hosts (TLS, proxies, refused addresses), and files on presigned URLs: checked,
-credential-free, streamed downloads (resumed) and uploads.
+"""Reaching hosts (TLS, proxies, refused addresses), and files on presigned URLs (without the API key).
 
 ``GET /v1/files/{id}/download`` answers in one of three documented readings, all handled by
-:class:`FileDownload`: the file's bytes, the JSON document ``{url, expires_at, content_type,
-size_bytes}``, or a redirect to the presigned URL, which :class:`StorageClient` fetches without the API key.
+:class:`FileDownload`: the file's bytes, the document ``{url, expires_at, content_type, size_bytes}``,
+or a redirect to the presigned URL. Downloads stream and resume; uploads are retried.
 """
 
 from __future__ import annotations
@@ -44,9 +43,8 @@ _SIGNED_QUERY_RE = re.compile(r"\?[^\s\"']*Signature=[^\s\"']*")
 
 
 def local_address(host: str) -> str | None:
-    """``"loopback"`` for ``localhost`` and loopback addresses, ``"private"`` for any other literal
-    address that is not global (private, link-local...), else None. Names are not resolved: that is
-    the proxy's or resolver's business."""
+    """``"loopback"`` (localhost, loopback addresses), ``"private"`` (other literal addresses that are
+    not global) or None; names are not resolved (that is the proxy's or resolver's business)."""
     if host == "localhost" or host.endswith(".localhost"):
         return "loopback"
     try:
@@ -118,8 +116,7 @@ def _ca_bundle(settings: ConnectionSettings) -> str:
 
 
 def _proxy(url: str) -> str | None:
-    # Reading the proxy variables as requests does scans the whole environment: skip it when none
-    # of the usual names is set, as is the rule inside a cluster.
+    # requests scans the whole environment for proxies: skip that when no proxy variable is set
     if not any(os.environ.get(name) for name in _PROXY_VARIABLES):
         return None
     from requests.utils import get_environ_proxies, select_proxy
@@ -143,10 +140,8 @@ def route(settings: ConnectionSettings, url: str) -> Route:
 
 
 def check_storage_url(transport: Transport, url: str) -> str:
-    """Refuse presigned URLs that are not https, or name a loopback/private address literally.
-
-    The local test server's http://127.0.0.1 URLs pass only with ``allow_insecure_storage_urls``.
-    """
+    """Refuse presigned URLs that are not https, or name a loopback/private address literally (the
+    local test server's http://127.0.0.1 URLs pass only with ``allow_insecure_storage_urls``)."""
     parts = urlsplit(url)
     shown = api.redact_url(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -236,18 +231,15 @@ class StorageClient:
             if response.status_code >= 500:
                 raise ModelRouteConnectionError(f"Upload of {name} got HTTP {response.status_code}")
             if response.status_code >= 300:
-                raise ModelRouteTransferError(
-                    f"Upload of {name} was refused by storage (HTTP {response.status_code})"
-                )
+                refused = f"Storage refused the upload of {name} (HTTP {response.status_code})"
+                raise ModelRouteTransferError(refused)
 
         tenacity.Retrying(**self.transport.retry.args())(put_once)
 
 
 class FileDownload:
     """A file being downloaded; iterate it for the bytes (resumes on drops, refreshes an expired URL).
-
-    Opening asks ``/download`` at once, so the size and type are known before the first byte is read.
-    """
+    Opening asks ``/download`` at once, so the size and type are known before the first byte is read."""
 
     def __init__(
         self, storage: StorageClient, send: Callable[..., requests.Response], file_id: str, chunk_size: int
@@ -265,9 +257,6 @@ class FileDownload:
         content_type = document.get("content_type") or self._pending.headers.get("Content-Type")
         self.content_type = str(content_type or "application/octet-stream").split(";")[0].strip()
 
-    def __repr__(self) -> str:
-        return f"FileDownload({self.file_id!r}, size_bytes={self.size_bytes}, {self.content_type!r})"
-
     def close(self) -> None:
         """Release the response opened ahead of iteration (when the bytes are not needed after all)."""
         pending, self._pending = self._pending, None
@@ -276,11 +265,10 @@ class FileDownload:
 
     def _open(self, offset: int, document: dict[str, Any] | None = None) -> requests.Response:
         """A response whose body holds the file from ``offset`` (200: from the start, 206: from there)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            if offset == 0:
-                return pending
-            pending.close()
+        if self._pending is not None and offset == 0:
+            pending, self._pending = self._pending, None
+            return pending
+        self.close()
         if self._url is not None:
             return self._storage.get(self._url, offset)
         retrying = tenacity.Retrying(**self._storage.transport.retry.args())
@@ -378,10 +366,8 @@ def _bytes_to_skip(response: requests.Response, offset: int) -> int:
 
 
 def _url_document(response: requests.Response) -> dict[str, Any] | None:
-    """Read the presigned-URL document if that is what ``response`` holds (reading 2), else None.
-
-    Only a small JSON body is read; a body that turns out not to be the document is put back.
-    """
+    """The presigned-URL document if ``response`` holds one (reading 2), else None. Only a small JSON
+    body is read; a body that turns out not to be the document is put back."""
     content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
     length = response.headers.get("Content-Length", "0")
     if content_type != "application/json" or (length.isdigit() and int(length) > _MAX_DOCUMENT):
