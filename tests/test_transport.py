@@ -381,9 +381,16 @@ def test_tls_files_named_in_extras_must_exist(
         ModelRouteHook("mr_tls").get_execution("exec_1")
 
 
-def test_tls_extras_are_in_the_connection_form() -> None:
+def test_every_extra_the_hook_reads_is_in_the_connection_form() -> None:
+    import inspect
+    import re
+
+    from airflow_provider_modelroute.hooks import transport
     from airflow_provider_modelroute.provider_info import get_provider_info
 
     fields = get_provider_info()["connection-types"][0]["conn-fields"]
-    assert {"ca_bundle", "client_cert", "client_key"} <= set(fields)
+    source = inspect.getsource(transport.ConnectionSettings.from_connection)
+    read = set(re.findall(r"extras\.\w+\(\s*\"(\w+)\"", source))
+    assert {"timeout", "retry_base_wait", "retry_max_wait", "ca_bundle", "client_key"} <= read
+    assert read <= set(fields)
     assert "SSL_CERT_FILE" in fields["ca_bundle"]["description"]

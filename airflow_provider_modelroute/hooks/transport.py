@@ -36,7 +36,7 @@ from airflow_provider_modelroute.hooks.rate_budget import (
     retry_after,
     shared_rate_budget,
 )
-from airflow_provider_modelroute.provider_info import CONN_TYPE
+from airflow_provider_modelroute.provider_info import CONN_TYPE, extra_value
 
 if TYPE_CHECKING:
     from airflow_provider_modelroute._compat import Connection
@@ -104,10 +104,8 @@ class _Extras:
             raise ModelRouteConfigError(f"Connection {conn.conn_id!r} has extras that are not a JSON object")
 
     def get(self, name: str, default: Any = None) -> Any:
-        for key in (name, f"extra__{CONN_TYPE}__{name}"):
-            if self.values.get(key) not in (None, ""):
-                return self.values[key]
-        return default
+        value = extra_value(self.values, name)
+        return default if value is None else value
 
     def number(self, name: str, default: float, minimum: float) -> float:
         value = self.get(name, default)
