@@ -10,6 +10,7 @@ import logging
 import time
 
 import pytest
+from airflow.secrets import BaseSecretsBackend
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute._compat import AirflowFailException
@@ -18,6 +19,7 @@ from airflow_provider_modelroute.exceptions import (
     ModelRouteAuthError,
     ModelRouteConfigError,
     ModelRouteConnectionError,
+    ModelRouteError,
     ModelRouteInputError,
     ModelRouteNotFoundError,
     ModelRoutePermanentError,
@@ -30,6 +32,11 @@ from airflow_provider_modelroute.testing.dialects import Dialect
 from airflow_provider_modelroute.testing.wire import CODE_STATUSES
 from tests.conftest import connection_json
 from tests.waiting import wait_for
+
+try:  # a refusal that Airflow 3 passes on rather than reporting the connection missing
+    from airflow.sdk.exceptions import AirflowSecretsBackendAccessDenied
+except ImportError:  # Airflow 2.11
+    AirflowSecretsBackendAccessDenied = PermissionError  # type: ignore[misc,assignment]
 
 
 def wait_until_terminal(hook: ModelRouteHook, execution_id: str) -> dict:
@@ -465,6 +472,52 @@ def test_missing_connection_fails_at_once_naming_it(server: ModelRouteServer) ->
             attempt()
         assert isinstance(err.value, AirflowFailException)  # no retry can create it
     assert server.stats()["requests"] == {}
+
+
+def test_extras_that_are_not_json_fail_naming_the_connection(
+    server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = json.loads(connection_json(server))
+    conn["extra"] = '{"timeout": 5,'  # Airflow itself would read this as no extras at all
+    monkeypatch.setenv("AIRFLOW_CONN_MR_BROKEN", json.dumps(conn))
+
+    async def open_async_hook() -> None:
+        async with ModelRouteAsyncHook("mr_broken"):
+            pass
+
+    for attempt in (
+        lambda: ModelRouteHook("mr_broken").get_execution("exec_1"),
+        lambda: asyncio.run(open_async_hook()),
+    ):
+        with pytest.raises(ModelRouteConfigError, match="'mr_broken' has extras that are not JSON"):
+            attempt()
+    assert server.stats()["requests"] == {}
+
+
+class RefusingSecretsBackend(BaseSecretsBackend):
+    """A secrets backend that refuses every lookup (as a vault does when a policy denies access)."""
+
+    def get_connection(self, conn_id: str) -> None:  # type: ignore[override]
+        raise AirflowSecretsBackendAccessDenied(f"policy denies reading {conn_id}")
+
+
+def test_a_failing_secrets_backend_surfaces_as_itself_naming_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    try:  # Airflow 3.3 builds the configured backends on first use and can forget them
+        from airflow.sdk.configuration import clear_secrets_backends_cache
+    except ImportError:
+        pytest.skip("this Airflow keeps its secrets backends for the life of the process")
+    monkeypatch.setenv("AIRFLOW__SECRETS__BACKEND", f"{__name__}.RefusingSecretsBackend")
+    clear_secrets_backends_cache()
+    try:
+        with pytest.raises(ModelRouteError, match=r"connection 'mr_vault'.*policy denies reading") as err:
+            ModelRouteHook("mr_vault").get_execution("exec_1")
+    finally:
+        monkeypatch.delenv("AIRFLOW__SECRETS__BACKEND")
+        clear_secrets_backends_cache()
+    assert "does not exist" not in str(err.value)
+    assert isinstance(err.value.__cause__, AirflowSecretsBackendAccessDenied)
 
 
 @pytest.mark.parametrize(
