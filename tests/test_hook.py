@@ -443,6 +443,7 @@ def test_a_key_the_server_refuses_fails_at_once_with_a_hint(
     with pytest.raises(ModelRouteAuthError, match="password field") as err:
         ModelRouteHook("mr").get_execution("exec_1")
     assert err.value.code == "UNAUTHORIZED"
+    assert "connection 'mr'" in str(err.value)  # which key: the one of this connection
     assert mistyped not in str(err.value)
     assert isinstance(err.value, AirflowFailException)
     assert server.stats()["requests"] == {"GET /v1/executions/{id}": 1}  # sent once, not retried
