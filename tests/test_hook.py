@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import pytest
 from airflow.secrets import BaseSecretsBackend
@@ -458,15 +459,18 @@ def test_an_empty_key_fails_before_any_request(
     assert server.stats()["requests"] == {}
 
 
-def test_missing_connection_fails_at_once_naming_it(server: ModelRouteServer) -> None:
-    async def open_async_hook() -> None:
-        async with ModelRouteAsyncHook("nowhere"):
+def sync_and_async_lookups(conn_id: str) -> list[Callable[[], object]]:
+    """A sync hook's first call and an async hook's entry: each reads the connection."""
+
+    async def enter() -> None:
+        async with ModelRouteAsyncHook(conn_id):
             pass
 
-    for attempt in (
-        lambda: ModelRouteHook("nowhere").get_execution("exec_1"),
-        lambda: asyncio.run(open_async_hook()),
-    ):
+    return [lambda: ModelRouteHook(conn_id).get_execution("exec_1"), lambda: asyncio.run(enter())]
+
+
+def test_missing_connection_fails_at_once_naming_it(server: ModelRouteServer) -> None:
+    for attempt in sync_and_async_lookups("nowhere"):
         with pytest.raises(
             ModelRouteConfigError, match="connection 'nowhere' does not exist: create it"
         ) as err:
@@ -481,15 +485,7 @@ def test_extras_that_are_not_json_fail_naming_the_connection(
     conn = json.loads(connection_json(server))
     conn["extra"] = '{"timeout": 5,'  # Airflow itself would read this as no extras at all
     monkeypatch.setenv("AIRFLOW_CONN_MR_BROKEN", json.dumps(conn))
-
-    async def open_async_hook() -> None:
-        async with ModelRouteAsyncHook("mr_broken"):
-            pass
-
-    for attempt in (
-        lambda: ModelRouteHook("mr_broken").get_execution("exec_1"),
-        lambda: asyncio.run(open_async_hook()),
-    ):
+    for attempt in sync_and_async_lookups("mr_broken"):
         with pytest.raises(ModelRouteConfigError, match="'mr_broken' has extras that are not JSON"):
             attempt()
     assert server.stats()["requests"] == {}
