@@ -22,6 +22,8 @@ DEFAULT_BASE_URL = "https://api.modelroute.ai"
 DEFAULT_DASHBOARD_URL = "https://app.modelroute.ai"
 API_PREFIX = "/v1"
 MAX_FILE_SIZE = 150 * 1024 * 1024
+#: How the API names a file (``file_<uuid>``); ids are checked before they go into a URL path.
+FILE_ID_RE = re.compile(r"file_[A-Za-z0-9_-]{1,128}")
 
 # --- API keys -------------------------------------------------------------------------------
 

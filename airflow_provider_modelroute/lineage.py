@@ -69,7 +69,8 @@ class ModelRouteExecutionRunFacet(RunFacet):
 
 def file_dataset(hook: Any, file_id: str) -> Dataset:
     """A ModelRoute file: namespace ``modelroute://<API host>``, name its ``file_...`` id."""
-    return Dataset(namespace=f"modelroute://{urlsplit(hook.core.settings.base_url).netloc}", name=file_id)
+    host = urlsplit(hook.transport.settings.base_url).netloc
+    return Dataset(namespace=f"modelroute://{host}", name=file_id)
 
 
 def storage_dataset(url: str, conn_id: str | None, size_bytes: int | None = None) -> Dataset:

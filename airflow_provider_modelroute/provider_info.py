@@ -7,6 +7,7 @@ info, and Airflow 2.11 gets the same definitions through the hook's classmethods
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from airflow_provider_modelroute import __version__
@@ -41,6 +42,16 @@ _CONN_FIELDS: dict[str, dict[str, Any]] = {
         "description": "Retries of one request on connection errors, 429 and retryable 5xx.",
         "schema": {"type": ["integer", "null"], "default": 5},
     },
+    "retry_base_wait": {
+        "label": "Retry base wait (seconds)",
+        "description": "The first retry waits up to this long (at random), each next one up to twice that.",
+        "schema": {"type": ["number", "null"], "default": 0.5},
+    },
+    "retry_max_wait": {
+        "label": "Retry max wait (seconds)",
+        "description": "The longest wait between two retries, unless the server's Retry-After asks more.",
+        "schema": {"type": ["number", "null"], "default": 30},
+    },
     "retry_deadline": {
         "label": "Retry deadline (seconds)",
         "description": "Total time one request may spend retrying.",
@@ -73,7 +84,7 @@ _CONN_FIELDS: dict[str, dict[str, Any]] = {
         "(TLS, when used, is still verified).",
         "schema": {"type": ["boolean", "null"], "default": False},
     },
-    # -- webhook mode (issue 16); `python -m airflow_provider_modelroute.webhooks setup` fills these --
+    # -- webhook mode: `python -m airflow_provider_modelroute.webhooks setup` fills these --
     "webhook_secret": {
         "label": "Webhook secret",
         "description": "The endpoint's whsec_... secret; with the receiver URL it turns webhook mode on.",
@@ -90,6 +101,14 @@ _CONN_FIELDS: dict[str, dict[str, Any]] = {
         "schema": {"type": ["number", "null"], "default": 600},
     },
 }
+
+
+def extra_value(extras: Mapping[str, Any], name: str) -> Any:
+    """An extra by its plain name or the ``extra__modelroute__`` form older UIs store; None if unset."""
+    for key in (name, f"extra__{CONN_TYPE}__{name}"):
+        if extras.get(key) not in (None, ""):
+            return extras[key]
+    return None
 
 
 def ui_field_behaviour() -> dict[str, Any]:

@@ -2,7 +2,7 @@
 rate window (goal: 2,000 waits under 2 % of one core).
 
 Real parts: the local server (its own process) allows one request per 600 s window per key, so
-the first request spends the window. Then N trigger clients (``ModelRouteAsyncClient``, one per
+the first request spends the window. Then N trigger clients (``ModelRouteAsyncHook``, one per
 wait, on one event loop, as in a triggerer) and, in one case, sync hooks in threads each ask for an
 execution and block in the API key's shared ``RateBudget``. Once all are queued, the process's CPU
 time is measured over the hold; the previous budget woke every blocked wait every 50 ms (91 % of a
@@ -63,7 +63,7 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
     conn["extra"] = {**conn.get("extra", {}), "max_retries": 0}
     os.environ["AIRFLOW_CONN_MODELROUTE_BENCH"] = json.dumps(conn)
     from airflow_provider_modelroute.exceptions import ModelRouteError
-    from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+    from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, ModelRouteHook
     from airflow_provider_modelroute.hooks.rate_budget import shared_rate_budget
 
     logging.disable(logging.CRITICAL)
@@ -74,7 +74,7 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
             ModelRouteHook("modelroute_bench").get_execution("exec_sync")
 
     async def trigger_wait(index: int) -> None:
-        async with ModelRouteHook("modelroute_bench").async_client() as client:
+        async with ModelRouteAsyncHook("modelroute_bench") as client:
             await client.get_execution(f"exec_{index}")
 
     async def main() -> dict[str, Any]:

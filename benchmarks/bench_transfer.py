@@ -199,7 +199,7 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         handle.write(b"warm-up")
     scratch.unlink()
     hook = ModelRouteHook("modelroute_bench")
-    hook.core  # noqa: B018 - warm up: the connection lookup
+    hook.transport  # noqa: B018 - warm up: the connection lookup
     operator = ModelRouteToStorageOperator(
         task_id="bench",
         destination=uri,

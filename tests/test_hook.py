@@ -8,8 +8,10 @@ import io
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import pytest
+from airflow.secrets import BaseSecretsBackend
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute._compat import AirflowFailException
@@ -18,18 +20,24 @@ from airflow_provider_modelroute.exceptions import (
     ModelRouteAuthError,
     ModelRouteConfigError,
     ModelRouteConnectionError,
+    ModelRouteError,
     ModelRouteInputError,
     ModelRouteNotFoundError,
     ModelRoutePermanentError,
     ModelRouteRateLimitError,
     ModelRouteTransferError,
 )
-from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, ModelRouteHook
 from airflow_provider_modelroute.testing import ModelRouteServer
 from airflow_provider_modelroute.testing.dialects import Dialect
 from airflow_provider_modelroute.testing.wire import CODE_STATUSES
 from tests.conftest import connection_json
 from tests.waiting import wait_for
+
+try:  # a refusal that Airflow 3 passes on rather than reporting the connection missing
+    from airflow.sdk.exceptions import AirflowSecretsBackendAccessDenied
+except ImportError:  # Airflow 2.11
+    AirflowSecretsBackendAccessDenied = PermissionError  # type: ignore[misc,assignment]
 
 
 def wait_until_terminal(hook: ModelRouteHook, execution_id: str) -> dict:
@@ -362,7 +370,7 @@ def test_rate_limit_headers_are_read(
         hook = ModelRouteHook("mr")
         started = time.time()
         created = hook.create_execution("test-image", {"prompt": "p"})
-        seen = hook.core.rate_limit
+        seen = hook.transport.rate_limit
         assert seen.limit == 3
         if reset == "absent":  # no window end: Remaining cannot pace, Retry-After will
             assert seen.remaining is None and seen.reset is None
@@ -375,7 +383,7 @@ def test_rate_limit_headers_are_read(
         assert small.stats()["rate_limited"] == (1 if reset == "absent" else 0)
 
 
-def test_async_client_is_not_paced_without_a_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_async_hook_is_not_paced_without_a_reset(monkeypatch: pytest.MonkeyPatch) -> None:
     with ModelRouteServer(
         rate_limit=3, rate_window=2.0, processing_seconds=30, dialect="literal,rate_limit_reset=absent"
     ) as small:
@@ -383,7 +391,7 @@ def test_async_client_is_not_paced_without_a_reset(monkeypatch: pytest.MonkeyPat
         created = ModelRouteHook("mr").create_execution("test-image", {"prompt": "p"})
 
         async def poll(times: int) -> None:
-            async with ModelRouteHook("mr").async_client() as client:
+            async with ModelRouteAsyncHook("mr") as client:
                 for _ in range(times):
                     await client.get_execution(created["id"])
 
@@ -436,6 +444,7 @@ def test_a_key_the_server_refuses_fails_at_once_with_a_hint(
     with pytest.raises(ModelRouteAuthError, match="password field") as err:
         ModelRouteHook("mr").get_execution("exec_1")
     assert err.value.code == "UNAUTHORIZED"
+    assert "connection 'mr'" in str(err.value)  # which key: the one of this connection
     assert mistyped not in str(err.value)
     assert isinstance(err.value, AirflowFailException)
     assert server.stats()["requests"] == {"GET /v1/executions/{id}": 1}  # sent once, not retried
@@ -450,21 +459,62 @@ def test_an_empty_key_fails_before_any_request(
     assert server.stats()["requests"] == {}
 
 
-def test_missing_connection_fails_at_once_naming_it(server: ModelRouteServer) -> None:
-    async def open_async_client() -> None:
-        async with ModelRouteHook("nowhere").async_client():
+def sync_and_async_lookups(conn_id: str) -> list[Callable[[], object]]:
+    """A sync hook's first call and an async hook's entry: each reads the connection."""
+
+    async def enter() -> None:
+        async with ModelRouteAsyncHook(conn_id):
             pass
 
-    for attempt in (
-        lambda: ModelRouteHook("nowhere").get_execution("exec_1"),
-        lambda: asyncio.run(open_async_client()),
-    ):
+    return [lambda: ModelRouteHook(conn_id).get_execution("exec_1"), lambda: asyncio.run(enter())]
+
+
+def test_missing_connection_fails_at_once_naming_it(server: ModelRouteServer) -> None:
+    for attempt in sync_and_async_lookups("nowhere"):
         with pytest.raises(
             ModelRouteConfigError, match="connection 'nowhere' does not exist: create it"
         ) as err:
             attempt()
         assert isinstance(err.value, AirflowFailException)  # no retry can create it
     assert server.stats()["requests"] == {}
+
+
+def test_extras_that_are_not_json_fail_naming_the_connection(
+    server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = json.loads(connection_json(server))
+    conn["extra"] = '{"timeout": 5,'  # Airflow itself would read this as no extras at all
+    monkeypatch.setenv("AIRFLOW_CONN_MR_BROKEN", json.dumps(conn))
+    for attempt in sync_and_async_lookups("mr_broken"):
+        with pytest.raises(ModelRouteConfigError, match="'mr_broken' has extras that are not JSON"):
+            attempt()
+    assert server.stats()["requests"] == {}
+
+
+class RefusingSecretsBackend(BaseSecretsBackend):
+    """A secrets backend that refuses every lookup (as a vault does when a policy denies access)."""
+
+    def get_connection(self, conn_id: str) -> None:  # type: ignore[override]
+        raise AirflowSecretsBackendAccessDenied(f"policy denies reading {conn_id}")
+
+
+def test_a_failing_secrets_backend_surfaces_as_itself_naming_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    try:  # Airflow 3.3 builds the configured backends on first use and can forget them
+        from airflow.sdk.configuration import clear_secrets_backends_cache
+    except ImportError:
+        pytest.skip("this Airflow keeps its secrets backends for the life of the process")
+    monkeypatch.setenv("AIRFLOW__SECRETS__BACKEND", f"{__name__}.RefusingSecretsBackend")
+    clear_secrets_backends_cache()
+    try:
+        with pytest.raises(ModelRouteError, match=r"connection 'mr_vault'.*policy denies reading") as err:
+            ModelRouteHook("mr_vault").get_execution("exec_1")
+    finally:
+        monkeypatch.delenv("AIRFLOW__SECRETS__BACKEND")
+        clear_secrets_backends_cache()
+    assert "does not exist" not in str(err.value)
+    assert isinstance(err.value.__cause__, AirflowSecretsBackendAccessDenied)
 
 
 @pytest.mark.parametrize(
@@ -491,7 +541,7 @@ def test_base_url_normalisation(
     server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch, host: str | None, expected: str
 ) -> None:
     use_connection(monkeypatch, server, fields={"host": host})
-    assert ModelRouteHook("mr").core.settings.base_url == expected
+    assert ModelRouteHook("mr").transport.settings.base_url == expected
 
 
 def test_secrets_never_in_logs_errors_or_reprs(
@@ -508,14 +558,14 @@ def test_secrets_never_in_logs_errors_or_reprs(
     done = wait_until_terminal(hook, created["id"])
     server.dialect = "presigned"  # /download answers the URL document: a signature to keep secret
     download = hook.download_file(api.result_files(done)[0]["file_id"])
-    signature = str(download._source.url).split("Signature=")[1].split("&")[0]  # type: ignore[attr-defined]
+    signature = str(download._url).split("Signature=")[1].split("&")[0]
     for _ in download:
         pass
     captured = capsys.readouterr()
     logs = caplog.text + captured.out + captured.err  # Airflow 3 logs hooks through structlog (stdout)
     assert "retry" in logs.lower()  # the retries were logged...
     assert "/files/" in logs  # ...and so was the storage request (urllib3 debug line)...
-    texts = [logs, str(err.value), repr(err.value), repr(hook.core.settings), repr(hook.core)]
+    texts = [logs, str(err.value), repr(err.value), repr(hook.transport.settings), repr(hook.transport)]
     for text in texts:  # ...and none of this carries a secret
         assert server.api_key not in text
         assert signature not in text
@@ -536,13 +586,13 @@ def test_test_connection(server: ModelRouteServer, dialect: Dialect, monkeypatch
 # --- async twin --------------------------------------------------------------------------------
 
 
-def test_async_client_reads_retries_and_cancels(server: ModelRouteServer) -> None:
+def test_async_hook_reads_retries_and_cancels(server: ModelRouteServer) -> None:
     hook = ModelRouteHook()
     created = hook.create_execution("test-image", {"prompt": "a", "_simulate": {"seconds": 30}})
     server.add_fault("GET /v1/executions/{id}", "error", count=2, code="MODEL_OVERLOADED")
 
     async def run() -> tuple[dict, dict | None]:
-        async with hook.async_client() as client:
+        async with ModelRouteAsyncHook() as client:
             doc = await client.get_execution(created["id"])
             return doc, await client.cancel_execution(created["id"])
 
@@ -552,9 +602,9 @@ def test_async_client_reads_retries_and_cancels(server: ModelRouteServer) -> Non
     assert server.stats()["requests"]["GET /v1/executions/{id}"] == 3
 
 
-def test_async_client_raises_the_same_error_model(server: ModelRouteServer) -> None:
+def test_async_hook_raises_the_same_error_model(server: ModelRouteServer) -> None:
     async def run() -> None:
-        async with ModelRouteHook().async_client() as client:
+        async with ModelRouteAsyncHook() as client:
             await client.get_execution("exec_00000000-0000-0000-0000-00000000abcd")
 
     with pytest.raises(ModelRouteNotFoundError):

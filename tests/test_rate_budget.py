@@ -16,7 +16,7 @@ import pytest
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.api import rate_limit_reset
-from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, ModelRouteHook
 from airflow_provider_modelroute.hooks.rate_budget import RateBudget, RateLimit, shared_rate_budget
 from tests.conftest import FAST_RETRY_EXTRAS
 from tests.nettools import RateLimitedServer
@@ -51,7 +51,7 @@ def test_no_stall_whatever_the_reset_header(monkeypatch: pytest.MonkeyPatch, res
         monkeypatch.setenv("AIRFLOW_CONN_MR_LIMITED", json.dumps(conn))
 
         async def poll(index: int) -> str:
-            async with ModelRouteHook("mr_limited").async_client() as client:
+            async with ModelRouteAsyncHook("mr_limited") as client:
                 return str((await client.get_execution(f"exec_{index}"))["status"])
 
         async def everything() -> list[str]:

@@ -606,7 +606,7 @@ _BOUNDED_COPY = textwrap.dedent(
     from airflow_provider_modelroute.transfers.modelroute import ModelRouteToStorageOperator
 
     op = ModelRouteToStorageOperator(task_id="copy", source_file_id=sys.argv[1], destination=sys.argv[2])
-    op.hook.core  # connection looked up, clients built: only the copy itself is measured
+    op.hook.transport  # connection looked up, clients built: only the copy itself is measured
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     records = op.transfer()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -643,7 +643,7 @@ _FULL_DISK_COPY = textwrap.dedent(
     from airflow_provider_modelroute.transfers.modelroute import ModelRouteToStorageOperator
 
     op = ModelRouteToStorageOperator(task_id="copy", source_file_id=sys.argv[1], destination=sys.argv[2])
-    op.hook.core
+    op.hook.transport
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.RLIM_INFINITY))
     try:

@@ -23,10 +23,9 @@ from airflow_provider_modelroute.exceptions import (
     ModelRouteConnectionError,
     ModelRouteTransferError,
 )
-from airflow_provider_modelroute.hooks.core import ApiCore
-from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
-from airflow_provider_modelroute.hooks.settings import ConnectionSettings
+from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, ModelRouteHook
 from airflow_provider_modelroute.hooks.storage import check_storage_url
+from airflow_provider_modelroute.hooks.transport import ConnectionSettings, Transport
 from airflow_provider_modelroute.testing import ModelRouteServer
 from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
 from tests.conftest import FAST_RETRY_EXTRAS
@@ -299,7 +298,7 @@ def test_corrupt_compressed_body_is_not_retried(
         assert canned.requests == 1
 
         async def poll() -> None:
-            async with ModelRouteHook("mr_canned").async_client() as client:
+            async with ModelRouteAsyncHook("mr_canned") as client:
                 await client.get_execution("exec_1")
 
         with pytest.raises(ModelRouteConnectionError, match="not retried"):
@@ -324,7 +323,7 @@ def test_bytes_after_a_response_do_not_desynchronise_the_next(
         assert [hook.get_execution("exec_1")["status"] for _ in range(3)] == ["PROCESSING"] * 3
 
         async def poll() -> list[str]:
-            async with ModelRouteHook("mr_canned").async_client() as client:
+            async with ModelRouteAsyncHook("mr_canned") as client:
                 return [(await client.get_execution("exec_1"))["status"] for _ in range(3)]
 
         assert asyncio.run(poll()) == ["PROCESSING"] * 3
@@ -358,7 +357,7 @@ def test_storage_5xx_during_a_download_is_retried(server: ModelRouteServer) -> N
     ],
 )
 def test_storage_url_check_without_dns(url: str, allowed: bool) -> None:
-    core = ApiCore(
+    core = Transport(
         ConnectionSettings(base_url="https://api.modelroute.ai", api_key="sk_test_key"), logging.getLogger()
     )
     if allowed:
@@ -382,9 +381,16 @@ def test_tls_files_named_in_extras_must_exist(
         ModelRouteHook("mr_tls").get_execution("exec_1")
 
 
-def test_tls_extras_are_in_the_connection_form() -> None:
+def test_every_extra_the_hook_reads_is_in_the_connection_form() -> None:
+    import inspect
+    import re
+
+    from airflow_provider_modelroute.hooks import transport
     from airflow_provider_modelroute.provider_info import get_provider_info
 
     fields = get_provider_info()["connection-types"][0]["conn-fields"]
-    assert {"ca_bundle", "client_cert", "client_key"} <= set(fields)
+    source = inspect.getsource(transport.ConnectionSettings.from_connection)
+    read = set(re.findall(r"extras\.\w+\(\s*\"(\w+)\"", source))
+    assert {"timeout", "retry_base_wait", "retry_max_wait", "ca_bundle", "client_key"} <= read
+    assert read <= set(fields)
     assert "SSL_CERT_FILE" in fields["ca_bundle"]["description"]

@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_modelroute._compat import BaseTrigger
-from airflow_provider_modelroute.hooks.async_client import ModelRouteAsyncClient
-from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, ModelRouteHook
 from airflow_provider_modelroute.testing import ModelRouteServer
 from airflow_provider_modelroute.triggers.modelroute import (
     MAX_CONSECUTIVE_FAILURES,
@@ -214,13 +213,13 @@ def test_polls_of_one_loop_share_wake_ups(server: ModelRouteServer, monkeypatch:
     # only makes more polls share an iteration (the loop wakes late and finds more timers due).
     execution_ids = [start_execution(3600) for _ in range(40)]
     iterations, polled_in = [0], []
-    real_get = ModelRouteAsyncClient.get_execution
+    real_get = ModelRouteAsyncHook.get_execution
 
-    async def get_execution(client: ModelRouteAsyncClient, execution_id: str) -> dict[str, Any]:
+    async def get_execution(client: ModelRouteAsyncHook, execution_id: str) -> dict[str, Any]:
         polled_in.append((execution_id, iterations[0]))
         return await real_get(client, execution_id)
 
-    monkeypatch.setattr(ModelRouteAsyncClient, "get_execution", get_execution)
+    monkeypatch.setattr(ModelRouteAsyncHook, "get_execution", get_execution)
 
     async def wait_a_while() -> None:
         loop = asyncio.get_running_loop()

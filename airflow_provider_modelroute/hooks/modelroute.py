@@ -1,61 +1,69 @@
-"""ModelRouteHook: the ModelRoute API for tasks (sync) and triggers (async), one error model.
+"""ModelRouteHook (tasks, requests) and ModelRouteAsyncHook (triggers, aiohttp), side by side.
 
-The sync calls use one ``requests.Session`` per hook; triggers get a :class:`ModelRouteAsyncClient`
-from :meth:`ModelRouteHook.async_client`. Both go through one :class:`ApiCore` (URLs, headers,
-error parsing, retry policy), so the two paths cannot drift apart. The readings of ``/download``
-live in ``hooks/download.py``, presigned-URL transfers in ``hooks/storage.py``, pacing in
-``hooks/rate_budget.py``, TLS and proxies in ``hooks/network.py``.
+Both read the connection into one :class:`~airflow_provider_modelroute.hooks.transport.Transport`
+(settings, error model, retry policy, rate budget), so the two paths cannot drift apart. aiohttp is
+imported when an async hook is entered, never at import time: DAG files import this at every parse.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import astuple, dataclass
 from functools import cached_property
-from typing import IO, Any
-from urllib.parse import quote
+from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
 
 import requests
 import tenacity
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute._compat import (
-    AirflowNotFoundException,
-    BaseHook,
-    aget_connection,
-)
+from airflow_provider_modelroute._compat import BaseHook, aget_connection, mask_secret
 from airflow_provider_modelroute.exceptions import (
     ModelRouteApiError,
     ModelRouteAuthError,
     ModelRouteConfigError,
     ModelRouteError,
 )
-from airflow_provider_modelroute.hooks.async_client import ModelRouteAsyncClient
-from airflow_provider_modelroute.hooks.core import ApiCore, execution_path
-from airflow_provider_modelroute.hooks.download import ApiDownloadSource
-from airflow_provider_modelroute.hooks.network import route
-from airflow_provider_modelroute.hooks.settings import ConnectionSettings
-from airflow_provider_modelroute.hooks.storage import FileDownload, StorageClient, check_storage_url
-from airflow_provider_modelroute.hooks.webhook_endpoints import WebhookEndpointsMixin
+from airflow_provider_modelroute.hooks.storage import (
+    FileDownload,
+    StorageClient,
+    check_storage_url,
+    local_address,
+    route,
+)
+from airflow_provider_modelroute.hooks.transport import (
+    ConnectionSettings,
+    Transport,
+    api_path,
+    check_execution_request,
+    read_connection,
+)
 from airflow_provider_modelroute.provider_info import CONN_TYPE, connection_form_widgets, ui_field_behaviour
 
+if TYPE_CHECKING:
+    import aiohttp
+
 _PROBE_EXECUTION_ID = "exec_00000000-0000-0000-0000-000000000000"
+_ENDPOINTS = "/webhooks/endpoints"
+_UPDATABLE = frozenset({"url", "description", "events", "headers", "is_active"})
+#: Idle keep-alive connections are kept longer than the usual poll intervals (no reconnect per poll)
+#: and shorter than the idle timeouts of common load balancers (60 s and up).
+_KEEPALIVE_EXPIRY = 50.0
+#: Connections to one origin per event loop; more requests at once wait for a free connection.
+_MAX_CONNECTIONS = 100
 
 
-class ModelRouteHook(WebhookEndpointsMixin, BaseHook):
-    """
-    Talk to the ModelRoute API: executions, results, cancellation, file downloads and uploads.
+def _given(**fields: Any) -> dict[str, Any]:
+    """The fields that were given: optional body fields are left out, not sent as null."""
+    return {name: value for name, value in fields.items() if value is not None}
 
-    The connection holds the API key in its password and, optionally, the base URL in its host
-    (default ``https://api.modelroute.ai``). Extras tune timeouts (``timeout``, ``connect_timeout``),
-    retries (``max_retries``, ``retry_base_wait``, ``retry_max_wait``, ``retry_deadline``),
-    ``dashboard_url``, TLS (``ca_bundle``, ``client_cert``, ``client_key``; see ``hooks/network.py``
-    for these and the proxy variables), and ``allow_insecure_storage_urls`` (local testing only).
-    Webhook endpoints: ``hooks/webhook_endpoints.py``.
 
-    :param modelroute_conn_id: The Airflow connection to use.
-    """
+class _ModelRouteBaseHook(BaseHook):
+    """What both hooks share: the connection id and the form of its connection type."""
 
     conn_name_attr = "modelroute_conn_id"
     default_conn_name = "modelroute_default"
@@ -66,8 +74,7 @@ class ModelRouteHook(WebhookEndpointsMixin, BaseHook):
         super().__init__(**kwargs)
         self.modelroute_conn_id = modelroute_conn_id
 
-    # -- connection form (Airflow 2.11; 3.2+ reads the same definitions from provider info) --
-
+    # Airflow 2.11 reads the form here; 3.2+ reads the same definitions from provider info.
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
         return ui_field_behaviour()
@@ -76,103 +83,72 @@ class ModelRouteHook(WebhookEndpointsMixin, BaseHook):
     def get_connection_form_widgets(cls) -> dict[str, Any]:
         return connection_form_widgets()
 
-    # -- plumbing ---------------------------------------------------------------------------
+
+class ModelRouteHook(_ModelRouteBaseHook):
+    """
+    Talk to the ModelRoute API: executions, cancellation, file downloads and uploads, webhook endpoints.
+
+    The connection holds the API key in its password, the base URL in its host (default
+    ``https://api.modelroute.ai``), and the extras of the connection form.
+
+    :param modelroute_conn_id: The Airflow connection to use.
+    """
 
     @cached_property
-    def core(self) -> ApiCore:
-        try:
+    def transport(self) -> Transport:
+        with read_connection(self.modelroute_conn_id):
             conn = self.get_connection(self.modelroute_conn_id)
-        except AirflowNotFoundException:
-            raise ConnectionSettings.missing(self.modelroute_conn_id) from None
-        return ApiCore(ConnectionSettings.from_connection(conn), self.log)
+        return Transport(ConnectionSettings.from_connection(conn), self.log)
 
     @cached_property
     def session(self) -> requests.Session:
         session = requests.Session()
-        session.trust_env = False  # CA bundle and proxies come from ``network.route``, as for triggers
-        session.headers.update(self.core.headers)
+        session.trust_env = False  # CA bundle and proxies come from ``route``, as for triggers
+        session.headers.update(self.transport.headers)
         return session
 
     @cached_property
-    def _route_options(self) -> dict[str, Any]:
-        return route(self.core.settings, self.core.settings.base_url).requests_options()
+    def _options(self) -> dict[str, Any]:
+        settings = self.transport.settings
+        options = route(settings, settings.base_url).requests_options()
+        return {"timeout": settings.timeouts, "allow_redirects": False, **options}
 
     @cached_property
     def storage(self) -> StorageClient:
         """Presigned-URL transfers, without the API key."""
-        return StorageClient(self.core)
+        return StorageClient(self.transport)
 
     def get_conn(self) -> requests.Session:
         return self.session
 
     def send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         """One request to the API, paced by the key's rate budget; transport errors in the error model."""
-        budget = self.core.budget
-        budget.acquire_blocking(self.log)
-        seen = None
-        try:
-            try:
-                response = self.session.request(
-                    method,
-                    url,
-                    timeout=(self.core.settings.connect_timeout, self.core.settings.read_timeout),
-                    allow_redirects=False,
-                    **self._route_options,
-                    **kwargs,
-                )
-            except requests.RequestException as exc:
-                raise self.core.transport_error(exc, method, url) from None
-            self.core.note_rate_limit(response.headers)
-            seen = self.core.rate_limit
+        transport = self.transport
+        transport.budget.acquire_blocking(self.log)
+        with transport.exchange(method, url, requests.RequestException) as answered:
+            response = self.session.request(method, url, **self._options, **kwargs)
+            answered(response.headers)
             return response
-        finally:
-            budget.observe(seen)
 
-    def _request_once(
-        self,
-        method: str,
-        path: str,
-        json_body: Any,
-        headers: Mapping[str, str] | None,
-    ) -> tuple[Any, Mapping[str, str]]:
-        response = self.send(method, self.core.url(path), json=json_body, headers=dict(headers or {}))
-        body = self.core.parse(method, path, response.status_code, response.headers, response.content)
-        return body, response.headers
-
-    def _exchange(
-        self,
-        method: str,
-        path: str,
-        *,
-        json_body: Any = None,
-        headers: Mapping[str, str] | None = None,
+    def _call(
+        self, method: str, path: str, json_body: Any = None, headers: Mapping[str, str] | None = None
     ) -> tuple[Any, Mapping[str, str]]:
         """One API call with the retry policy: the answer's JSON and headers."""
-        retrying = tenacity.Retrying(**self.core.retry_kwargs())
-        return retrying(self._request_once, method, path, json_body, headers)
 
-    def _request(self, method: str, path: str, *, json_body: Any = None) -> Any:
-        return self._exchange(method, path, json_body=json_body)[0]
+        def once() -> tuple[Any, Mapping[str, str]]:
+            r = self.send(method, self.transport.url(path), json=json_body, headers=dict(headers or {}))
+            return self.transport.parse(method, path, r.status_code, r.headers, r.content), r.headers
+
+        return tenacity.Retrying(**self.transport.retry.args())(once)
+
+    def _request(self, method: str, path: str, json_body: Any = None) -> Any:
+        return self._call(method, path, json_body)[0]
 
     # -- executions -------------------------------------------------------------------------
 
-    def create_execution(
-        self,
-        model: str,
-        input: dict[str, Any],
-        *,
-        idempotency_key: str | None = None,
-        metadata: dict[str, Any] | None = None,
-        webhook_url: str | None = None,
-    ) -> dict[str, Any]:
-        """Start an execution. Every HTTP retry re-sends the same ``Idempotency-Key``, so it runs once.
-
-        Returns the POST's answer: usually ``PENDING`` (202), but it may already be terminal (a
-        ``COMPLETED`` one carries its ``result``), and for a repeated key it may replay an old answer.
-        """
-        return self.submit_execution(
-            model, input, idempotency_key=idempotency_key, metadata=metadata, webhook_url=webhook_url
-        )[0]
+    def create_execution(self, model: str, input: dict[str, Any], **options: Any) -> dict[str, Any]:
+        """:meth:`submit_execution`'s answer: usually ``PENDING``, maybe already terminal or a replay."""
+        return self.submit_execution(model, input, **options)[0]
 
     def submit_execution(
         self,
@@ -183,69 +159,41 @@ class ModelRouteHook(WebhookEndpointsMixin, BaseHook):
         metadata: dict[str, Any] | None = None,
         webhook_url: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """:meth:`create_execution`, also saying whether the server marked the answer a replay.
+        """Start an execution; also say whether the server marked the answer a replay.
 
-        A replayed answer may be stale (the original ``PENDING``): read the execution before deciding.
+        Every HTTP retry re-sends the same ``Idempotency-Key``, so it runs once. A replayed answer
+        may be stale (the original ``PENDING``): read the execution before deciding.
         """
-        if not isinstance(model, str) or not model:
-            raise ModelRouteConfigError("model must be a non-empty string, e.g. 'flux-1.1-pro'")
-        if not isinstance(input, dict):
-            raise ModelRouteConfigError(f"input must be a JSON object (dict), got {type(input).__name__}")
-        body: dict[str, Any] = {"model": model, "input": input}
-        if metadata is not None:
-            body["metadata"] = metadata
-        if webhook_url is not None:
-            body["webhook_url"] = webhook_url
-        key = idempotency_key or f"airflow-{uuid.uuid4()}"
-        execution, headers = self._exchange(
-            "POST", "/executions", json_body=body, headers={"Idempotency-Key": key}
-        )
-        replayed = str(headers.get(api.REPLAY_HEADER, "")).strip().lower() == "true"
-        return execution, replayed
+        check_execution_request(model, input)
+        body = _given(model=model, input=input, metadata=metadata, webhook_url=webhook_url)
+        key = {"Idempotency-Key": idempotency_key or f"airflow-{uuid.uuid4()}"}
+        execution, headers = self._call("POST", "/executions", body, key)
+        return execution, str(headers.get(api.REPLAY_HEADER, "")).strip().lower() == "true"
 
     def get_execution(self, execution_id: str) -> dict[str, Any]:
-        return self._request("GET", execution_path(execution_id))
+        return self._request("GET", api_path("executions", execution_id))
 
     def get_execution_result(self, execution_id: str) -> dict[str, Any]:
-        return self._request("GET", execution_path(execution_id, "/result"))
+        return self._request("GET", api_path("executions", execution_id, "/result"))
 
     def cancel_execution(self, execution_id: str) -> dict[str, Any] | None:
-        """Cancel an execution; returns None if it had already finished.
-
-        The docs give no code for cancelling a finished execution: a refusal is checked by reading it.
-        """
+        """Cancel an execution; None if it had already finished."""
         try:
-            return self._request("POST", execution_path(execution_id, "/cancel"))
-        except ModelRouteApiError as exc:
-            if not exc.permanent or not api.is_terminal(self.get_execution(execution_id).get("status")):
-                raise
-            return None
+            return self._request("POST", api_path("executions", execution_id, "/cancel"))
+        except ModelRouteApiError as exc:  # the docs give no code for "already finished": read it
+            if exc.permanent and api.is_terminal(self.get_execution(execution_id).get("status")):
+                return None
+            raise
 
     def execution_url(self, execution_id: str) -> str:
         """The execution's page in the ModelRoute dashboard."""
-        return f"{self.core.settings.dashboard_url}/executions/{quote(execution_id)}"
+        return f"{self.transport.settings.dashboard_url}/executions/{quote(execution_id)}"
 
     # -- files --------------------------------------------------------------------------------
 
     def download_file(self, file_id: str, *, chunk_size: int = 1024 * 1024) -> FileDownload:
-        """Open a file for streaming: iterate the result for its bytes, never the whole file in memory.
-
-        Asks ``GET /v1/files/{id}/download`` at once, so the size and type are known before the first
-        byte is read; any of its readings works (the bytes, a URL document, a redirect).
-        """
-        source = ApiDownloadSource(self.core, self.send, self.storage, file_id)
-        first = source.prefetch()
-        document = source.document or {}
-        size = document.get("size_bytes") if source.document else _announced_size(first)
-        content_type = document.get("content_type") or first.headers.get("Content-Type")
-        return FileDownload(
-            file_id=file_id,
-            size_bytes=int(size) if size is not None else None,
-            content_type=str(content_type or "application/octet-stream").split(";")[0].strip(),
-            _source=source,
-            _storage=self.storage,
-            chunk_size=chunk_size,
-        )
+        """Open a file for streaming (any reading of ``/download``): iterate the result for its bytes."""
+        return FileDownload(self.storage, self.send, file_id, chunk_size)
 
     def upload_file(
         self,
@@ -260,31 +208,22 @@ class ModelRouteHook(WebhookEndpointsMixin, BaseHook):
     ) -> dict[str, Any]:
         """Upload an input file through the documented flow; returns ``{file_id, content_type, size_bytes}``.
 
-        The request carries the fields of both documented versions (llms.txt's ``filename``,
-        ``content_type``, ``size_bytes``; the uploading page's ``purpose``, ``region``, ``ttl_days``).
-        ``open_source`` opens the bytes afresh for each attempt, so a dropped upload can be retried.
+        The request carries the fields of both documented versions. ``open_source`` opens the bytes
+        afresh for each attempt, so a dropped upload can be retried.
         """
         if size_bytes > api.MAX_FILE_SIZE:
             raise ModelRouteConfigError(
                 f"{filename} is {size_bytes} bytes; ModelRoute accepts files up to {api.MAX_FILE_SIZE} bytes"
             )
-        body: dict[str, Any] = {
-            "filename": filename,
-            "content_type": content_type,
-            "size_bytes": size_bytes,
-            "purpose": purpose,
-        }
-        if region is not None:
-            body["region"] = region
-        if ttl_days is not None:
-            body["ttl_days"] = ttl_days
-        slot = self._request("POST", "/files/upload", json_body=body)
-        file_id, url = str(slot["file_id"]), check_storage_url(self.core, str(slot["upload_url"]))
-        self.storage.put(
-            url, open_source, filename=filename, size_bytes=size_bytes, content_type=content_type
-        )
+        fields = {"filename": filename, "content_type": content_type, "size_bytes": size_bytes}
+        body = _given(**fields, purpose=purpose, region=region, ttl_days=ttl_days)
+        slot = self._request("POST", "/files/upload", body)
+        file_id, url = str(slot["file_id"]), check_storage_url(self.transport, str(slot["upload_url"]))
+        # The Content-Type declared for the URL: a URL presigned for one rejects any other.
+        headers = {"Content-Length": str(size_bytes), "Content-Type": content_type}
+        self.storage.put(url, open_source, headers, filename)
         try:
-            confirmed = self._request("POST", "/files/confirm", json_body={"file_id": file_id})
+            confirmed = self._request("POST", "/files/confirm", {"file_id": file_id})
         except ModelRouteApiError as exc:
             if exc.http_status not in api.CONFIRM_ABSENT_STATUSES:
                 raise
@@ -293,44 +232,169 @@ class ModelRouteHook(WebhookEndpointsMixin, BaseHook):
         result.update({k: v for k, v in (confirmed or {}).items() if k in result})
         return result
 
+    # -- webhook endpoints (an endpoint's ``secret`` is shown once, in the answer to its creation) --
+
+    def create_webhook_endpoint(
+        self,
+        url: str,
+        *,
+        description: str | None = None,
+        events: Sequence[str] = (),
+        headers: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Register ``url`` (https) for ``events`` (empty: all); the answer holds the one-time ``secret``."""
+        loopback = isinstance(url, str) and local_address(urlsplit(url).hostname or "") == "loopback"
+        if not isinstance(url, str) or not (url.startswith("https://") or loopback):
+            raise ModelRouteConfigError(f"A webhook endpoint url must be https://..., got {url!r}")
+        headers = dict(headers) if headers else None
+        body = _given(url=url, events=list(events), description=description, headers=headers)
+        # The same key on every HTTP retry: a retried create must not register the receiver twice.
+        key = {"Idempotency-Key": f"airflow-webhook-{uuid.uuid4()}"}
+        endpoint: dict[str, Any] = self._call("POST", _ENDPOINTS, body, key)[0]
+        if endpoint.get("secret"):
+            mask_secret(str(endpoint["secret"]))
+        return endpoint
+
+    def list_webhook_endpoints(self) -> list[dict[str, Any]]:
+        """Every endpoint, with ``is_active``, ``failure_count`` and ``last_success``."""
+        document = self._request("GET", _ENDPOINTS)
+        if isinstance(document, dict):  # the docs show neither a bare list nor a wrapped one
+            document = next(
+                (document[k] for k in ("data", "endpoints", "items", "webhooks") if k in document), None
+            )
+        if not isinstance(document, list):
+            raise ModelRouteError(f"Unexpected answer listing webhook endpoints: {str(document)[:200]}")
+        return [item for item in document if isinstance(item, dict)]
+
+    def update_webhook_endpoint(self, endpoint_id: str, **changes: Any) -> dict[str, Any]:
+        """Change ``url``, ``description``, ``events``, ``headers`` or ``is_active`` (re-activate it)."""
+        unknown = set(changes) - _UPDATABLE
+        if unknown:
+            raise ModelRouteConfigError(f"Cannot update {sorted(unknown)}; updatable: {sorted(_UPDATABLE)}")
+        return dict(self._request("PATCH", api_path("webhooks/endpoints", endpoint_id), changes))
+
+    def delete_webhook_endpoint(self, endpoint_id: str) -> None:
+        self._request("DELETE", api_path("webhooks/endpoints", endpoint_id))
+
+    def test_webhook_endpoint(self, endpoint_id: str) -> dict[str, Any]:
+        """Ask ModelRoute to send the endpoint a test delivery; returns its answer."""
+        return dict(self._request("POST", api_path("webhooks/endpoints", endpoint_id, "/test"), {}) or {})
+
     # -- connection test ----------------------------------------------------------------------
 
     def test_connection(self) -> tuple[bool, str]:
-        """Check the key and base URL with a harmless read: a lookup of a made-up execution id.
-
-        Any 4xx other than an auth refusal means the key was accepted and the id is unknown.
-        """
+        """Check the key and base URL by reading a made-up execution: any 4xx but an auth refusal
+        means the key was accepted and the id is unknown."""
         try:
-            self._request("GET", execution_path(_PROBE_EXECUTION_ID))
-        except ModelRouteAuthError as exc:
-            return False, str(exc)
+            self.get_execution(_PROBE_EXECUTION_ID)
         except ModelRouteApiError as exc:
-            if not exc.permanent:
-                return False, str(exc)
+            if isinstance(exc, ModelRouteAuthError) or not exc.permanent:
+                return False, self._anonymous(exc)
         except ModelRouteError as exc:
-            # The UI's Test button tests a temporary connection under a random id: never show it.
-            return False, str(exc).replace(f"Connection {self.modelroute_conn_id!r}", "This connection")
-        return True, f"Connected to ModelRoute at {self.core.settings.base_url}"
+            return False, self._anonymous(exc)
+        return True, f"Connected to ModelRoute at {self.transport.settings.base_url}"
 
-    # -- async (triggers) ---------------------------------------------------------------------
+    def _anonymous(self, exc: Exception) -> str:
+        """The UI's Test button tests a temporary connection under a random id: never show it."""
+        named = re.compile(rf"(?:Airflow )?([Cc])onnection {re.escape(repr(self.modelroute_conn_id))}")
+        return named.sub(lambda m: "This connection" if m[1] == "C" else "this connection", str(exc))
 
-    @asynccontextmanager
-    async def async_client(self) -> AsyncIterator[ModelRouteAsyncClient]:
-        """An async client for triggers: looks the connection up without blocking the event loop."""
-        try:
+
+@dataclass
+class _SharedSession:
+    """One event loop's aiohttp session to one origin (and TLS setup), and how many hooks use it."""
+
+    session: aiohttp.ClientSession
+    users: int = 0
+
+
+#: Per event loop, the shared sessions by origin and TLS setup.
+_SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], _SharedSession]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class ModelRouteAsyncHook(_ModelRouteBaseHook):
+    """
+    The ModelRoute calls of triggers (status, result, cancel) on aiohttp, without blocking the loop.
+
+    Use it as ``async with ModelRouteAsyncHook(conn_id) as hook``. The hooks of one event loop that
+    talk to one API origin share one aiohttp session (at most ``_MAX_CONNECTIONS`` connections).
+
+    :param modelroute_conn_id: The Airflow connection to use.
+    """
+
+    transport: Transport
+    _options: dict[str, Any]
+    _shared: _SharedSession | None = None
+
+    async def __aenter__(self) -> ModelRouteAsyncHook:
+        import aiohttp
+
+        with read_connection(self.modelroute_conn_id):
             conn = await aget_connection(self.modelroute_conn_id)
-        except AirflowNotFoundException:
-            raise ConnectionSettings.missing(self.modelroute_conn_id) from None
-        client = ModelRouteAsyncClient(ApiCore(ConnectionSettings.from_connection(conn), self.log))
+        self.transport = Transport(ConnectionSettings.from_connection(conn), self.log)
+        settings = self.transport.settings
+        self._route = route(settings, settings.base_url)
+        self._key = (settings.base_url, *astuple(self._route)[:3])
+        connect, read = settings.timeouts
+        timeout = aiohttp.ClientTimeout(total=connect + read, sock_connect=connect, sock_read=read)
+        self._options = {"proxy": self._route.proxy, "timeout": timeout, "allow_redirects": False}
+        sessions = _SESSIONS.setdefault(asyncio.get_running_loop(), {})
+        if self._key not in sessions:
+            tls = self._route.ssl_context()
+            connector = aiohttp.TCPConnector(
+                limit=_MAX_CONNECTIONS, keepalive_timeout=_KEEPALIVE_EXPIRY, ssl=tls
+            )
+            # trust_env stays off: ``route`` read the proxy and CA variables, as for the sync hook
+            # (aiohttp's own reading of NO_PROXY differs from requests').
+            sessions[self._key] = _SharedSession(aiohttp.ClientSession(connector=connector, trust_env=False))
+        self._shared = sessions[self._key]
+        self._shared.users += 1
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.users -= 1
+            if shared.users == 0:  # the last user closes the session
+                sessions = _SESSIONS.get(asyncio.get_running_loop(), {})
+                if sessions.get(self._key) is shared:
+                    del sessions[self._key]
+                await shared.session.close()
+
+    @property
+    def sharing(self) -> int:
+        """How many hooks of this event loop share this one's session (this one included)."""
+        return self._shared.users if self._shared is not None else 1
+
+    async def _request(self, method: str, path: str) -> Any:
+        assert self._shared is not None, "use the hook as `async with ModelRouteAsyncHook(...) as hook`"
+        transport, session = self.transport, self._shared.session
+        url = transport.url(path)
+        options = self._options
+
+        async def once() -> Any:
+            await transport.budget.acquire(self.log)
+            with transport.exchange(method, url, Exception) as answered:
+                async with session.request(method, url, headers=transport.headers, **options) as response:
+                    status, headers, content = response.status, response.headers, await response.read()
+                answered(headers)
+            return transport.parse(method, path, status, headers, content)
+
+        return await tenacity.AsyncRetrying(**transport.retry.args())(once)
+
+    async def get_execution(self, execution_id: str) -> dict[str, Any]:
+        return await self._request("GET", api_path("executions", execution_id))
+
+    async def get_execution_result(self, execution_id: str) -> dict[str, Any]:
+        return await self._request("GET", api_path("executions", execution_id, "/result"))
+
+    async def cancel_execution(self, execution_id: str) -> dict[str, Any] | None:
+        """Cancel an execution; None if it had already finished."""
         try:
-            yield client
-        finally:
-            await client.aclose()
-
-
-def _announced_size(response: requests.Response) -> int | None:
-    """The file's size from a response to a GET from byte 0, when it says (and is not compressed)."""
-    if response.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
-        return None
-    length = response.headers.get("Content-Length")
-    return int(length) if length is not None and length.isdigit() else None
+            return await self._request("POST", api_path("executions", execution_id, "/cancel"))
+        except ModelRouteApiError as exc:  # the docs give no code for "already finished": read it
+            if exc.permanent and api.is_terminal((await self.get_execution(execution_id)).get("status")):
+                return None
+            raise

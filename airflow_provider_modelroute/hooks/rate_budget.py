@@ -1,6 +1,7 @@
-"""Client-side pacing by the API's ``X-RateLimit-*`` headers: one budget per API key per process.
+"""When a request may go: pacing by the API's ``X-RateLimit-*`` headers, and the retry policy.
 
-The sync hook (threads) and the triggers (event loops) of one process draw from the same budget.
+One budget per API key per process.
+The sync hook (threads) and the triggers (event loops) draw from it.
 Its state sits behind a ``threading.Lock``; a request that must wait queues a waiter (an Event for a
 thread, a Future for a coroutine) and sleeps until it is granted a request: nothing polls. Only the
 head of the queue holds a timer, to the window's reset; a new window wakes exactly as many waiters
@@ -11,15 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import logging
+import random
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
-from airflow_provider_modelroute import metrics
+import tenacity
+
+from airflow_provider_modelroute import api, metrics
+from airflow_provider_modelroute.exceptions import ModelRouteApiError, ModelRouteConnectionError
 
 #: A wait longer than this is logged ("waiting 38 s for the rate window of key ...1a2b").
 LOG_WAITS_OVER = 5.0
@@ -34,6 +41,25 @@ class RateLimit:
     limit: int | None = None
     remaining: int | None = None
     reset: float | None = None
+
+    @classmethod
+    def read(cls, headers: Mapping[str, str]) -> RateLimit | None:
+        """The window the headers describe, or None if they name none.
+
+        ``Reset`` may be a unix time, a delta in seconds, or absent. Without it the window's end is
+        unknown, so ``Remaining`` cannot pace anything: only ``Retry-After`` (then backoff) on a 429.
+        """
+
+        def as_int(name: str) -> int | None:
+            with contextlib.suppress(TypeError, ValueError):
+                return int(float(headers.get(name)))  # type: ignore[arg-type]
+            return None
+
+        limit, remaining = as_int("X-RateLimit-Limit"), as_int("X-RateLimit-Remaining")
+        reset = api.rate_limit_reset(headers.get("X-RateLimit-Reset"), time.time())
+        if limit is None and remaining is None:
+            return None
+        return cls(limit, remaining if reset is not None else None, reset)
 
 
 class _ThreadWaiter:
@@ -249,3 +275,76 @@ def shared_rate_budget(base_url: str, api_key: str) -> RateBudget:
         if budget is None:
             budget = _BUDGETS[key] = RateBudget(label=api_key[-4:])
         return budget
+
+
+def retry_after(status: int, headers: Mapping[str, str], window: RateLimit) -> float | None:
+    """How long the server asks us to wait: ``Retry-After`` (seconds or a date), else a 429's window reset."""
+    value = headers.get("Retry-After")
+    if value:
+        with contextlib.suppress(ValueError):
+            return max(0.0, float(value))
+        with contextlib.suppress(TypeError, ValueError):
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    if status == 429 and window.reset is not None:
+        return max(0.0, window.reset - time.time())
+    return None
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, (ModelRouteConnectionError, ModelRouteApiError)) and bool(exc.retryable)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to retry a failed request, the same for sync and async calls (tenacity's arguments).
+
+    Only what says it is retryable, at most ``max_retries`` times within ``deadline`` seconds; a
+    stale kept-alive connection at once, the server's ``Retry-After`` when given, else backoff.
+    """
+
+    max_retries: int = 5
+    base_wait: float = 0.5
+    max_wait: float = 30.0
+    deadline: float = 120.0
+    log: Any = field(default=_log, compare=False, repr=False)
+
+    def backoff(self, attempt: int) -> float:
+        """Capped exponential backoff with full jitter for the ``attempt``-th retry (1-based)."""
+        return random.uniform(0, min(self.max_wait, self.base_wait * 2 ** (attempt - 1)))
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if getattr(exc, "stale", False) and state.attempt_number == 1:
+            return 0.0
+        hinted = getattr(exc, "retry_after", None)
+        if hinted is not None:  # the server's hint, plus a little jitter so clients do not return at once
+            return float(hinted) + random.uniform(0, min(1.0, 0.1 * float(hinted) + 0.05))
+        return self.backoff(state.attempt_number)
+
+    def _stop(self, state: tenacity.RetryCallState) -> bool:
+        upcoming = getattr(state, "upcoming_sleep", 0.0) or 0.0
+        return (
+            state.attempt_number > self.max_retries
+            or (state.seconds_since_start or 0.0) + upcoming > self.deadline
+        )
+
+    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        metrics.retry()
+        self.log.warning(
+            "ModelRoute request failed (%s); retry %d of %d in %.1f s",
+            exc,
+            state.attempt_number,
+            self.max_retries,
+            getattr(state, "upcoming_sleep", 0.0) or 0.0,
+        )
+
+    def args(self) -> dict[str, Any]:
+        """Keyword arguments for ``tenacity.Retrying`` and ``tenacity.AsyncRetrying``."""
+        return {
+            "retry": tenacity.retry_if_exception(_retryable),
+            "wait": self._wait,
+            "stop": self._stop,
+            "before_sleep": self._before_sleep,
+            "reraise": True,
+        }

@@ -15,7 +15,7 @@ from typing import Any
 from airflow_provider_modelroute import api, metrics
 from airflow_provider_modelroute._compat import BaseTrigger, TriggerEvent
 from airflow_provider_modelroute.exceptions import ModelRouteApiError, ModelRouteError
-from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook
 
 #: Polls that may fail in a row, each after its own HTTP retries, before the wait gives up.
 MAX_CONSECUTIVE_FAILURES = 5
@@ -58,7 +58,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
     def __init__(
         self,
         execution_id: str,
-        modelroute_conn_id: str = ModelRouteHook.default_conn_name,
+        modelroute_conn_id: str = ModelRouteAsyncHook.default_conn_name,
         poll_interval: float = 5.0,
         deadline: float | None = None,
         cancel_on_kill: bool = False,
@@ -142,7 +142,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         failures = 0
         reported_unknown: set[str] = set()
         first_poll = time.monotonic()
-        async with ModelRouteHook(self.modelroute_conn_id).async_client() as client:
+        async with ModelRouteAsyncHook(self.modelroute_conn_id) as client:
             while self._seconds_left() > 0:
                 try:
                     execution = await client.get_execution(self.execution_id)
@@ -157,7 +157,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
                         MAX_CONSECUTIVE_FAILURES,
                         exc,
                     )
-                    await self._sleep(max(client.core.backoff(failures), self.poll_interval))
+                    await self._sleep(max(client.transport.retry.backoff(failures), self.poll_interval))
                     continue
                 failures = 0
                 status = str(execution.get("status"))
@@ -192,7 +192,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         if not self.cancel_on_kill:
             return
         try:
-            async with ModelRouteHook(self.modelroute_conn_id).async_client() as client:
+            async with ModelRouteAsyncHook(self.modelroute_conn_id) as client:
                 result = await asyncio.wait_for(client.cancel_execution(self.execution_id), CANCEL_TIMEOUT)
         except Exception as exc:
             self.log.warning(
