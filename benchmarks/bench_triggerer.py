@@ -307,7 +307,7 @@ HEADERS = [
 @contextmanager
 def _server(*args: str) -> Iterator[dict[str, Any]]:
     """The local server with two API keys: the triggers' (its first) and one to create executions."""
-    from airflow_provider_modelroute.api import make_api_key
+    from airflow_provider_modelroute.testing.spec import make_api_key
 
     keys = [make_api_key(), make_api_key()]
     with common.local_server(

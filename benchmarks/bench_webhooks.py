@@ -337,7 +337,7 @@ class _Run:
 @contextlib.contextmanager
 def _server(limit: int, window: float) -> Iterator[dict[str, Any]]:
     """The local server: status reads limited per key; a second key submits (not limited)."""
-    from airflow_provider_modelroute.api import make_api_key
+    from airflow_provider_modelroute.testing.spec import make_api_key
 
     keys = [make_api_key(), make_api_key()]
     args = ["--pending-seconds", "0", "--api-key", keys[0], "--api-key", keys[1]]

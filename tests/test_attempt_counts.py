@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 
 from airflow_provider_modelroute.exceptions import ModelRouteConnectionError, ModelRouteNotFoundError
-from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, ModelRouteHook
 from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
 from airflow_provider_modelroute.testing import ModelRouteServer
 from airflow_provider_modelroute.testing.dialects import Dialect
@@ -48,7 +48,7 @@ def test_async_connection_errors_are_retried_then_reported(
     server.add_fault(POLL, "drop", count=None)
 
     async def poll() -> None:
-        async with hook.async_client() as client:
+        async with ModelRouteAsyncHook(hook.modelroute_conn_id) as client:
             await client.get_execution(UNKNOWN_ID)
 
     with pytest.raises(ModelRouteConnectionError):
@@ -60,7 +60,7 @@ def test_async_unknown_execution_is_not_retried_in_any_reading(
     server: ModelRouteServer, hook: ModelRouteHook, dialect: Dialect
 ) -> None:
     async def poll() -> None:
-        async with hook.async_client() as client:
+        async with ModelRouteAsyncHook(hook.modelroute_conn_id) as client:
             await client.get_execution(UNKNOWN_ID)
 
     with pytest.raises(ModelRouteNotFoundError):  # a documented error body, or a bare 404

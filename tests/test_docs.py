@@ -180,8 +180,8 @@ class FakeConnection:
 def extras_read() -> set[str]:
     """The extra names the hook and webhook mode read, asked of a connection that sets none of them
     (the webhook ones of one that turns webhook mode on, so every one of them is read)."""
-    from airflow_provider_modelroute.hooks.settings import ConnectionSettings
-    from airflow_provider_modelroute.webhooks.config import WebhookConfig
+    from airflow_provider_modelroute.hooks.transport import ConnectionSettings
+    from airflow_provider_modelroute.webhooks.mode import WebhookConfig
 
     hook_extras = RecordingExtras()
     ConnectionSettings.from_connection(FakeConnection(hook_extras))  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 from airflow.secrets import BaseSecretsBackend
 
+from airflow_provider_modelroute.testing import spec
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute._compat import AirflowFailException
 from airflow_provider_modelroute.exceptions import (
@@ -574,7 +575,7 @@ def test_secrets_never_in_logs_errors_or_reprs(
 def test_test_connection(server: ModelRouteServer, dialect: Dialect, monkeypatch: pytest.MonkeyPatch) -> None:
     ok, message = ModelRouteHook().test_connection()  # the unknown probe id: a 404, with a body or bare
     assert ok, message
-    use_connection(monkeypatch, server, fields={"password": api.make_api_key()})
+    use_connection(monkeypatch, server, fields={"password": spec.make_api_key()})
     ok, message = ModelRouteHook("mr").test_connection()
     assert not ok and "UNAUTHORIZED" in message and "API key" in message
     use_connection(monkeypatch, server, fields={"password": "sk_nope"})

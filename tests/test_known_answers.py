@@ -14,7 +14,7 @@ import requests
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.exceptions import ModelRouteError
-from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, ModelRouteHook
 from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
 from airflow_provider_modelroute.testing import ModelRouteServer, spec
 from airflow_provider_modelroute.webhooks import signing
@@ -149,7 +149,7 @@ def test_the_async_client_retries_exactly_the_retryable_codes(server: ModelRoute
     server.add_fault(POLL, "error", count=1, code=code)
 
     async def poll() -> dict:
-        async with hook.async_client() as client:
+        async with ModelRouteAsyncHook(hook.modelroute_conn_id) as client:
             return await client.get_execution(created["id"])
 
     if DOCUMENTED_ERRORS[code][1]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_modelroute.testing import spec
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.api import rate_limit_reset
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, ModelRouteHook
@@ -46,7 +47,7 @@ def test_reset_is_read_as_unix_seconds_or_a_delta() -> None:
 def test_no_stall_whatever_the_reset_header(monkeypatch: pytest.MonkeyPatch, reset: str) -> None:
     """30 requests, 24 from triggers' clients and 6 from sync hooks in threads, at 10 per second."""
     with RateLimitedServer(limit=10, window=1.0, reset=reset) as server:
-        conn = {"conn_type": "modelroute", "host": server.base_url, "password": api.make_api_key()}
+        conn = {"conn_type": "modelroute", "host": server.base_url, "password": spec.make_api_key()}
         conn["extra"] = {**FAST_RETRY_EXTRAS, "max_retries": 10}
         monkeypatch.setenv("AIRFLOW_CONN_MR_LIMITED", json.dumps(conn))
 
@@ -104,10 +105,10 @@ def test_blocked_waiters_sleep_until_granted() -> None:
 
 
 def test_sync_and_async_share_one_budget_per_key() -> None:
-    key = api.make_api_key()
+    key = spec.make_api_key()
     budget = shared_rate_budget("https://api.example", key)
     assert shared_rate_budget("https://api.example", key) is budget
-    assert shared_rate_budget("https://api.example", api.make_api_key()) is not budget
+    assert shared_rate_budget("https://api.example", spec.make_api_key()) is not budget
     spent(budget, limit=5, reset_in=0.5)
     reset = budget.reset
     assert reset is not None
@@ -137,7 +138,7 @@ def test_sync_and_async_share_one_budget_per_key() -> None:
 
 
 def test_a_long_wait_is_logged_with_the_key_suffix_only(caplog: pytest.LogCaptureFixture) -> None:
-    key = api.make_api_key()
+    key = spec.make_api_key()
     budget = shared_rate_budget("https://api.example", key)
     spent(budget, limit=5, reset_in=38.2)
     log = logging.getLogger("test_rate_budget")

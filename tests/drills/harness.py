@@ -52,6 +52,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from airflow_provider_modelroute.testing import spec
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.testing import RemoteModelRouteServer
 from tests import waiting
@@ -384,7 +385,7 @@ class AirflowStack:
         self.api: AirflowApi | None = None
         self.modelroute: RemoteModelRouteServer | None = None
         self.modelroute_info: dict[str, Any] = {}
-        self.wrong_api_key = api.make_api_key()
+        self.wrong_api_key = spec.make_api_key()
         self.s3_endpoint = ""
         self.s3: Any = None
         self._moto: Any = None
