@@ -19,6 +19,8 @@ DEFAULT_BASE_URL = "https://api.modelroute.ai"
 DEFAULT_DASHBOARD_URL = "https://app.modelroute.ai"
 API_PREFIX = "/v1"
 MAX_FILE_SIZE = 150 * 1024 * 1024
+#: How the API names a file (``file_<uuid>``); ids are checked before they go into a URL path.
+FILE_ID_RE = re.compile(r"file_[A-Za-z0-9_-]{1,128}")
 
 # --- API keys -------------------------------------------------------------------------------
 
@@ -263,6 +265,13 @@ def redact_url(url: str) -> str:
         return "<unparseable URL>"
     query = "<redacted>" if parts.query else ""
     return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+
+
+def display_uri(url: Any) -> str:
+    """A storage URL fit for logs, XCom and lineage: no user info (credentials), query or fragment."""
+    parts = urlsplit(str(url))
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 # --- Execution summaries ------------------------------------------------------------------
