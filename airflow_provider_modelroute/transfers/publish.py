@@ -219,9 +219,11 @@ class _LocalSink:
 
 
 class _StoreSink:
-    """A file in an fsspec store: written in place where the store commits on close (S3 multipart,
-    GCS resumable), else to a hidden sibling moved into place once verified. After a failure nothing
-    new is left at the final path."""
+    """A file in an fsspec store; after a failure nothing new is left at the final path.
+
+    Written in place where the store commits on close (S3 multipart, GCS resumable), else
+    (``staged``) to a hidden sibling that is moved into place once verified.
+    """
 
     def __init__(self, fs: Any, final: str, *, uri: str, staged: bool, block_size: int, log: Any) -> None:
         self.fs, self.final, self.uri, self.staged, self.log = fs, final, uri, staged, log
@@ -233,7 +235,7 @@ class _StoreSink:
         self.handle.write(chunk)
 
     def commit(self, size: int, no_clobber: bool) -> None:
-        if self.staged:  # a commit-on-close store shows nothing before the commit: the caller counted
+        if self.staged:  # in place, nothing is readable before the commit: the byte count must do
             self.handle.close()
             _check_staged(self.uri, int(self.fs.size(self.target)), size)
         if no_clobber and self.fs.exists(self.final):
@@ -276,9 +278,11 @@ class _StoreSink:
 
 
 class _WriteBehind:
-    """Writes chunks to a sink from one thread, so that disk or upload time overlaps the next network
-    reads (file writes, socket reads and sha256 updates all release the GIL). At most a few chunks
-    wait in memory; a failed write is raised by a later ``write`` or by ``close``."""
+    """Writes chunks to a sink from a thread, so that disk or upload time overlaps the next network reads.
+
+    File writes, socket reads and sha256 updates all release the GIL. At most a few chunks wait in
+    memory; a failed write is raised by a later ``write`` or by ``close``.
+    """
 
     def __init__(self, sink: _LocalSink | _StoreSink) -> None:
         self.sink = sink
