@@ -20,11 +20,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
+import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -281,28 +281,42 @@ class _WriteBehind:
     """Writes chunks to a sink from a thread, so that disk or upload time overlaps the next network reads.
 
     File writes, socket reads and sha256 updates all release the GIL. At most a few chunks wait in
-    memory; a failed write is raised by a later ``write`` or by ``close``.
+    memory; a failed write is raised by the next ``write`` or by ``close``.
     """
 
     def __init__(self, sink: _LocalSink | _StoreSink) -> None:
         self.sink = sink
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="modelroute-write-behind")
-        self.pending: deque[Future[None]] = deque()
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_WRITE_BEHIND_CHUNKS)
+        self.thread = threading.Thread(target=self._run, name="modelroute-write-behind", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self.queue.get()) is not None:
+            if self.error is None and not self.cancelled:  # after a failure: drain, never block the reader
+                try:
+                    self.sink.write(chunk)
+                except BaseException as exc:
+                    self.error = exc
 
     def write(self, chunk: bytes) -> None:
-        if len(self.pending) >= _WRITE_BEHIND_CHUNKS:
-            self.pending.popleft().result()
-        self.pending.append(self.pool.submit(self.sink.write, chunk))
+        if self.error is not None:
+            raise self.error
+        self.queue.put(chunk)
 
     def close(self) -> None:
-        """Wait until every chunk is written; raise a write's failure."""
-        while self.pending:
-            self.pending.popleft().result()
-        self.pool.shutdown()
+        """Wait until every chunk is written (or dropped, after ``cancel``); raise a write's failure."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if self.error is not None and not self.cancelled:
+            raise self.error
 
     def cancel(self) -> None:
         """Drop the chunks not yet written and wait for the write in progress (before the sink is aborted)."""
-        self.pool.shutdown(cancel_futures=True)
+        self.cancelled = True
+        self.close()
 
 
 # -- the destination's own errors, said in the task's terms --------------------------------------
