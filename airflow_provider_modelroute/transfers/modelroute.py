@@ -14,7 +14,6 @@ import contextlib
 import mimetypes
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +25,7 @@ from airflow_provider_modelroute.exceptions import (
     raise_for_execution,
 )
 from airflow_provider_modelroute.transfers.publish import (
+    Target,
     check_writable,
     exists_error,
     identical_sha256,
@@ -86,17 +86,6 @@ class _TransferOperator(OpenLineageMixin, BaseOperator):
         from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 
         return ModelRouteHook(self.modelroute_conn_id)
-
-
-@dataclass
-class _Target:
-    """One file to copy and where it goes."""
-
-    download: FileDownload
-    path: Any  # ObjectStoragePath
-    uri: str
-    existing_size: int | None  # None: nothing there yet
-    identical_sha256: str | None = None  # set when the existing object equals the file
 
 
 class ModelRouteToStorageOperator(_TransferOperator):
@@ -218,7 +207,7 @@ class ModelRouteToStorageOperator(_TransferOperator):
         self.log.info("Execution %s has %d file(s) to copy", execution_id, len(files))
         return [str(entry["file_id"]) for entry in files]
 
-    def _targets(self, destination: Any, downloads: list[FileDownload]) -> list[_Target]:
+    def _targets(self, destination: Any, downloads: list[FileDownload]) -> list[Target]:
         fs, root = destination.fs, destination.path
         with contextlib.suppress(Exception):
             fs.invalidate_cache(root)  # a cached listing must not hide objects written since
@@ -242,10 +231,10 @@ class ModelRouteToStorageOperator(_TransferOperator):
                         "copy into it"
                     )
                 existing_size = int(info.get("size") or 0)
-            targets.append(_Target(download, path, api.display_uri(path), existing_size))
+            targets.append(Target(download, path, api.display_uri(path), existing_size))
         return targets
 
-    def _compare_existing(self, targets: list[_Target]) -> None:
+    def _compare_existing(self, targets: list[Target]) -> None:
         """Find the destinations that already hold their file; with "fail", refuse before copying any byte.
 
         An object with the same size and sha256 is the copy's own result (typically from an earlier
@@ -259,18 +248,11 @@ class ModelRouteToStorageOperator(_TransferOperator):
                 if target.existing_size != target.download.size_bytes:
                     raise exists_error(target.uri)
         for target in present:
-            target.identical_sha256 = identical_sha256(
-                target.download,
-                target.path,
-                uri=target.uri,
-                existing_size=target.existing_size,
-                chunk_size=self.chunk_size,
-                log=self.log,
-            )
+            target.identical_sha256 = identical_sha256(target, chunk_size=self.chunk_size, log=self.log)
             if target.identical_sha256 is None and self.overwrite == "fail":
                 raise exists_error(target.uri)
 
-    def _copy(self, target: _Target) -> dict[str, Any]:
+    def _copy(self, target: Target) -> dict[str, Any]:
         download = target.download
         record = {
             "file_id": download.file_id,
@@ -292,14 +274,8 @@ class ModelRouteToStorageOperator(_TransferOperator):
             download.size_bytes,
             target.uri,
         )
-        sha256, size = publish(
-            download,
-            target.path,
-            uri=target.uri,
-            no_clobber=self.overwrite == "fail",
-            chunk_size=self.chunk_size,
-            log=self.log,
-        )
+        no_clobber = self.overwrite == "fail"
+        sha256, size = publish(target, no_clobber=no_clobber, chunk_size=self.chunk_size, log=self.log)
         metrics.bytes_transferred("download", size)
         return {**record, "size_bytes": size, "sha256": sha256}
 

@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -54,13 +55,23 @@ _LOCAL_WRITE_SIZE = 128 * 1024
 _PROGRESS_INTERVAL = 5.0
 
 
-def publish(
-    download: FileDownload, path: Any, *, uri: str, no_clobber: bool, chunk_size: int, log: Any
-) -> tuple[str, int]:
-    """Copy a download to ``path`` (an ``ObjectStoragePath``); return the sha256 and size it published.
+@dataclass
+class Target:
+    """One file to copy and where it goes."""
 
-    Only verified bytes are published; after a failure nothing new is left at ``path``.
+    download: FileDownload
+    path: Any  # ObjectStoragePath
+    uri: str  # the path as logs and errors show it (no credentials)
+    existing_size: int | None  # None: nothing there yet
+    identical_sha256: str | None = None  # set when the existing object equals the file
+
+
+def publish(target: Target, *, no_clobber: bool, chunk_size: int, log: Any) -> tuple[str, int]:
+    """Copy a target's download to its path; return the sha256 and size it published.
+
+    Only verified bytes are published; after a failure nothing new is left at the path.
     """
+    download, path, uri = target.download, target.path, target.uri
     progress = _Progress(log, f"Copying file {download.file_id}", download.size_bytes)
     protocol = str(path.protocol or "file")
     sink: _LocalSink | _StoreSink
@@ -84,15 +95,14 @@ def publish(
     return sha256, size
 
 
-def identical_sha256(
-    download: FileDownload, path: Any, *, uri: str, existing_size: int | None, chunk_size: int, log: Any
-) -> str | None:
-    """The sha256 if the object at ``path`` equals the download (streams both, writes nothing)."""
-    if download.size_bytes is None or existing_size != download.size_bytes:
+def identical_sha256(target: Target, *, chunk_size: int, log: Any) -> str | None:
+    """The sha256 if the object at the target's path equals its download (streams both, writes nothing)."""
+    download, path = target.download, target.path
+    if download.size_bytes is None or target.existing_size != download.size_bytes:
         return None
     with path.fs.open(path.path, "rb", block_size=chunk_size) as existing:
         existing_sha256, _ = _sha256_of(iter(partial(existing.read, chunk_size), b""))
-    progress = _Progress(log, f"Comparing file {download.file_id} with {uri}", download.size_bytes)
+    progress = _Progress(log, f"Comparing file {download.file_id} with {target.uri}", download.size_bytes)
     sha256, size = _sha256_of(download, progress)
     _check_size(download, size)
     return sha256 if sha256 == existing_sha256 else None
