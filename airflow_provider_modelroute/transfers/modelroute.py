@@ -75,8 +75,12 @@ def _is_deferred(value: Any) -> bool:
     return not isinstance(value, str) or "{{" in value or "{%" in value
 
 
-class _TransferOperator(OpenLineageMixin, BaseOperator):
-    """What both transfers share: the ModelRoute hook, built when the task runs."""
+class _TransferMixin(OpenLineageMixin):
+    """What both transfers share: the ModelRoute hook, built when the task runs.
+
+    A plain mixin, not a ``BaseOperator``: Airflow reads the operator arguments' defaults from the
+    ``__init__`` of every ``BaseOperator`` subclass in the MRO, and would take ``BaseOperator``'s.
+    """
 
     ui_color = "#e3ecfa"
     modelroute_conn_id: str
@@ -88,7 +92,7 @@ class _TransferOperator(OpenLineageMixin, BaseOperator):
         return ModelRouteHook(self.modelroute_conn_id)
 
 
-class ModelRouteToStorageOperator(_TransferOperator):
+class ModelRouteToStorageOperator(_TransferMixin, BaseOperator):
     """
     Copy ModelRoute files (one file, or every output file of an execution) to any object storage.
 
@@ -280,7 +284,7 @@ class ModelRouteToStorageOperator(_TransferOperator):
         return {**record, "size_bytes": size, "sha256": sha256}
 
 
-class StorageToModelRouteOperator(_TransferOperator):
+class StorageToModelRouteOperator(_TransferMixin, BaseOperator):
     """
     Upload a file from any object storage to ModelRoute, for use as an execution input.
 
