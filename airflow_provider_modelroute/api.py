@@ -337,6 +337,13 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
 
 
+def display_uri(url: Any) -> str:
+    """A storage URL fit for logs, XCom and lineage: no user info (credentials), query or fragment."""
+    parts = urlsplit(str(url))
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 # --- Execution summaries ------------------------------------------------------------------
 
 _SUMMARY_FIELDS = (

@@ -2,9 +2,9 @@
 
 Each variant of ``ModelRouteToStorageOperator(...).transfer()`` is paired with ``curl -o`` + fsync of the
 same presigned URL, the two in a random order, each after the same pause (see bench_transfer.py for
-why); a variant's figure is the median of its per-pair ratios. The variants patch the operator
-module for the duration of one copy: its local write size, its write-behind thread (replaced by
-writing inline, as the operator did before issue 15), its sha256 (replaced by nothing) or fsync.
+why); a variant's figure is the median of its per-pair ratios. The variants patch
+``transfers/publish.py`` for the duration of one copy: its local write size, its write-behind thread
+(replaced by writing inline), its sha256 (replaced by nothing) or fsync.
 Only the shipped operator keeps every guarantee; the others only show what each piece costs.
 
     python benchmarks/profile_transfer.py            # 150 MiB, 5 rounds
@@ -105,6 +105,7 @@ def main() -> int:
         os.environ["AIRFLOW_CONN_MODELROUTE_BENCH"] = server["airflow_conn"]
         from airflow_provider_modelroute._compat import object_storage_path
         from airflow_provider_modelroute.transfers import modelroute as transfers
+        from airflow_provider_modelroute.transfers import publish
 
         file_id = bench_transfer._make_file(server, size)
         object_storage_path(f"file://{local}", None).fs  # noqa: B018 - warm up: the filesystem registry
@@ -117,7 +118,7 @@ def main() -> int:
                 overwrite="replace",
                 modelroute_conn_id="modelroute_bench",
             )
-            with _patched(transfers, *variant):
+            with _patched(publish, *variant):
                 started = time.perf_counter()
                 operator.transfer()
                 return time.perf_counter() - started

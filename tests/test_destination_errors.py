@@ -40,6 +40,6 @@ def test_missing_bucket_fails_at_once_before_downloading(
         f"Cannot write to destination s3://{missing}/images (through destination_conn_id='aws_moto')" in logs
     )
     assert "Create the bucket (or container) or fix the destination URL" in logs
-    assert "ModelRouteStorageAccessError" in logs
+    assert "ModelRouteConfigError" in logs  # fails at once
     requests = server.stats()["requests"]
     assert "GET /v1/files/{file_id}/url" not in requests and "GET /files/{file_id}" not in requests

@@ -314,7 +314,7 @@ def test_executions_without_files_fail_clearly(
     logs = capsys.readouterr().out
     # still PENDING or already PROCESSING, by how fast this Airflow starts the task (2.11 is quick)
     assert any(f"Execution {running} is {s}, not COMPLETED" in logs for s in ("PENDING", "PROCESSING"))
-    assert f"Execution {failed} ended FAILED (GENERATION_FAILED" in logs
+    assert f"ModelRoute execution {failed} ended FAILED. GENERATION_FAILED" in logs
     assert not (tmp_path / "out").exists()
 
 

@@ -28,10 +28,9 @@ from airflow_provider_modelroute.exceptions import (
     raise_for_execution,
 )
 from airflow_provider_modelroute.operators import deferral
+from airflow_provider_modelroute.utils.openlineage_mixin import OpenLineageMixin
 
 if TYPE_CHECKING:
-    from airflow.providers.openlineage.extractors import OperatorLineage
-
     from airflow_provider_modelroute._compat import Context, TaskInstanceKey
     from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
     from airflow_provider_modelroute.webhooks.mode import WebhookWait
@@ -62,7 +61,7 @@ def _seconds(value: float | timedelta | None, name: str) -> float | None:
     return seconds
 
 
-class ModelRouteExecuteOperator(BaseOperator):
+class ModelRouteExecuteOperator(OpenLineageMixin, BaseOperator):
     """
     Submit a ModelRoute execution and (by default) wait for it, deferrably if asked.
 
@@ -99,6 +98,7 @@ class ModelRouteExecuteOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("model", "input", "metadata", "webhook_url")
     template_fields_renderers = {"input": "json", "metadata": "json"}
+    openlineage_builder = "execute_lineage"
     operator_extra_links = (ModelRouteExecutionLink(),)
     ui_color = "#e3ecfa"
 
@@ -347,17 +347,6 @@ class ModelRouteExecuteOperator(BaseOperator):
     def on_kill(self) -> None:
         self._cancel(self.execution_id, "the task was killed")
 
-    # -- OpenLineage (called by apache-airflow-providers-openlineage when installed) ------------
-
-    def get_openlineage_facets_on_start(self) -> OperatorLineage:
-        from airflow_provider_modelroute.lineage import execute_lineage
-
-        return execute_lineage(self)
-
-    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
-        from airflow_provider_modelroute.lineage import execute_lineage
-
-        return execute_lineage(self)
 
 
 class ModelRouteCancelExecutionOperator(BaseOperator):

@@ -1,21 +1,8 @@
 """Copy ModelRoute files to any Airflow object storage, and upload files from it to ModelRoute.
 
 Downloads stream chunk by chunk from the presigned URL (the hook resumes with ``Range`` and refreshes
-an expired URL) into the destination while a sha256 is computed; memory does not grow with the file.
-Nothing is published until the byte count matches ``size_bytes``:
-
-* local files (``file://``) are written to a hidden temporary name in the same directory, fsynced,
-  their size checked, and renamed over the final name (``os.replace``; with
-  ``overwrite="fail"`` a hard link, which refuses to clobber), so a reader sees the old file or the
-  complete new one;
-* object stores whose writes only appear when the file is committed (S3, GCS) are written directly,
-  and on failure the pending upload is discarded (S3: the multipart upload is aborted);
-* every other store (``memory://``, SFTP, ...) is written to a hidden sibling, its size checked,
-  and moved into place.
-
-A worker killed with SIGKILL can still leave a hidden ``.*.modelroute-partial`` file (local and
-staged stores) or an incomplete multipart upload (S3: invisible, removed by a bucket lifecycle
-rule); never an object under the final name.
+an expired URL) into the destination while a sha256 is computed; memory does not grow with the file,
+and nothing is published until the byte count matches ``size_bytes`` (see ``publish.py``).
 
 Cheap to import (DAG files import it at every parse): the hook (HTTP clients) and
 ``ObjectStoragePath`` (fsspec) are imported only when a task runs.
@@ -24,66 +11,36 @@ Cheap to import (DAG files import it at every parse): the hook (HTTP clients) an
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import mimetypes
-import os
-import queue
-import threading
 import time
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from airflow_provider_modelroute import api, metrics
-from airflow_provider_modelroute._compat import (
-    AirflowFailException,
-    AirflowNotFoundException,
-    BaseOperator,
-    object_storage_path,
+from airflow_provider_modelroute._compat import AirflowNotFoundException, BaseOperator, object_storage_path
+from airflow_provider_modelroute.exceptions import (
+    ModelRouteConfigError,
+    ModelRouteTransferError,
+    raise_for_execution,
 )
-from airflow_provider_modelroute.exceptions import ModelRouteConfigError, ModelRouteTransferError
-from airflow_provider_modelroute.transfers.destination import check_writable, storage_errors
+from airflow_provider_modelroute.transfers.publish import (
+    Target,
+    check_writable,
+    exists_error,
+    identical_sha256,
+    publish,
+    storage_errors,
+)
+from airflow_provider_modelroute.utils.openlineage_mixin import OpenLineageMixin
 
 if TYPE_CHECKING:
-    from airflow.providers.openlineage.extractors import OperatorLineage
-
     from airflow_provider_modelroute._compat import Context
     from airflow_provider_modelroute.hooks.modelroute import FileDownload, ModelRouteHook
 
 #: What ``overwrite`` accepts.
 OVERWRITE_MODES = ("fail", "replace", "skip_if_identical")
 DEFAULT_CHUNK_SIZE = 5 * 1024 * 1024
-#: Progress is logged at most this often (and at every quarter of the file).
-PROGRESS_INTERVAL = 5.0
-#: Stores whose written objects only appear when the file is committed (and can be discarded).
-_COMMIT_ON_CLOSE_PROTOCOLS = frozenset({"s3", "s3a", "s3n", "gs", "gcs"})
-_LOCAL_PROTOCOLS = frozenset({"file", "local"})
-#: S3 refuses multipart parts under 5 MiB (except the last one).
-_MIN_BLOCK_SIZE = 5 * 1024 * 1024
-_TEMP_SUFFIX = ".modelroute-partial"
-#: Chunks received but not yet written (each up to 1 MiB: the hook's network read).
-_WRITE_BEHIND_CHUNKS = 4
-#: Local files are written this much at a time: on the benchmark VM a write of 512 KiB or more into
-#: fresh page cache took up to 10x longer than the same bytes written 128 KiB at a time (BENCHMARKS.md).
-_LOCAL_WRITE_SIZE = 128 * 1024
-
-
-class ModelRouteDestinationExistsError(ModelRouteConfigError):
-    """The destination already holds an object and ``overwrite="fail"`` (no retry: a human must decide)."""
-
-
-class ModelRouteNoFilesError(ModelRouteTransferError, AirflowFailException):
-    """The execution ended without files to copy (FAILED, CANCELLED, EXPIRED, or no outputs)."""
-
-
-def display_uri(path: Any) -> str:
-    """A storage URL fit for logs and XCom: no user info (credentials), query or fragment."""
-    parts = urlsplit(str(path))
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def open_storage_path(url: str, conn_id: str | None, field: str) -> Any:
@@ -92,31 +49,23 @@ def open_storage_path(url: str, conn_id: str | None, field: str) -> Any:
         path = object_storage_path(url, conn_id or None)
         path.fs  # noqa: B018 - resolves the filesystem and the connection now, not mid-copy
     except (ValueError, ImportError, AirflowNotFoundException) as exc:
-        reason = str(exc).replace(url, display_uri(url))  # never the URL's user info
+        reason = str(exc).replace(url, api.display_uri(url))  # never the URL's user info
         raise ModelRouteConfigError(
-            f"{field} {display_uri(url)!r} cannot be opened ({type(exc).__name__}: {reason}): use a URL "
+            f"{field} {api.display_uri(url)!r} cannot be opened ({type(exc).__name__}: {reason}): use a URL "
             f"whose scheme Airflow has a filesystem for (file://, or s3://, gs://... with that "
             f"provider installed) and check {field}_conn_id"
         ) from None
     return path
 
 
-def _check_upload_options(purpose: str, region: str | None, ttl_days: int | None) -> None:
-    """The uploading page's options, checked when the DAG is parsed."""
-    if purpose not in api.UPLOAD_PURPOSES:
-        raise ModelRouteConfigError(f"purpose must be one of {list(api.UPLOAD_PURPOSES)}, got {purpose!r}")
-    if region is not None and region not in api.UPLOAD_REGIONS:
-        raise ModelRouteConfigError(
-            f"region must be one of {list(api.UPLOAD_REGIONS)} (or None), got {region!r}"
-        )
-    low, high = api.TTL_DAYS_RANGE
-    if ttl_days is not None and (
-        isinstance(ttl_days, bool) or not isinstance(ttl_days, int) or not low <= ttl_days <= high
-    ):
-        raise ModelRouteConfigError(
-            f"ttl_days must be a whole number of days from {low} to {high} (or None: the organization's "
-            f"default), got {ttl_days!r}"
-        )
+def _check_choice(name: str, value: Any, choices: Sequence[Any], *, optional: bool = False) -> None:
+    if value not in choices and not (optional and value is None):
+        shown = ", ".join(repr(choice) for choice in choices) + (" (or None)" if optional else "")
+        raise ModelRouteConfigError(f"{name} must be one of {shown}, got {value!r}")
+
+
+def _is_whole(value: Any, low: int, high: float = float("inf")) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def _is_deferred(value: Any) -> bool:
@@ -126,228 +75,30 @@ def _is_deferred(value: Any) -> bool:
     return not isinstance(value, str) or "{{" in value or "{%" in value
 
 
-def _extension(content_type: str) -> str:
-    return api.CONTENT_TYPE_EXTENSIONS.get(content_type.split(";")[0].strip().lower(), "bin")
+class _TransferMixin(OpenLineageMixin):
+    """What both transfers share: the ModelRoute hook, built when the task runs.
 
-
-def _sha256_of(handle: Any, chunk_size: int) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    while chunk := handle.read(chunk_size):
-        digest.update(chunk)
-        size += len(chunk)
-    return digest.hexdigest(), size
-
-
-class _Progress:
-    """Logs bytes, percent and MB/s at every quarter of the file or every few seconds, not per chunk."""
-
-    def __init__(self, log: Any, label: str, total: int | None) -> None:
-        self.log, self.label, self.total = log, label, total
-        self.done = 0
-        self.start = self.last = time.monotonic()
-        self.quarter = 0
-
-    def add(self, count: int) -> None:
-        self.done += count
-        now = time.monotonic()
-        quarter = self.done * 4 // self.total if self.total else 0
-        if (quarter > self.quarter and quarter < 4) or now - self.last >= PROGRESS_INTERVAL:
-            self.quarter, self.last = max(quarter, self.quarter), now
-            self.log.info("%s: %s", self.label, self.describe())
-
-    def describe(self) -> str:
-        elapsed = max(time.monotonic() - self.start, 1e-6)
-        rate = self.done / elapsed / 1e6
-        if self.total:
-            return f"{self.done} of {self.total} bytes ({100 * self.done / self.total:.0f}%), {rate:.1f} MB/s"
-        return f"{self.done} bytes, {rate:.1f} MB/s"
-
-
-# -- sinks: where the bytes go until they are verified and published --------------------------------
-
-
-class _LocalSink:
-    """A hidden temporary file next to the destination, renamed over it once verified."""
-
-    def __init__(self, final: str) -> None:
-        self.final = final
-        directory, name = os.path.split(final)
-        os.makedirs(directory or ".", exist_ok=True)
-        self.temp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}{_TEMP_SUFFIX}")
-        self.handle = open(self.temp, "xb")  # noqa: SIM115 - closed in finish() or abort()
-
-    def write(self, chunk: bytes) -> None:
-        view = memoryview(chunk)
-        for start in range(0, len(view), _LOCAL_WRITE_SIZE):
-            self.handle.write(view[start : start + _LOCAL_WRITE_SIZE])
-
-    def finish(self, size: int) -> None:
-        """Flush to disk (the rename must never publish bytes still in the page cache), check the size."""
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        staged_size = os.fstat(self.handle.fileno()).st_size
-        self.handle.close()
-        if staged_size != size:
-            raise ModelRouteTransferError(
-                f"The staged copy of {self.final} has {staged_size} bytes, not the {size} received"
-            )
-
-    def publish(self, no_clobber: bool) -> None:
-        if no_clobber:
-            try:
-                os.link(self.temp, self.final)  # atomic "create only if absent"
-            except FileExistsError:
-                raise _exists_error(f"file://{self.final}") from None
-            except OSError:  # no hard links on this file system: check, then rename
-                if os.path.lexists(self.final):
-                    raise _exists_error(f"file://{self.final}") from None
-                os.replace(self.temp, self.final)
-            else:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.temp)
-        else:
-            os.replace(self.temp, self.final)
-        with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
-            fd = os.open(os.path.dirname(self.final) or ".", os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self.handle.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.temp)
-
-
-class _CommitOnCloseSink:
-    """An object-store upload that becomes visible only when committed (S3 multipart, GCS resumable)."""
-
-    def __init__(self, fs: Any, final: str, block_size: int) -> None:
-        self.fs, self.final = fs, final
-        self.handle = fs.open(final, "wb", block_size=block_size)
-
-    def write(self, chunk: bytes) -> None:
-        self.handle.write(chunk)
-
-    def finish(self, size: int) -> None:
-        """Nothing is readable before the commit: the byte count was checked by the caller."""
-
-    def publish(self, no_clobber: bool) -> None:
-        if no_clobber and self.fs.exists(self.final):
-            raise _exists_error(self.final)
-        self.handle.close()  # the commit: the object appears, complete, now
-
-    def abort(self) -> None:
-        discard = getattr(self.handle, "discard", None)
-        with contextlib.suppress(Exception):
-            if callable(discard):
-                discard()  # s3fs: abort the multipart upload; the pending bytes are dropped
-        with contextlib.suppress(Exception):
-            # A discarded fsspec file must not be committed later by its __del__ -> close().
-            self.handle.closed = True
-
-
-class _StagedSink:
-    """A hidden sibling object, moved into place once verified (for stores that publish on open)."""
-
-    def __init__(self, fs: Any, final: str, block_size: int) -> None:
-        self.fs, self.final = fs, final
-        parent, _, name = final.rpartition("/")
-        self.temp = f"{parent}/.{name}.{uuid.uuid4().hex[:12]}{_TEMP_SUFFIX}"
-        self.handle = fs.open(self.temp, "wb", block_size=block_size)
-
-    def write(self, chunk: bytes) -> None:
-        self.handle.write(chunk)
-
-    def finish(self, size: int) -> None:
-        self.handle.close()
-        staged_size = int(self.fs.size(self.temp))
-        if staged_size != size:
-            raise ModelRouteTransferError(
-                f"The staged copy of {self.final} has {staged_size} bytes, not the {size} received"
-            )
-
-    def publish(self, no_clobber: bool) -> None:
-        if no_clobber and self.fs.exists(self.final):
-            raise _exists_error(self.final)
-        self.fs.mv(self.temp, self.final)
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self.handle.close()
-        with contextlib.suppress(Exception):
-            self.fs.rm(self.temp)
-
-
-class _WriteBehind:
-    """Writes chunks to a sink from a thread, so that disk or upload time overlaps the next network reads.
-
-    File writes, socket reads and sha256 updates all release the GIL. At most a few chunks wait in
-    memory; a failed write is raised by the next ``write`` or by ``close``.
+    A plain mixin, not a ``BaseOperator``: Airflow reads the operator arguments' defaults from the
+    ``__init__`` of every ``BaseOperator`` subclass in the MRO, and would take ``BaseOperator``'s.
     """
 
-    def __init__(self, sink: _LocalSink | _CommitOnCloseSink | _StagedSink) -> None:
-        self.sink = sink
-        self.error: BaseException | None = None
-        self.cancelled = False
-        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_WRITE_BEHIND_CHUNKS)
-        self.thread = threading.Thread(target=self._run, name="modelroute-write-behind", daemon=True)
-        self.thread.start()
+    ui_color = "#e3ecfa"
+    modelroute_conn_id: str
 
-    def _run(self) -> None:
-        while (chunk := self.queue.get()) is not None:
-            if self.error is None and not self.cancelled:  # after a failure: drain, never block the reader
-                try:
-                    self.sink.write(chunk)
-                except BaseException as exc:
-                    self.error = exc
+    @cached_property
+    def hook(self) -> ModelRouteHook:
+        from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 
-    def write(self, chunk: bytes) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(chunk)
-
-    def close(self) -> None:
-        """Wait until every chunk is written (or dropped, after ``cancel``); raise a write's failure."""
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
-        if self.error is not None and not self.cancelled:
-            raise self.error
-
-    def cancel(self) -> None:
-        """Drop the chunks not yet written and wait for the write in progress (before the sink is aborted)."""
-        self.cancelled = True
-        self.close()
+        return ModelRouteHook(self.modelroute_conn_id)
 
 
-def _exists_error(shown: str) -> ModelRouteDestinationExistsError:
-    return ModelRouteDestinationExistsError(
-        f"The destination {shown} already exists and overwrite='fail'. Delete it, choose another "
-        "destination, or set overwrite='replace' or overwrite='skip_if_identical'."
-    )
-
-
-@dataclass
-class _Target:
-    """One file to copy and where it goes."""
-
-    download: FileDownload
-    path: Any  # ObjectStoragePath
-    uri: str
-    existing_size: int | None  # None: nothing there yet
-    identical_sha256: str | None = None  # set when the existing object equals the file
-
-
-class ModelRouteToStorageOperator(BaseOperator):
+class ModelRouteToStorageOperator(_TransferMixin, BaseOperator):
     """
     Copy ModelRoute files (one file, or every output file of an execution) to any object storage.
 
     The bytes stream from ModelRoute to the destination chunk by chunk, with a sha256 computed on
     the way; a file is published only once its byte count matches the announced ``size_bytes``, and
-    a failed copy leaves nothing behind at the destination (see the module docs for how, per store).
+    a failed copy leaves nothing behind at the destination (``publish.py`` says how, per store).
     The presigned download URL is never logged, returned or put in an error.
 
     Returns a list with one record per file: ``file_id``, ``uri`` (the destination, without
@@ -372,7 +123,7 @@ class ModelRouteToStorageOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("source_file_id", "execution_id", "destination", "destination_conn_id")
-    ui_color = "#e3ecfa"
+    openlineage_builder = "to_storage_lineage"
 
     def __init__(
         self,
@@ -394,25 +145,14 @@ class ModelRouteToStorageOperator(BaseOperator):
         self.overwrite = overwrite
         self.modelroute_conn_id = modelroute_conn_id
         self.chunk_size = chunk_size
-        self.records: list[dict[str, Any]] | None = None
-        if overwrite not in OVERWRITE_MODES:
-            raise ModelRouteConfigError(
-                f"overwrite must be one of {', '.join(repr(m) for m in OVERWRITE_MODES)}, got {overwrite!r}"
-            )
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        self.records: list[dict[str, Any]] | None = None  # kept for OpenLineage
+        _check_choice("overwrite", overwrite, OVERWRITE_MODES)
+        if not _is_whole(chunk_size, 1):
             raise ModelRouteConfigError(f"chunk_size must be a positive number of bytes, got {chunk_size!r}")
         if not (_is_deferred(source_file_id) or _is_deferred(execution_id)):
             self._check_source()
         if not _is_deferred(destination):
             self._check_destination()
-
-    @cached_property
-    def hook(self) -> ModelRouteHook:
-        from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
-
-        return ModelRouteHook(self.modelroute_conn_id)
-
-    # -- validation -----------------------------------------------------------------------------
 
     def _check_source(self) -> None:
         given = [name for name in ("source_file_id", "execution_id") if getattr(self, name)]
@@ -430,30 +170,16 @@ class ModelRouteToStorageOperator(BaseOperator):
                 f"'file:///data/out/', got {self.destination!r}"
             )
 
-    # -- the copy -------------------------------------------------------------------------------
-
     def execute(self, context: Context) -> list[dict[str, Any]]:
-        self.records = self.transfer()  # kept for OpenLineage
+        self.records = self.transfer()
         return self.records
-
-    # -- OpenLineage (called by apache-airflow-providers-openlineage when installed) ------------
-
-    def get_openlineage_facets_on_start(self) -> OperatorLineage:
-        from airflow_provider_modelroute.lineage import to_storage_lineage
-
-        return to_storage_lineage(self)
-
-    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
-        from airflow_provider_modelroute.lineage import to_storage_lineage
-
-        return to_storage_lineage(self)
 
     def transfer(self) -> list[dict[str, Any]]:
         """Copy the file(s) and return their records (what ``execute`` does; usable outside a task)."""
         self._check_source()
         self._check_destination()
         destination = open_storage_path(self.destination, self.destination_conn_id, "destination")
-        shown = display_uri(destination)
+        shown = api.display_uri(destination)
         check_writable(destination, shown, self.destination_conn_id)
         downloads: list[FileDownload] = []
         try:
@@ -467,7 +193,52 @@ class ModelRouteToStorageOperator(BaseOperator):
             for download in downloads:  # the responses opened ahead, when a file was not copied
                 download.close()
 
-    def _compare_existing(self, targets: list[_Target]) -> None:
+    def _file_ids(self) -> list[str]:
+        if self.source_file_id:
+            return [str(self.source_file_id)]
+        execution_id = str(self.execution_id)
+        execution = self.hook.get_execution(execution_id)
+        status = str(execution.get("status"))
+        if status != api.ExecutionStatus.COMPLETED.value:
+            raise_for_execution(execution, final=True)  # ended without files: no retry can change that
+            raise ModelRouteTransferError(
+                f"Execution {execution_id} is {status}, not COMPLETED: wait for it first "
+                "(ModelRouteExecuteOperator with wait_for_completion=True, or ModelRouteExecutionSensor)"
+            )
+        files = api.result_files(execution) or api.result_files(self.hook.get_execution_result(execution_id))
+        if not files:
+            raise ModelRouteConfigError(f"Execution {execution_id} is COMPLETED but has no output files")
+        self.log.info("Execution %s has %d file(s) to copy", execution_id, len(files))
+        return [str(entry["file_id"]) for entry in files]
+
+    def _targets(self, destination: Any, downloads: list[FileDownload]) -> list[Target]:
+        fs, root = destination.fs, destination.path
+        with contextlib.suppress(Exception):
+            fs.invalidate_cache(root)  # a cached listing must not hide objects written since
+        is_folder = self.destination.endswith("/") or fs.isdir(root)
+        if not is_folder and len(downloads) > 1:
+            raise ModelRouteConfigError(
+                f"destination {api.display_uri(destination)} names a single file, but there are "
+                f"{len(downloads)} files to copy: end destination with '/' to copy them into a folder"
+            )
+        targets = []
+        for download in downloads:
+            media_type = download.content_type.split(";")[0].strip().lower()
+            extension = api.CONTENT_TYPE_EXTENSIONS.get(media_type, "bin")
+            path = destination / f"{download.file_id}.{extension}" if is_folder else destination
+            existing_size = None
+            with contextlib.suppress(FileNotFoundError):
+                info = path.fs.info(path.path)
+                if info.get("type") == "directory":
+                    raise ModelRouteConfigError(
+                        f"destination {api.display_uri(path)} is a directory: end destination with '/' to "
+                        "copy into it"
+                    )
+                existing_size = int(info.get("size") or 0)
+            targets.append(Target(download, path, api.display_uri(path), existing_size))
+        return targets
+
+    def _compare_existing(self, targets: list[Target]) -> None:
         """Find the destinations that already hold their file; with "fail", refuse before copying any byte.
 
         An object with the same size and sha256 is the copy's own result (typically from an earlier
@@ -478,68 +249,15 @@ class ModelRouteToStorageOperator(BaseOperator):
         present = [target for target in targets if target.existing_size is not None]
         if self.overwrite == "fail":  # the cheap check first, for every file
             for target in present:
-                if target.download.size_bytes is None or target.existing_size != target.download.size_bytes:
-                    raise _exists_error(target.uri)
+                if target.existing_size != target.download.size_bytes:
+                    raise exists_error(target.uri)
         for target in present:
-            target.identical_sha256 = self._identical(target)
+            target.identical_sha256 = identical_sha256(target, chunk_size=self.chunk_size, log=self.log)
             if target.identical_sha256 is None and self.overwrite == "fail":
-                raise _exists_error(target.uri)
+                raise exists_error(target.uri)
 
-    def _file_ids(self) -> list[str]:
-        if self.source_file_id:
-            return [str(self.source_file_id)]
-        execution_id = str(self.execution_id)
-        execution = self.hook.get_execution(execution_id)
-        status = str(execution.get("status"))
-        if status != api.ExecutionStatus.COMPLETED.value:
-            error = execution.get("error") or {}
-            detail = f" ({error.get('code')}: {error.get('message')})" if error else ""
-            if api.is_terminal(status):
-                raise ModelRouteNoFilesError(
-                    f"Execution {execution_id} ended {status}{detail}: it has no files to copy"
-                )
-            raise ModelRouteTransferError(
-                f"Execution {execution_id} is {status}, not COMPLETED: wait for it first "
-                "(ModelRouteExecuteOperator with wait_for_completion=True, or ModelRouteExecutionSensor)"
-            )
-        files = api.result_files(execution) or api.result_files(self.hook.get_execution_result(execution_id))
-        file_ids = [str(entry["file_id"]) for entry in files]
-        if not file_ids:
-            raise ModelRouteNoFilesError(f"Execution {execution_id} is COMPLETED but has no output files")
-        self.log.info("Execution %s has %d file(s) to copy", execution_id, len(file_ids))
-        return file_ids
-
-    def _targets(self, destination: Any, downloads: list[FileDownload]) -> list[_Target]:
-        fs, root = destination.fs, destination.path
-        with contextlib.suppress(Exception):
-            fs.invalidate_cache(root)  # a cached listing must not hide objects written since
-        is_folder = self.destination.endswith("/") or fs.isdir(root)
-        if not is_folder and len(downloads) > 1:
-            raise ModelRouteConfigError(
-                f"destination {display_uri(destination)} names a single file, but there are "
-                f"{len(downloads)} files to copy: end destination with '/' to copy them into a folder"
-            )
-        targets = []
-        for download in downloads:
-            path = (
-                destination / f"{download.file_id}.{_extension(download.content_type)}"
-                if is_folder
-                else destination
-            )
-            existing_size = None
-            with contextlib.suppress(FileNotFoundError):
-                info = path.fs.info(path.path)
-                if info.get("type") == "directory":
-                    raise ModelRouteConfigError(
-                        f"destination {display_uri(path)} is a directory: end destination with '/' to "
-                        "copy into it"
-                    )
-                existing_size = int(info.get("size") or 0)
-            targets.append(_Target(download, path, display_uri(path), existing_size))
-        return targets
-
-    def _copy(self, target: _Target) -> dict[str, Any]:
-        download, path = target.download, target.path
+    def _copy(self, target: Target) -> dict[str, Any]:
+        download = target.download
         record = {
             "file_id": download.file_id,
             "uri": target.uri,
@@ -560,99 +278,13 @@ class ModelRouteToStorageOperator(BaseOperator):
             download.size_bytes,
             target.uri,
         )
-        sha256, size = self._stream(download, path, target.uri)
+        no_clobber = self.overwrite == "fail"
+        sha256, size = publish(target, no_clobber=no_clobber, chunk_size=self.chunk_size, log=self.log)
         metrics.bytes_transferred("download", size)
         return {**record, "size_bytes": size, "sha256": sha256}
 
-    def _identical(self, target: _Target) -> str | None:
-        """The sha256 if the existing object equals the source (streams both, writes nothing)."""
-        download = target.download
-        if download.size_bytes is None or target.existing_size != download.size_bytes:
-            return None
-        with target.path.fs.open(target.path.path, "rb", block_size=self.chunk_size) as existing:
-            existing_sha, _ = _sha256_of(existing, self.chunk_size)
-        digest, size = hashlib.sha256(), 0
-        progress = _Progress(
-            self.log, f"Comparing file {download.file_id} with {target.uri}", download.size_bytes
-        )
-        for chunk in download:
-            digest.update(chunk)
-            size += len(chunk)
-            progress.add(len(chunk))
-        self._check_size(download, size)
-        return existing_sha if digest.hexdigest() == existing_sha else None
 
-    def _check_size(self, download: FileDownload, size: int) -> None:
-        if download.size_bytes is not None and size != download.size_bytes:
-            raise ModelRouteTransferError(
-                f"File {download.file_id} arrived with {size} bytes, not the announced "
-                f"{download.size_bytes}: nothing was published"
-            )
-
-    def _open_sink(self, path: Any) -> _LocalSink | _CommitOnCloseSink | _StagedSink:
-        protocol = str(path.protocol or "file")
-        block_size = max(_MIN_BLOCK_SIZE, self.chunk_size)
-        if protocol in _LOCAL_PROTOCOLS:
-            return _LocalSink(str(path.path))
-        if protocol in _COMMIT_ON_CLOSE_PROTOCOLS:
-            return _CommitOnCloseSink(path.fs, path.path, block_size)
-        return _StagedSink(path.fs, path.path, block_size)
-
-    def _stream(self, download: FileDownload, path: Any, uri: str) -> tuple[str, int]:
-        """Stream one file into the destination; publish only verified bytes, leave nothing on failure."""
-        fs, final = path.fs, path.path
-        existed_before = fs.exists(final)
-        digest, size = hashlib.sha256(), 0
-        progress = _Progress(self.log, f"Copying file {download.file_id}", download.size_bytes)
-        sink = self._open_sink(path)
-        writer = _WriteBehind(sink)
-        try:
-            for chunk in download:
-                writer.write(chunk)  # written by the thread while this one hashes and reads on
-                digest.update(chunk)
-                size += len(chunk)
-                progress.add(len(chunk))
-            writer.close()
-            self._check_size(download, size)
-            sink.finish(size)
-            sink.publish(no_clobber=self.overwrite == "fail")
-        except BaseException as exc:
-            writer.cancel()
-            sink.abort()
-            # A local copy never touches the final name before the rename; an object that someone
-            # else created meanwhile (the "fail" race) is theirs, not ours to remove.
-            if not isinstance(sink, _LocalSink) and not isinstance(exc, ModelRouteDestinationExistsError):
-                self._remove_unless_preexisting(fs, final, existed_before, uri)
-            raise
-        published = fs.info(final).get("size") if not isinstance(sink, _LocalSink) else size
-        if published is not None and int(published) != size:
-            self._remove_unless_preexisting(fs, final, False, uri)
-            raise ModelRouteTransferError(
-                f"{uri} holds {published} bytes after the copy, not {size}: removed it"
-            )
-        sha256 = digest.hexdigest()
-        self.log.info(
-            "Copied file %s to %s: %s; sha256 %s", download.file_id, uri, progress.describe(), sha256
-        )
-        return sha256, size
-
-    def _remove_unless_preexisting(self, fs: Any, final: str, existed_before: bool, uri: str) -> None:
-        """After a failure nothing new may remain at the final path (an older object is left as it was)."""
-        if existed_before:
-            return
-        with contextlib.suppress(Exception):
-            fs.invalidate_cache(final)
-        try:
-            if fs.exists(final):
-                fs.rm(final)
-                self.log.warning("Removed the incomplete object at %s", uri)
-        except Exception as exc:
-            self.log.error(
-                "Could not check or remove %s after the failed copy (%s): remove it by hand", uri, exc
-            )
-
-
-class StorageToModelRouteOperator(BaseOperator):
+class StorageToModelRouteOperator(_TransferMixin, BaseOperator):
     """
     Upload a file from any object storage to ModelRoute, for use as an execution input.
 
@@ -675,7 +307,7 @@ class StorageToModelRouteOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("source", "source_conn_id", "filename", "content_type")
-    ui_color = "#e3ecfa"
+    openlineage_builder = "upload_lineage"
 
     def __init__(
         self,
@@ -699,40 +331,29 @@ class StorageToModelRouteOperator(BaseOperator):
         self.region = region
         self.ttl_days = ttl_days
         self.modelroute_conn_id = modelroute_conn_id
-        self.record: dict[str, Any] | None = None
+        self.record: dict[str, Any] | None = None  # kept for OpenLineage
         if not _is_deferred(source) and (not isinstance(source, str) or not source.strip()):
             raise ModelRouteConfigError(
                 f"source must be an object storage URL such as 's3://bucket/in/photo.png', got {source!r}"
             )
-        _check_upload_options(purpose, region, ttl_days)
-
-    @cached_property
-    def hook(self) -> ModelRouteHook:
-        from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
-
-        return ModelRouteHook(self.modelroute_conn_id)
+        _check_choice("purpose", purpose, api.UPLOAD_PURPOSES)
+        _check_choice("region", region, api.UPLOAD_REGIONS, optional=True)
+        low, high = api.TTL_DAYS_RANGE
+        if ttl_days is not None and not _is_whole(ttl_days, low, high):
+            raise ModelRouteConfigError(
+                f"ttl_days must be a whole number of days from {low} to {high} (or None: the organization's "
+                f"default), got {ttl_days!r}"
+            )
 
     def execute(self, context: Context) -> str:
-        self.record = record = self.upload()  # kept for OpenLineage
+        self.record = record = self.upload()
         context["ti"].xcom_push(key="file", value=record)
         return str(record["file_id"])
-
-    # -- OpenLineage (called by apache-airflow-providers-openlineage when installed) ------------
-
-    def get_openlineage_facets_on_start(self) -> OperatorLineage:
-        from airflow_provider_modelroute.lineage import upload_lineage
-
-        return upload_lineage(self)
-
-    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
-        from airflow_provider_modelroute.lineage import upload_lineage
-
-        return upload_lineage(self)
 
     def upload(self) -> dict[str, Any]:
         """Upload the file and return its record (what ``execute`` does; usable outside a task)."""
         source = open_storage_path(self.source, self.source_conn_id, "source")
-        shown = display_uri(source)
+        shown = api.display_uri(source)
         try:
             stat = source.stat()
         except FileNotFoundError:

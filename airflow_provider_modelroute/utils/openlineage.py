@@ -1,8 +1,8 @@
 """OpenLineage for the provider's operators, built the way Airflow's own providers build it.
 
-Imported only by the operators' ``get_openlineage_facets_on_start`` / ``_on_complete`` methods, which
-``apache-airflow-providers-openlineage`` calls when it is installed and configured: the provider
-itself never depends on OpenLineage.
+Imported only through :class:`~airflow_provider_modelroute.utils.openlineage_mixin.OpenLineageMixin`,
+when ``apache-airflow-providers-openlineage`` is installed and asks: the provider itself never
+depends on OpenLineage. Imports neither the operators nor the transfers.
 
 Datasets are named as common-io names them: an ``ObjectStoragePath`` is ``namespace`` (``s3://bucket``,
 ``file``...) + ``key``; a ModelRoute file is ``modelroute://<API host>`` + its ``file_...`` id, so the
@@ -14,7 +14,7 @@ job facet ``modelroute`` (the model) and the run facets ``externalQuery`` (its i
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from airflow.providers.common.compat.openlineage.facet import (
@@ -27,18 +27,10 @@ from airflow.providers.openlineage.extractors import OperatorLineage
 from attr import define
 from openlineage.client.generated.base import JobFacet, RunFacet
 
+from airflow_provider_modelroute import api
 from airflow_provider_modelroute._compat import object_storage_path
-from airflow_provider_modelroute.transfers.modelroute import display_uri
-
-if TYPE_CHECKING:
-    from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
-    from airflow_provider_modelroute.transfers.modelroute import (
-        ModelRouteToStorageOperator,
-        StorageToModelRouteOperator,
-    )
 
 _SCHEMA = "https://github.com/modelroute/airflow-provider-modelroute#openlineage"
-_FILE_REFERENCE = re.compile(r"file_[A-Za-z0-9_-]{1,128}")
 
 
 @define
@@ -67,36 +59,14 @@ class ModelRouteExecutionRunFacet(RunFacet):
         return _SCHEMA
 
 
-def file_dataset(hook: Any, file_id: str) -> Dataset:
-    """A ModelRoute file: namespace ``modelroute://<API host>``, name its ``file_...`` id."""
-    host = urlsplit(hook.transport.settings.base_url).netloc
-    return Dataset(namespace=f"modelroute://{host}", name=file_id)
+def execute_lineage(task: Any) -> OperatorLineage:
+    """ModelRouteExecuteOperator: the model as job facet, its input files in, its produced files out.
 
-
-def storage_dataset(url: str, conn_id: str | None, size_bytes: int | None = None) -> Dataset:
-    """An ``ObjectStoragePath`` as common-io's FileTransferOperator names it; outputs carry their size."""
-    path = object_storage_path(url, conn_id or None)
-    if size_bytes is None:
-        return Dataset(namespace=_namespace(path), name=path.key)
-    statistics = OutputStatisticsOutputDatasetFacet(rowCount=None, size=size_bytes, fileCount=1)
-    return OutputDataset(
-        namespace=_namespace(path), name=path.key, outputFacets={"outputStatistics": statistics}
-    )
-
-
-def _file_references(value: Any) -> list[str]:
-    """Every ``file_...`` reference in a model input, in order, once."""
-    if isinstance(value, str):
-        return [value] if _FILE_REFERENCE.fullmatch(value) else []
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
-    return list(dict.fromkeys(ref for item in items for ref in _file_references(item)))
-
-
-def execute_lineage(task: ModelRouteExecuteOperator) -> OperatorLineage:
-    """The model as job facet, its input files in, its produced files out (once the task has them)."""
+    Reads the task's ``hook``, ``model``, ``input`` and ``summary`` (its return value, once it has one).
+    """
     inputs = [file_dataset(task.hook, ref) for ref in _file_references(task.input)]
     job_facets = {"modelroute": ModelRouteJobFacet(model=str(task.model))}
-    summary = task.summary  # set once the task has its result
+    summary = task.summary
     if not summary or not summary.get("id"):
         return OperatorLineage(inputs=inputs, job_facets=job_facets)
     execution_id = str(summary["id"])
@@ -118,8 +88,8 @@ def execute_lineage(task: ModelRouteExecuteOperator) -> OperatorLineage:
     )
 
 
-def to_storage_lineage(task: ModelRouteToStorageOperator) -> OperatorLineage:
-    """Each copied ModelRoute file in, its destination object out."""
+def to_storage_lineage(task: Any) -> OperatorLineage:
+    """ModelRouteToStorageOperator: each copied ModelRoute file in, its destination object out."""
     records = task.records
     if records is None:
         return OperatorLineage()
@@ -132,18 +102,37 @@ def to_storage_lineage(task: ModelRouteToStorageOperator) -> OperatorLineage:
     )
 
 
-def upload_lineage(task: StorageToModelRouteOperator) -> OperatorLineage:
-    """The source object in, the ModelRoute file out."""
+def upload_lineage(task: Any) -> OperatorLineage:
+    """StorageToModelRouteOperator: the source object in, the ModelRoute file out."""
     record = task.record
-    source = storage_dataset(display_uri(task.source), task.source_conn_id)
+    source = storage_dataset(api.display_uri(task.source), task.source_conn_id)
     outputs = [file_dataset(task.hook, str(record["file_id"]))] if record else []
     return OperatorLineage(inputs=[source], outputs=outputs)
 
 
+def file_dataset(hook: Any, file_id: str) -> Dataset:
+    """A ModelRoute file: namespace ``modelroute://<API host>``, name its ``file_...`` id."""
+    return Dataset(namespace=f"modelroute://{urlsplit(hook.transport.settings.base_url).netloc}", name=file_id)
+
+
+def storage_dataset(url: str, conn_id: str | None, size_bytes: int | None = None) -> Dataset:
+    """An ``ObjectStoragePath`` as common-io's FileTransferOperator names it; outputs carry their size."""
+    path = object_storage_path(url, conn_id or None)
+    # Airflow 2.11 keeps "conn_id@" in the namespace; 3.x does not
+    namespace = re.sub(r"^([a-z0-9+.-]+://)[^@/]*@", r"\1", str(path.namespace))
+    if size_bytes is None:
+        return Dataset(namespace=namespace, name=path.key)
+    statistics = OutputStatisticsOutputDatasetFacet(rowCount=None, size=size_bytes, fileCount=1)
+    return OutputDataset(namespace=namespace, name=path.key, outputFacets={"outputStatistics": statistics})
+
+
+def _file_references(value: Any) -> list[str]:
+    """Every ``file_...`` reference in a model input, in order, once."""
+    if isinstance(value, str):
+        return [value] if api.FILE_ID_RE.fullmatch(value) else []
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return list(dict.fromkeys(ref for item in items for ref in _file_references(item)))
+
+
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
-
-
-def _namespace(path: Any) -> str:
-    """The path's namespace without a connection id (Airflow 2.11 keeps ``conn_id@`` in it; 3.x does not)."""
-    return re.sub(r"^([a-z0-9+.-]+://)[^@/]*@", r"\1", str(path.namespace))
