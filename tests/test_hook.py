@@ -13,7 +13,6 @@ from collections.abc import Callable
 import pytest
 from airflow.secrets import BaseSecretsBackend
 
-from airflow_provider_modelroute.testing import spec
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute._compat import AirflowFailException
 from airflow_provider_modelroute.exceptions import (
@@ -29,7 +28,7 @@ from airflow_provider_modelroute.exceptions import (
     ModelRouteTransferError,
 )
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, ModelRouteHook
-from airflow_provider_modelroute.testing import ModelRouteServer
+from airflow_provider_modelroute.testing import ModelRouteServer, spec
 from airflow_provider_modelroute.testing.dialects import Dialect
 from airflow_provider_modelroute.testing.wire import CODE_STATUSES
 from tests.conftest import connection_json

@@ -14,11 +14,10 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_modelroute.testing import spec
-from airflow_provider_modelroute import api
 from airflow_provider_modelroute.api import rate_limit_reset
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, ModelRouteHook
 from airflow_provider_modelroute.hooks.rate_budget import RateBudget, RateLimit, shared_rate_budget
+from airflow_provider_modelroute.testing import spec
 from tests.conftest import FAST_RETRY_EXTRAS
 from tests.nettools import RateLimitedServer
 

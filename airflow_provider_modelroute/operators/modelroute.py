@@ -348,7 +348,6 @@ class ModelRouteExecuteOperator(OpenLineageMixin, BaseOperator):
         self._cancel(self.execution_id, "the task was killed")
 
 
-
 class ModelRouteCancelExecutionOperator(BaseOperator):
     """
     Cancel a ModelRoute execution (its hold is released). One that has already finished is not an error.

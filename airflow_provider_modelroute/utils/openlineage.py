@@ -112,7 +112,9 @@ def upload_lineage(task: Any) -> OperatorLineage:
 
 def file_dataset(hook: Any, file_id: str) -> Dataset:
     """A ModelRoute file: namespace ``modelroute://<API host>``, name its ``file_...`` id."""
-    return Dataset(namespace=f"modelroute://{urlsplit(hook.transport.settings.base_url).netloc}", name=file_id)
+    return Dataset(
+        namespace=f"modelroute://{urlsplit(hook.transport.settings.base_url).netloc}", name=file_id
+    )
 
 
 def storage_dataset(url: str, conn_id: str | None, size_bytes: int | None = None) -> Dataset:

@@ -52,9 +52,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-from airflow_provider_modelroute.testing import spec
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute.testing import RemoteModelRouteServer
+from airflow_provider_modelroute.testing import RemoteModelRouteServer, spec
 from tests import waiting
 
 REPO = Path(__file__).resolve().parents[2]
