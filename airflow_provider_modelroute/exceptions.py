@@ -103,8 +103,6 @@ def api_error(
     """The error of an API error answer: ``ModelRoutePermanentError`` when no retry can fix it."""
     permanent = api.is_permanent_error(code, http_status, kwargs.get("retryable"))
     cls = ModelRoutePermanentError if permanent else ModelRouteApiError
-    if permanent and (code == "UNAUTHORIZED" or http_status in (401, 403)):
-        cls = ModelRouteAuthError  # old name: goes with the alias block below
     return cls(code, message, http_status=http_status, **kwargs)
 
 
@@ -170,20 +168,3 @@ def raise_for_execution(execution: dict[str, Any], *, final: bool = False) -> No
         hint = "the execution has ended; a retry of this task cannot change that"
     cls = ModelRouteExecutionFinalError if final or repeats else ModelRouteExecutionError
     raise cls(str(execution.get("id")), status, error.get("code"), error.get("message"), hint)
-
-
-# -- Old names, kept importable until the other modules have moved to the classes above ----------
-class ModelRouteAuthError(ModelRoutePermanentError):
-    """UNAUTHORIZED or a bare 401/403 (the hook's connection test still tells it apart by class)."""
-
-
-ModelRouteInputError = ModelRoutePermanentError
-ModelRouteNotFoundError = ModelRoutePermanentError
-ModelRouteRateLimitError = ModelRouteApiError
-ModelRouteExecutionFailed = ModelRouteExecutionError
-ModelRouteExecutionCancelled = ModelRouteExecutionError
-ModelRouteExecutionExpired = ModelRouteExecutionError
-ModelRouteExecutionFailedFinal = ModelRouteExecutionFinalError
-ModelRouteExecutionCancelledFinal = ModelRouteExecutionFinalError
-ModelRouteExecutionExpiredFinal = ModelRouteExecutionFinalError
-ModelRouteCostLimitError = ModelRouteConfigError

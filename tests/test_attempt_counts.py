@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 
-from airflow_provider_modelroute.exceptions import ModelRouteConnectionError, ModelRouteNotFoundError
+from airflow_provider_modelroute.exceptions import ModelRouteConnectionError, ModelRoutePermanentError
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, ModelRouteHook
 from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
 from airflow_provider_modelroute.testing import ModelRouteServer
@@ -63,7 +63,7 @@ def test_async_unknown_execution_is_not_retried_in_any_reading(
         async with ModelRouteAsyncHook(hook.modelroute_conn_id) as client:
             await client.get_execution(UNKNOWN_ID)
 
-    with pytest.raises(ModelRouteNotFoundError):  # a documented error body, or a bare 404
+    with pytest.raises(ModelRoutePermanentError):  # a documented error body, or a bare 404
         asyncio.run(poll())
     assert server.stats()["requests"][POLL] == 1
 

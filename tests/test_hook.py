@@ -17,14 +17,10 @@ from airflow_provider_modelroute import api
 from airflow_provider_modelroute._compat import AirflowFailException
 from airflow_provider_modelroute.exceptions import (
     ModelRouteApiError,
-    ModelRouteAuthError,
     ModelRouteConfigError,
     ModelRouteConnectionError,
     ModelRouteError,
-    ModelRouteInputError,
-    ModelRouteNotFoundError,
     ModelRoutePermanentError,
-    ModelRouteRateLimitError,
     ModelRouteTransferError,
 )
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, ModelRouteHook
@@ -291,9 +287,9 @@ def test_error_classes_and_fail_fast_marking(server: ModelRouteServer) -> None:
     hook = ModelRouteHook()
     created = hook.create_execution("test-image", {"prompt": "p"})
     expected = {
-        "UNAUTHORIZED": (ModelRouteAuthError, True),
-        "INPUT_VALIDATION_ERROR": (ModelRouteInputError, True),
-        "FILE_NOT_FOUND": (ModelRouteNotFoundError, True),
+        "UNAUTHORIZED": (ModelRoutePermanentError, True),
+        "INPUT_VALIDATION_ERROR": (ModelRoutePermanentError, True),
+        "FILE_NOT_FOUND": (ModelRoutePermanentError, True),
         "INSUFFICIENT_BALANCE": (ModelRoutePermanentError, True),
         "INTERNAL_ERROR": (ModelRouteApiError, False),  # a server fault: a later try may succeed
     }
@@ -305,7 +301,7 @@ def test_error_classes_and_fail_fast_marking(server: ModelRouteServer) -> None:
 
 
 def test_validation_details_name_the_field(server: ModelRouteServer) -> None:
-    with pytest.raises(ModelRouteInputError) as err:
+    with pytest.raises(ModelRoutePermanentError) as err:
         ModelRouteHook().create_execution("test-image", {"prompt": ""})
     assert err.value.details and any(d["field"] == "input.prompt" for d in err.value.details)
     assert "input.prompt" in str(err.value)
@@ -313,7 +309,7 @@ def test_validation_details_name_the_field(server: ModelRouteServer) -> None:
 
 
 def test_unknown_execution_is_not_found_in_every_reading(server: ModelRouteServer, dialect: Dialect) -> None:
-    with pytest.raises(ModelRouteNotFoundError) as err:  # a documented error body, or a bare 404
+    with pytest.raises(ModelRoutePermanentError) as err:  # a documented error body, or a bare 404
         ModelRouteHook().get_execution("exec_00000000-0000-0000-0000-00000000abcd")
     assert err.value.http_status == 404 and isinstance(err.value, AirflowFailException)
     assert server.stats()["requests"]["GET /v1/executions/{id}"] == 1  # not retried
@@ -336,7 +332,7 @@ def test_rate_limit_gives_up_after_retry_budget(
     hook = ModelRouteHook("mr")
     created = hook.create_execution("test-image", {"prompt": "p"})
     server.add_fault("GET /v1/executions/{id}", "rate_limit", count=None, retry_after=0)
-    with pytest.raises(ModelRouteRateLimitError) as err:
+    with pytest.raises(ModelRouteApiError) as err:
         hook.get_execution(created["id"])
     assert err.value.code == "RATE_LIMITED" and err.value.retryable
     assert server.stats()["requests"]["GET /v1/executions/{id}"] == 3
@@ -348,7 +344,7 @@ def test_retry_deadline_bounds_total_time(server: ModelRouteServer, monkeypatch:
     created = hook.create_execution("test-image", {"prompt": "p"})
     server.add_fault("GET /v1/executions/{id}", "rate_limit", count=None, retry_after=1)
     started = time.monotonic()
-    with pytest.raises(ModelRouteRateLimitError):
+    with pytest.raises(ModelRouteApiError):
         hook.get_execution(created["id"])
     # 50 retries 1 s apart would take 50 s: the deadline stopped them after the first few
     assert time.monotonic() - started < 30
@@ -441,7 +437,7 @@ def test_a_key_the_server_refuses_fails_at_once_with_a_hint(
 ) -> None:
     mistyped = server.api_key[:-1] + ("0" if server.api_key[-1] != "0" else "1")  # well-formed shape
     use_connection(monkeypatch, server, fields={"password": mistyped})
-    with pytest.raises(ModelRouteAuthError, match="password field") as err:
+    with pytest.raises(ModelRoutePermanentError, match="password field") as err:
         ModelRouteHook("mr").get_execution("exec_1")
     assert err.value.code == "UNAUTHORIZED"
     assert "connection 'mr'" in str(err.value)  # which key: the one of this connection
@@ -553,7 +549,7 @@ def test_secrets_never_in_logs_errors_or_reprs(
     server.add_fault("GET /v1/executions/{id}", "error", count=2, code="SERVICE_UNAVAILABLE")
     hook.get_execution(created["id"])
     server.add_fault("GET /v1/executions/{id}", "error", count=1, code="UNAUTHORIZED")
-    with pytest.raises(ModelRouteAuthError) as err:
+    with pytest.raises(ModelRoutePermanentError) as err:
         hook.get_execution(created["id"])
     done = wait_until_terminal(hook, created["id"])
     server.dialect = "presigned"  # /download answers the URL document: a signature to keep secret
@@ -607,5 +603,5 @@ def test_async_hook_raises_the_same_error_model(server: ModelRouteServer) -> Non
         async with ModelRouteAsyncHook() as client:
             await client.get_execution("exec_00000000-0000-0000-0000-00000000abcd")
 
-    with pytest.raises(ModelRouteNotFoundError):
+    with pytest.raises(ModelRoutePermanentError):
         asyncio.run(run())

@@ -24,7 +24,6 @@ from airflow_provider_modelroute import api
 from airflow_provider_modelroute._compat import BaseHook, aget_connection, mask_secret
 from airflow_provider_modelroute.exceptions import (
     ModelRouteApiError,
-    ModelRouteAuthError,
     ModelRouteConfigError,
     ModelRouteError,
 )
@@ -288,7 +287,7 @@ class ModelRouteHook(_ModelRouteBaseHook):
         try:
             self.get_execution(_PROBE_EXECUTION_ID)
         except ModelRouteApiError as exc:
-            if isinstance(exc, ModelRouteAuthError) or not exc.permanent:
+            if exc.code == "UNAUTHORIZED" or exc.http_status in (401, 403) or not exc.permanent:
                 return False, self._anonymous(exc)
         except ModelRouteError as exc:
             return False, self._anonymous(exc)
