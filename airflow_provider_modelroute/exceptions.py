@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute._compat import AirflowException, AirflowFailException
+from airflow_provider_modelroute.version_compat import AirflowException, AirflowFailException
 
 
 class ModelRouteError(AirflowException):

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @functools.cache
 def _stats() -> Any:
-    from airflow_provider_modelroute._compat import stats
+    from airflow_provider_modelroute.version_compat import stats
 
     return stats()
 

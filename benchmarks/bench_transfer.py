@@ -186,9 +186,9 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
 
     import requests
 
-    from airflow_provider_modelroute._compat import object_storage_path
     from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
     from airflow_provider_modelroute.transfers.modelroute import ModelRouteToStorageOperator
+    from airflow_provider_modelroute.version_compat import object_storage_path
 
     path = object_storage_path(uri, conn_id)
     fs = path.fs

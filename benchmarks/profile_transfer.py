@@ -103,9 +103,9 @@ def main() -> int:
     curl_speeds: dict[str, list[float]] = {label: [] for label in VARIANTS}
     with common.local_server("--pending-seconds", "0", "--processing-seconds", "0") as server:
         os.environ["AIRFLOW_CONN_MODELROUTE_BENCH"] = server["airflow_conn"]
-        from airflow_provider_modelroute._compat import object_storage_path
         from airflow_provider_modelroute.transfers import modelroute as transfers
         from airflow_provider_modelroute.transfers import publish
+        from airflow_provider_modelroute.version_compat import object_storage_path
 
         file_id = bench_transfer._make_file(server, size)
         object_storage_path(f"file://{local}", None).fs  # noqa: B018 - warm up: the filesystem registry

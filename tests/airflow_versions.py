@@ -1,5 +1,5 @@
 """The Airflow version the tests run on: some behaviours differ by version (the package itself asks
-``_compat`` for features, not versions)."""
+``version_compat`` for features, not versions)."""
 
 from __future__ import annotations
 

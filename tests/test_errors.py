@@ -7,7 +7,6 @@ import pickle
 import pytest
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute._compat import AirflowFailException
 from airflow_provider_modelroute.exceptions import (
     ModelRouteApiError,
     ModelRouteExecutionError,
@@ -17,6 +16,7 @@ from airflow_provider_modelroute.exceptions import (
     api_error,
     raise_for_execution,
 )
+from airflow_provider_modelroute.version_compat import AirflowFailException
 
 
 @pytest.mark.parametrize("status", [*range(400, 430), *range(500, 512)])

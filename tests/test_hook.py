@@ -14,7 +14,6 @@ import pytest
 from airflow.secrets import BaseSecretsBackend
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute._compat import AirflowFailException
 from airflow_provider_modelroute.exceptions import (
     ModelRouteApiError,
     ModelRouteConfigError,
@@ -27,6 +26,7 @@ from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, Mo
 from airflow_provider_modelroute.testing import ModelRouteServer, spec
 from airflow_provider_modelroute.testing.dialects import Dialect
 from airflow_provider_modelroute.testing.wire import CODE_STATUSES
+from airflow_provider_modelroute.version_compat import AirflowFailException
 from tests.conftest import connection_json
 from tests.waiting import wait_for
 

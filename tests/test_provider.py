@@ -12,8 +12,8 @@ from importlib.resources import files
 import jsonschema
 import pytest
 
+from airflow_provider_modelroute.get_provider_info import get_provider_info
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
-from airflow_provider_modelroute.provider_info import get_provider_info
 
 
 def test_provider_info_matches_airflows_own_schema() -> None:

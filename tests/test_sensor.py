@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_modelroute._compat import AirflowFailException
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.operators.modelroute import ModelRouteExecutionLink
 from airflow_provider_modelroute.sensors.modelroute import ModelRouteExecutionSensor
 from airflow_provider_modelroute.testing import ModelRouteServer
+from airflow_provider_modelroute.version_compat import AirflowFailException
 from tests.airflow_versions import AIRFLOW_V_3_0_PLUS
 from tests.conftest import make_dag, run_dag, task_instance, task_states, xcom
 from tests.waiting import wait_for

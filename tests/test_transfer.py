@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute._compat import AirflowFailException
 from airflow_provider_modelroute.exceptions import ModelRouteConfigError
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
@@ -32,6 +31,7 @@ from airflow_provider_modelroute.transfers.modelroute import (
     ModelRouteToStorageOperator,
     StorageToModelRouteOperator,
 )
+from airflow_provider_modelroute.version_compat import AirflowFailException
 from tests.conftest import (
     S3Bucket,
     attach_filesystem,

@@ -385,8 +385,8 @@ def test_every_extra_the_hook_reads_is_in_the_connection_form() -> None:
     import inspect
     import re
 
+    from airflow_provider_modelroute.get_provider_info import get_provider_info
     from airflow_provider_modelroute.hooks import transport
-    from airflow_provider_modelroute.provider_info import get_provider_info
 
     fields = get_provider_info()["connection-types"][0]["conn-fields"]
     source = inspect.getsource(transport.ConnectionSettings.from_connection)

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_modelroute._compat import BaseTrigger
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, ModelRouteHook
 from airflow_provider_modelroute.testing import ModelRouteServer
 from airflow_provider_modelroute.triggers.modelroute import (
@@ -20,6 +19,7 @@ from airflow_provider_modelroute.triggers.modelroute import (
     ModelRouteExecutionTrigger,
     poll_grid,
 )
+from airflow_provider_modelroute.version_compat import BaseTrigger
 from tests.conftest import connection_json
 from tests.waiting import async_wait_for
 

@@ -11,10 +11,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS, AirflowFailException, BaseOperator
 from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
 from airflow_provider_modelroute.sensors.modelroute import ModelRouteExecutionSensor
 from airflow_provider_modelroute.testing import ModelRouteServer
+from airflow_provider_modelroute.version_compat import AIRFLOW_V_3_1_PLUS, AirflowFailException, BaseOperator
 from airflow_provider_modelroute.webhooks import mode, receiver
 from tests.conftest import connection_json, make_dag, run_dag, task_instance, task_states, xcom
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS
 from airflow_provider_modelroute.testing import ModelRouteServer
+from airflow_provider_modelroute.version_compat import AIRFLOW_V_3_1_PLUS
 from airflow_provider_modelroute.webhooks import mode, receiver
 from airflow_provider_modelroute.webhooks.__main__ import main
 from tests.conftest import connection_json

@@ -223,7 +223,7 @@ def test_half_configured_webhook_mode_names_the_field_to_fix(extras: dict[str, A
 
 
 def test_the_connection_form_masks_the_webhook_secret() -> None:
-    from airflow_provider_modelroute.provider_info import get_provider_info
+    from airflow_provider_modelroute.get_provider_info import get_provider_info
 
     fields = get_provider_info()["connection-types"][0]["conn-fields"]
     assert fields["webhook_secret"]["schema"]["format"] == "password"  # Airflow 3.2+ masks it

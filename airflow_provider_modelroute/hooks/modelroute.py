@@ -21,11 +21,11 @@ import requests
 import tenacity
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute._compat import BaseHook, aget_connection, mask_secret
-from airflow_provider_modelroute.exceptions import (
-    ModelRouteApiError,
-    ModelRouteConfigError,
-    ModelRouteError,
+from airflow_provider_modelroute.exceptions import ModelRouteApiError, ModelRouteConfigError, ModelRouteError
+from airflow_provider_modelroute.get_provider_info import (
+    CONN_TYPE,
+    connection_form_widgets,
+    ui_field_behaviour,
 )
 from airflow_provider_modelroute.hooks.storage import (
     FileDownload,
@@ -41,7 +41,7 @@ from airflow_provider_modelroute.hooks.transport import (
     check_execution_request,
     read_connection,
 )
-from airflow_provider_modelroute.provider_info import CONN_TYPE, connection_form_widgets, ui_field_behaviour
+from airflow_provider_modelroute.version_compat import BaseHook, aget_connection, mask_secret
 
 if TYPE_CHECKING:
     import aiohttp

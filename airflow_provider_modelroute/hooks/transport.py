@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from airflow_provider_modelroute import __version__, api, metrics
-from airflow_provider_modelroute._compat import AirflowNotFoundException, mask_secret
 from airflow_provider_modelroute.exceptions import (
     ModelRouteApiError,
     ModelRouteConfigError,
@@ -30,16 +29,17 @@ from airflow_provider_modelroute.exceptions import (
     ModelRouteError,
     api_error,
 )
+from airflow_provider_modelroute.get_provider_info import CONN_TYPE, extra_value
 from airflow_provider_modelroute.hooks.rate_budget import (
     RateLimit,
     RetryPolicy,
     retry_after,
     shared_rate_budget,
 )
-from airflow_provider_modelroute.provider_info import CONN_TYPE, extra_value
+from airflow_provider_modelroute.version_compat import AirflowNotFoundException, mask_secret
 
 if TYPE_CHECKING:
-    from airflow_provider_modelroute._compat import Connection
+    from airflow_provider_modelroute.version_compat import Connection
 
 USER_AGENT = f"airflow-provider-modelroute/{__version__}"
 _log = logging.getLogger(__name__)

@@ -11,17 +11,17 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from airflow_provider_modelroute._compat import task_state_store
 from airflow_provider_modelroute.exceptions import (
     ModelRouteError,
     ModelRouteExecutionTimeout,
     api_error,
     raise_for_execution,
 )
+from airflow_provider_modelroute.version_compat import task_state_store
 
 if TYPE_CHECKING:
-    from airflow_provider_modelroute._compat import BaseOperator, Context
     from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
+    from airflow_provider_modelroute.version_compat import BaseOperator, Context
     from airflow_provider_modelroute.webhooks.mode import WebhookWait
 
 #: The framework's deferral timeout fires this long after the trigger's own deadline, never first.

@@ -13,13 +13,6 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute._compat import (
-    AirflowFailException,
-    BaseOperator,
-    BaseOperatorLink,
-    conf,
-    xcom_value,
-)
 from airflow_provider_modelroute.exceptions import (
     ModelRouteConfigError,
     ModelRouteError,
@@ -29,10 +22,17 @@ from airflow_provider_modelroute.exceptions import (
 )
 from airflow_provider_modelroute.operators import deferral
 from airflow_provider_modelroute.utils.openlineage_mixin import OpenLineageMixin
+from airflow_provider_modelroute.version_compat import (
+    AirflowFailException,
+    BaseOperator,
+    BaseOperatorLink,
+    conf,
+    xcom_value,
+)
 
 if TYPE_CHECKING:
-    from airflow_provider_modelroute._compat import Context, TaskInstanceKey
     from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+    from airflow_provider_modelroute.version_compat import Context, TaskInstanceKey
     from airflow_provider_modelroute.webhooks.mode import WebhookWait
 
 #: How many failed executions a task may leave behind before it stops starting new ones.

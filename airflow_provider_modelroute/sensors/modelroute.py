@@ -8,20 +8,20 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute._compat import (
+from airflow_provider_modelroute.exceptions import ModelRouteExecutionTimeout, raise_for_execution
+from airflow_provider_modelroute.operators import deferral
+from airflow_provider_modelroute.operators.modelroute import ModelRouteExecutionLink
+from airflow_provider_modelroute.version_compat import (
     AirflowSensorTimeout,
     AirflowSkipException,
     BaseSensorOperator,
     PokeReturnValue,
     conf,
 )
-from airflow_provider_modelroute.exceptions import ModelRouteExecutionTimeout, raise_for_execution
-from airflow_provider_modelroute.operators import deferral
-from airflow_provider_modelroute.operators.modelroute import ModelRouteExecutionLink
 
 if TYPE_CHECKING:
-    from airflow_provider_modelroute._compat import Context
     from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+    from airflow_provider_modelroute.version_compat import Context
 
 
 class ModelRouteExecutionSensor(BaseSensorOperator):

@@ -18,7 +18,6 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_modelroute import api, metrics
-from airflow_provider_modelroute._compat import AirflowNotFoundException, BaseOperator, object_storage_path
 from airflow_provider_modelroute.exceptions import (
     ModelRouteConfigError,
     ModelRouteTransferError,
@@ -33,10 +32,15 @@ from airflow_provider_modelroute.transfers.publish import (
     storage_errors,
 )
 from airflow_provider_modelroute.utils.openlineage_mixin import OpenLineageMixin
+from airflow_provider_modelroute.version_compat import (
+    AirflowNotFoundException,
+    BaseOperator,
+    object_storage_path,
+)
 
 if TYPE_CHECKING:
-    from airflow_provider_modelroute._compat import Context
     from airflow_provider_modelroute.hooks.modelroute import FileDownload, ModelRouteHook
+    from airflow_provider_modelroute.version_compat import Context
 
 #: What ``overwrite`` accepts.
 OVERWRITE_MODES = ("fail", "replace", "skip_if_identical")

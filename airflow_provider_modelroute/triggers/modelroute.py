@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow_provider_modelroute import api, metrics
-from airflow_provider_modelroute._compat import BaseTrigger, TriggerEvent
 from airflow_provider_modelroute.exceptions import ModelRouteApiError, ModelRouteError
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook
+from airflow_provider_modelroute.version_compat import BaseTrigger, TriggerEvent
 
 #: Polls that may fail in a row, each after its own HTTP retries, before the wait gives up.
 MAX_CONSECUTIVE_FAILURES = 5

@@ -28,7 +28,7 @@ from attr import define
 from openlineage.client.generated.base import JobFacet, RunFacet
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute._compat import object_storage_path
+from airflow_provider_modelroute.version_compat import object_storage_path
 
 _SCHEMA = "https://github.com/modelroute/airflow-provider-modelroute#openlineage"
 

@@ -115,7 +115,7 @@ def check_receiver(hook: Any, conn_id: str, say: Say = print, wait: float = 30.0
     """Send the receiver a signed test delivery and report its answer; then have ModelRoute send one."""
     import requests
 
-    from airflow_provider_modelroute._compat import AirflowNotFoundException
+    from airflow_provider_modelroute.version_compat import AirflowNotFoundException
 
     try:
         config = WebhookConfig.from_extras(conn_id, hook.get_connection(conn_id).extra_dejson)

@@ -8,7 +8,7 @@ routes on it without a search and refuses made-up routes. The trigger reads the 
 may already have recorded, and polls only as a safety net (``webhook_poll_interval``). Deliveries
 are signed as the docs say: hex HMAC-SHA256 of ``"{X-Signature-Timestamp}.{raw body}"``.
 
-The operator, the sensor and the trigger import this module: it imports nothing above ``_compat``.
+The operator, the sensor and the trigger import this module: it imports nothing above ``version_compat``.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from airflow_provider_modelroute.exceptions import ModelRouteConfigError
-from airflow_provider_modelroute.provider_info import CONN_TYPE
+from airflow_provider_modelroute.get_provider_info import CONN_TYPE
 
 if TYPE_CHECKING:
-    from airflow_provider_modelroute._compat import Context
+    from airflow_provider_modelroute.version_compat import Context
 
 SECRET_EXTRA = "webhook_secret"
 RECEIVER_URL_EXTRA = "webhook_receiver_url"
@@ -220,7 +220,7 @@ class WebhookWait:
 
         Call it before submitting: it prepares the XCom the receiver records an early event in.
         """
-        from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS, AirflowNotFoundException
+        from airflow_provider_modelroute.version_compat import AIRFLOW_V_3_1_PLUS, AirflowNotFoundException
 
         if requested is False:
             return None

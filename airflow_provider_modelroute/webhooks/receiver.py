@@ -29,8 +29,12 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import AirflowPlugin
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute._compat import AIRFLOW_V_3_1_PLUS, AirflowNotFoundException, TriggerEvent
-from airflow_provider_modelroute.provider_info import CONN_TYPE
+from airflow_provider_modelroute.get_provider_info import CONN_TYPE
+from airflow_provider_modelroute.version_compat import (
+    AIRFLOW_V_3_1_PLUS,
+    AirflowNotFoundException,
+    TriggerEvent,
+)
 from airflow_provider_modelroute.webhooks import mode
 
 if TYPE_CHECKING:
