@@ -71,7 +71,11 @@ clean:
 
 # The distributed drills (RELIABILITY.md, "Distributed"): PostgreSQL and Redis from Debian's packages
 # (apt-get installs them when missing: run as root), a CeleryExecutor with two workers, two triggerers,
-# a batch against the rate-limited local ModelRoute server; four scenarios, ~15 min on 2 cores.
+# a batch against the rate-limited local ModelRoute server; four scenarios, ~10 min on 2 cores.
+# ITEMS: executions per scenario; RATE_LIMIT: the local server's requests per minute per key.
+ITEMS ?= 25
+RATE_LIMIT ?= 60
 .PHONY: drills-distributed
 drills-distributed: $(STAMP)
-	MODELROUTE_DRILLS_DISTRIBUTED=1 $(PY) -m pytest tests/drills_distributed -m drill -q -s
+	MODELROUTE_DRILLS_DISTRIBUTED=1 MODELROUTE_DISTRIBUTED_ITEMS=$(ITEMS) \
+		MODELROUTE_DISTRIBUTED_RATE_LIMIT=$(RATE_LIMIT) $(PY) -m pytest tests/drills_distributed -m drill -q -s

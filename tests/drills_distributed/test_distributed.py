@@ -116,9 +116,10 @@ def stack(request: pytest.FixtureRequest) -> Iterator[DistributedStack]:
     print(f"\nDistributed drill stack: AIRFLOW_HOME {stack.home}")
     started = time.monotonic()
     try:
-        SESSION["versions"] = describe_versions()
+        SESSION["versions"] = describe_versions()  # installs PostgreSQL and Redis if missing
+        SESSION["timings"] = {"install": time.monotonic() - started}
         stack.start()
-        SESSION["timings"] = {"start-up": stack.timings["startup"]}
+        SESSION["timings"]["start-up"] = stack.timings["startup"]
         assert stack.api is not None
         stack.api.unpause(DAG_ID)
     except BaseException:
