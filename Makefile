@@ -1,8 +1,9 @@
 # Two commands: `make demo` and `make test`. Both set everything up from nothing but Python 3.10+.
 # `make test` is the fast suite (lint, unit and dag.test() tests); `make drills` runs the production
-# drills (a real scheduler, triggerer and api-server); `make test-matrix` runs the fast suite on other
-# Airflow versions, Pythons and dependency versions (scripts/matrix.py: one uv environment per cell
-# under .matrix/; MATRIX_CELLS=... picks cells). CI (.ci/run) runs all three.
+# drills (a real scheduler, triggerer and api-server); `make drills-distributed` the distributed ones
+# (PostgreSQL, Redis, Celery); `make test-matrix` runs the fast suite, less its version-independent
+# tests, on the other Airflow versions, Pythons and dependency versions (scripts/matrix.py: one uv
+# environment per cell under .matrix/; MATRIX_CELLS=... picks cells). CI (.ci/run) runs all four.
 PYTHON ?= python3
 AIRFLOW_VERSION ?= 3.3.2
 VENV ?= .venv
