@@ -73,7 +73,7 @@ def results_table() -> str:
     lines = [
         "| scenario | run | tasks succeeded | tasks retried | executions created | partial/corrupt "
         "objects | objects verified | 429 answers (tasks / triggers) | API requests (creates / status "
-        "reads / file URLs) | makespan | rate-limit estimate | load | notes |",
+        "reads / file reads) | makespan | rate-limit estimate | load | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in RESULTS:
