@@ -1,8 +1,9 @@
 # Two commands: `make demo` and `make test`. Both set everything up from nothing but Python 3.10+.
 # `make test` is the fast suite (lint, unit and dag.test() tests); `make drills` runs the production
-# drills (a real scheduler, triggerer and api-server); `make test-matrix` runs the fast suite on other
-# Airflow versions, Pythons and dependency versions (scripts/matrix.py: one uv environment per cell
-# under .matrix/; MATRIX_CELLS=... picks cells). CI (.ci/run) runs all three.
+# drills (a real scheduler, triggerer and api-server); `make drills-distributed` the distributed ones
+# (PostgreSQL, Redis, Celery); `make test-matrix` runs the fast suite, less its version-independent
+# tests, on the other Airflow versions, Pythons and dependency versions (scripts/matrix.py: one uv
+# environment per cell under .matrix/; MATRIX_CELLS=... picks cells). CI (.ci/run) runs all four.
 PYTHON ?= python3
 AIRFLOW_VERSION ?= 3.3.2
 VENV ?= .venv
@@ -71,10 +72,14 @@ clean:
 
 # The distributed drills (RELIABILITY.md, "Distributed"): PostgreSQL and Redis from Debian's packages
 # (apt-get installs them when missing: run as root), a CeleryExecutor with two workers, two triggerers,
-# a batch against the rate-limited local ModelRoute server; four scenarios, ~15 min on 2 cores.
+# a batch against the rate-limited local ModelRoute server; four scenarios, ~10 min on 2 cores.
+# ITEMS: executions per scenario; RATE_LIMIT: the local server's requests per minute per key.
+ITEMS ?= 25
+RATE_LIMIT ?= 60
 .PHONY: drills-distributed
 drills-distributed: $(STAMP)
-	MODELROUTE_DRILLS_DISTRIBUTED=1 $(PY) -m pytest tests/drills_distributed -m drill -q -s
+	MODELROUTE_DRILLS_DISTRIBUTED=1 MODELROUTE_DISTRIBUTED_ITEMS=$(ITEMS) \
+		MODELROUTE_DISTRIBUTED_RATE_LIMIT=$(RATE_LIMIT) $(PY) -m pytest tests/drills_distributed -m drill -q -s
 
 # The release: sdist and wheel in dist/ (uv build), checked with twine; the version is __version__ in
 # airflow_provider_modelroute/__init__.py.

@@ -60,6 +60,26 @@ if AIRFLOW_V_3_0_PLUS:
     if not hasattr(supervisor.in_process_api_server, "cache_info"):
         supervisor.in_process_api_server = functools.lru_cache(maxsize=1)(supervisor.in_process_api_server)
 
+#: Test modules whose outcome depends on neither the Airflow version nor the Python or dependency
+#: versions a matrix cell installs: the local server's own tests, the pure webhook core, the
+#: benchmarks' smoke runs. `make test` runs them; `make test-matrix` cells skip them.
+VERSION_INDEPENDENT = frozenset(
+    {"test_server.py", "test_server_cli.py", "test_webhooks_core.py", "test_benchmarks.py"}
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "version_independent: run once (`make test`), not in every matrix cell"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in VERSION_INDEPENDENT:
+            item.add_marker(pytest.mark.version_independent)
+
+
 #: Retry quickly in tests; the policy is the same, only the waits are shorter. The read timeout stays
 #: long: on a loaded machine a slow answer must not turn into a retry that a test's counts do not expect
 #: (tests of timeouts set their own).

@@ -29,6 +29,7 @@ trigger logs). ``stop()`` always ends every process the stack started (by sessio
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import hashlib
@@ -373,6 +374,25 @@ class RunResult:
         return self.tasks[task_id]["state"]
 
 
+#: The metadata DB one `airflow db migrate` made in this test process: each SQLite stack starts from a
+#: copy (the migration is the same for every stack, and the slowest step of a stack's start).
+_MIGRATED_SQLITE: list[Path] = []
+
+
+def enable_wal(db_path: Path) -> None:
+    """Write-ahead logging: readers never wait for the writer (the mode is kept in the DB file).
+
+    Measured without it (and with the 5 s default busy timeout), 20 concurrent runs made API
+    requests wait up to 5 s for the lock and one failed with HTTP 500 (``database is locked``).
+    """
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode != "wal":
+        raise DrillError(f"SQLite refused WAL mode for {db_path}: {mode}")
+
+
 class AirflowStack:
     """Airflow 3 (scheduler, triggerer, dag-processor, api-server; LocalExecutor), ModelRoute and S3."""
 
@@ -620,11 +640,25 @@ class AirflowStack:
         }
 
     def _migrate(self) -> None:
+        """``airflow db migrate``; on SQLite, once per test process: later stacks start from a copy."""
+        if not self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite"):
+            self._run_migrate(self.env)
+            return
+        if not _MIGRATED_SQLITE:
+            folder = Path(tempfile.mkdtemp(prefix="modelroute-drills-db-"))
+            atexit.register(shutil.rmtree, folder, True)
+            template = folder / "airflow.db"
+            self._run_migrate({**self.env, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{template}"})
+            enable_wal(template)
+            _MIGRATED_SQLITE.append(template)
+        shutil.copy2(_MIGRATED_SQLITE[0], self.db_path)
+
+    def _run_migrate(self, env: dict[str, str]) -> None:
         log_path = self.components_dir / "db-migrate.log"
         with open(log_path, "wb") as log:
             result = subprocess.run(
                 [PYTHON, "-m", "airflow", "db", "migrate"],
-                env=self.env,
+                env=env,
                 cwd=self.home,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -635,21 +669,6 @@ class AirflowStack:
         if result.returncode != 0:
             tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
             raise DrillError(f"`airflow db migrate` failed ({result.returncode}):\n{tail}")
-        if self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite"):
-            self._configure_sqlite()
-
-    def _configure_sqlite(self) -> None:
-        """Write-ahead logging: readers never wait for the writer (the mode is kept in the DB file).
-
-        Measured without it (and with the 5 s default busy timeout), 20 concurrent runs made API
-        requests wait up to 5 s for the lock and one failed with HTTP 500 (``database is locked``).
-        """
-        import sqlite3
-
-        with contextlib.closing(sqlite3.connect(self.db_path)) as db:
-            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode != "wal":
-            raise DrillError(f"SQLite refused WAL mode for {self.db_path}: {mode}")
 
     def _check_components(self) -> None:
         for component in self.components.values():

@@ -42,7 +42,7 @@ AWAITING_WEBHOOK_SECONDS = 3.0
 WORKER_CONCURRENCY = 4
 HEARTBEAT_TIMEOUT = 40
 QUEUED_TIMEOUT = 90
-#: The fewest API requests an execution costs: its create, one status read, one file URL.
+#: The fewest API requests an execution costs: its create, one status read, one file read.
 REQUESTS_PER_EXECUTION = 3
 
 DAG_ID = "drill_modelroute_batch"
@@ -308,6 +308,12 @@ class Batch:
 
 
 def describe_requests(requests: dict[str, int]) -> str:
-    """``total (creates / status reads / file URLs)``: what the executions cost against the limit."""
-    kinds = ("POST /v1/executions", "GET /v1/executions/{id}", "GET /v1/files/{file_id}/url")
-    return f"{sum(requests.values())} ({' / '.join(str(requests.get(kind, 0)) for kind in kinds)})"
+    """``total (creates / status reads / file reads)``: what the executions cost against the limit.
+
+    A file read is the request that gets an output's bytes or its storage URL (either endpoint).
+    """
+    files = requests.get("GET /v1/files/{file_id}/download", 0) + requests.get(
+        "GET /v1/files/{file_id}/url", 0
+    )
+    kinds = (requests.get("POST /v1/executions", 0), requests.get("GET /v1/executions/{id}", 0), files)
+    return f"{sum(requests.values())} ({' / '.join(str(n) for n in kinds)})"

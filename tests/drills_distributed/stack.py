@@ -12,7 +12,8 @@ LocalExecutor:
 * the ModelRoute server with the documented rate limit on (``--rate-limit``; every answer carries
   ``X-RateLimit-*``).
 
-Both Debian packages are installed with ``apt-get`` when their binaries are missing (root only).
+The Debian packages whose binaries are missing are installed first, with one ``apt-get update`` and
+one ``apt-get install`` (root only).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -54,30 +56,45 @@ def hostname() -> str:
 '''
 
 
-def ensure_debian_package(package: str, binary_glob: str) -> str:
-    """The path of a binary from a Debian package, installing the package first if it is missing."""
-    found = sorted(glob.glob(binary_glob))
-    if found:
-        return found[-1]
+#: The Debian package of each service the stack runs, and where its binary lands.
+SERVICE_PACKAGES = {
+    "postgresql": "/usr/lib/postgresql/*/bin/postgres",
+    "redis-server": "/usr/bin/redis-server",
+}
+
+
+def service_binaries() -> dict[str, str]:
+    """The binary of each of SERVICE_PACKAGES, installing the missing packages first.
+
+    One ``apt-get update`` and one ``apt-get install`` for all that is missing (root only).
+    """
+    missing = [package for package, pattern in SERVICE_PACKAGES.items() if not glob.glob(pattern)]
+    if missing:
+        install_debian_packages(missing)
+    binaries = {}
+    for package, pattern in SERVICE_PACKAGES.items():
+        found = sorted(glob.glob(pattern))
+        if not found:
+            raise DrillError(f"apt-get installed {package!r} but {pattern} is still missing")
+        binaries[package] = found[-1]
+    return binaries
+
+
+def install_debian_packages(packages: list[str]) -> None:
     if os.geteuid() != 0:
-        raise DrillError(f"{binary_glob} is missing: install the Debian package {package!r} (as root)")
+        raise DrillError(f"missing Debian packages {packages}: install them (as root) or run as root")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", package]):
+    for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *packages]):
         result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, check=False)
         if result.returncode != 0:
             output = (result.stdout + result.stderr)[-3000:]
             raise DrillError(f"`{' '.join(argv)}` failed ({result.returncode}):\n{output}")
-    found = sorted(glob.glob(binary_glob))
-    if not found:
-        raise DrillError(f"apt-get installed {package!r} but {binary_glob} is still missing")
-    return found[-1]
 
 
 class PostgresServer:
     """A throwaway PostgreSQL cluster: ``initdb`` in a temporary directory, ``postgres`` on a free port."""
 
-    def __init__(self, log_path: Path) -> None:
-        postgres = ensure_debian_package("postgresql", "/usr/lib/postgresql/*/bin/postgres")
+    def __init__(self, postgres: str, log_path: Path) -> None:
         self.bin = Path(postgres).parent
         self.user = PG_USER if os.geteuid() == 0 else None
         self.data_root = Path(tempfile.mkdtemp(prefix="modelroute-drills-pg-"))
@@ -153,8 +170,7 @@ class PostgresServer:
 class RedisServer:
     """Redis on a free loopback port, in memory only (no RDB snapshots, no append-only file)."""
 
-    def __init__(self, log_path: Path, workdir: Path) -> None:
-        binary = ensure_debian_package("redis-server", "/usr/bin/redis-server")
+    def __init__(self, binary: str, log_path: Path, workdir: Path) -> None:
         self.port = free_port()
         self.workdir = workdir
         argv = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"]
@@ -268,9 +284,12 @@ class DistributedStack(AirflowStack):
     def start(self) -> DistributedStack:
         started = time.monotonic()
         self.components_dir.mkdir(parents=True, exist_ok=True)
-        self.postgres = PostgresServer(self.components_dir / "postgres.log")
+        binaries = service_binaries()
+        self.postgres = PostgresServer(binaries["postgresql"], self.components_dir / "postgres.log")
         self.postgres.start()
-        self.redis = RedisServer(self.components_dir / "redis.log", self.home / "redis")
+        self.redis = RedisServer(
+            binaries["redis-server"], self.components_dir / "redis.log", self.home / "redis"
+        )
         self.redis.start()
         self.timings["services"] = time.monotonic() - started
         super().start()
@@ -355,20 +374,25 @@ def session_cpu_seconds(session_id: int) -> float:
 
 
 def describe_versions() -> dict[str, Any]:
-    """Versions of what the stack runs, for the results table."""
+    """Versions of what the stack runs, for the results table (installs the services if missing)."""
     from importlib.metadata import version
 
-    def command_version(argv: list[str]) -> str:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip()
-        return "?"
-
-    postgres = ensure_debian_package("postgresql", "/usr/lib/postgresql/*/bin/postgres")
+    binaries = service_binaries()
     return {
         "airflow": version("apache-airflow"),
         "celery provider": version("apache-airflow-providers-celery"),
         "celery": version("celery"),
         "psycopg2": version("psycopg2-binary").split()[0],
-        "postgresql": command_version([postgres, "--version"]).split()[2],
-        "redis": command_version(["redis-server", "--version"]).split()[2].removeprefix("v="),
+        "postgresql": command_version([binaries["postgresql"], "--version"]),
+        "redis": command_version([binaries["redis-server"], "--version"]),
     }
+
+
+def command_version(argv: list[str]) -> str:
+    """The first version number a ``--version`` prints ("?" when there is none)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        output = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+        found = re.search(r"\d+\.\d+(\.\d+)?", output)
+        if found:
+            return found[0]
+    return "?"

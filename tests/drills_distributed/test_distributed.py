@@ -8,8 +8,10 @@ One cluster serves the four scenarios in turn (the server is reset before each):
 a triggerer SIGKILLed while it holds about half of the waits, a Celery worker SIGKILLed during
 submissions and again during transfers, and the ModelRoute API failing (5xx, dropped connections)
 for 30 s mid-batch. Correctness is asserted (every run and task succeeds, exactly one execution per
-item, every stored object complete and sha256-verified, nothing partial); 429 answers and the makespan
-against the rate limit's estimate are measured. The table is printed and written to ``build/``.
+item, every stored object complete and sha256-verified, nothing partial). The 429 answers the shared key
+gets are counted, and each must be absorbed: beyond the above, the scenarios that inject no API or
+worker fault (undisturbed, triggerer-kill) must end with no task retried. The makespan against the
+rate limit's estimate is measured. The table is printed and written to ``build/``.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def results_table() -> str:
     lines = [
         "| scenario | run | tasks succeeded | tasks retried | executions created | partial/corrupt "
         "objects | objects verified | 429 answers (tasks / triggers) | API requests (creates / status "
-        "reads / file URLs) | makespan | rate-limit estimate | load | notes |",
+        "reads / file reads) | makespan | rate-limit estimate | load | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in RESULTS:
@@ -116,9 +118,10 @@ def stack(request: pytest.FixtureRequest) -> Iterator[DistributedStack]:
     print(f"\nDistributed drill stack: AIRFLOW_HOME {stack.home}")
     started = time.monotonic()
     try:
-        SESSION["versions"] = describe_versions()
+        SESSION["versions"] = describe_versions()  # installs PostgreSQL and Redis if missing
+        SESSION["timings"] = {"install": time.monotonic() - started}
         stack.start()
-        SESSION["timings"] = {"start-up": stack.timings["startup"]}
+        SESSION["timings"]["start-up"] = stack.timings["startup"]
         assert stack.api is not None
         stack.api.unpause(DAG_ID)
     except BaseException:
@@ -147,7 +150,8 @@ def assert_correct(result: ScenarioResult) -> None:
 
 
 def test_1_undisturbed(stack: DistributedStack) -> None:
-    """The batch alone: every run and task succeeds at the first try, one execution per item."""
+    """The batch alone: every run and task succeeds at the first try, one execution per item (so
+    every 429 the shared key met was absorbed by the clients' own waits)."""
     batch = Batch(stack, "undisturbed").start()
     result = batch.finish("nothing injected", allow_retries=False)
     assert_correct(result)
@@ -173,7 +177,8 @@ def waits_by_triggerer(batch: Batch) -> Counter[str]:
 
 def test_2_triggerer_killed(stack: DistributedStack) -> None:
     """SIGKILL the triggerer holding the most waits once half the batch is deferred: the other
-    triggerer adopts them, and the batch ends as undisturbed (nothing failed, nothing paid twice)."""
+    triggerer adopts them, and the batch ends as undisturbed (no task retried, nothing paid twice,
+    every 429 absorbed though the survivor starts its waits without knowing the key's window)."""
     batch = Batch(stack, "triggerer-kill").start()
 
     def spread() -> Counter[str] | None:
@@ -203,7 +208,8 @@ def test_2_triggerer_killed(stack: DistributedStack) -> None:
     moved_after = time.monotonic() - killed_at
     result = batch.finish(
         f"{victim} SIGKILLed holding {held[victim]} of {sum(held.values())} deferred waits "
-        f"({held[survivor]} on {survivor}); {survivor} held them all {moved_after:.0f} s later"
+        f"({held[survivor]} on {survivor}); {survivor} held them all {moved_after:.0f} s later",
+        allow_retries=False,
     )
     stack.restart(victim)
     wait_for(f"{victim} back", stack.healthy, timeout=180, interval=2, describe=stack.tails)
