@@ -17,7 +17,7 @@ from airflow_provider_modelroute.exceptions import ModelRouteError
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, ModelRouteHook
 from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
 from airflow_provider_modelroute.testing import ModelRouteServer, spec
-from airflow_provider_modelroute.webhooks import signing
+from airflow_provider_modelroute.webhooks import mode
 
 #: The docs' error table: code -> (HTTP status, None where the docs give none; retryable).
 DOCUMENTED_ERRORS = {
@@ -54,8 +54,8 @@ def test_the_server_signs_the_known_vector() -> None:
 
 
 def test_the_client_verifies_the_known_vector() -> None:
-    assert signing.verify(SECRET, SIGNATURE, TIMESTAMP, BODY, now=float(TIMESTAMP)) == int(TIMESTAMP)
-    assert signing.sign(SECRET, TIMESTAMP, BODY) == SIGNATURE
+    assert mode.verify(SECRET, SIGNATURE, TIMESTAMP, BODY, now=float(TIMESTAMP)) == int(TIMESTAMP)
+    assert mode.sign(SECRET, TIMESTAMP, BODY) == SIGNATURE
 
 
 @pytest.mark.parametrize(
@@ -68,8 +68,8 @@ def test_the_client_verifies_the_known_vector() -> None:
     ids=["body", "timestamp", "signature"],
 )
 def test_the_client_refuses_a_changed_vector(signature: str, timestamp: str, body: bytes) -> None:
-    with pytest.raises(signing.SignatureRejected):
-        signing.verify(SECRET, signature, timestamp, body, now=float(TIMESTAMP))
+    with pytest.raises(mode.SignatureRejected):
+        mode.verify(SECRET, signature, timestamp, body, now=float(TIMESTAMP))
 
 
 def test_the_header_names_agree_with_the_docs() -> None:
@@ -77,7 +77,7 @@ def test_the_header_names_agree_with_the_docs() -> None:
         "X-Signature",
         "X-Signature-Timestamp",
     )
-    assert (signing.SIGNATURE_HEADER, signing.TIMESTAMP_HEADER) == ("X-Signature", "X-Signature-Timestamp")
+    assert (mode.SIGNATURE_HEADER, mode.TIMESTAMP_HEADER) == ("X-Signature", "X-Signature-Timestamp")
     assert spec.WEBHOOK_USER_AGENT == "ModelRoute-Webhooks/1.0"
 
 
@@ -94,9 +94,9 @@ def test_the_idempotency_key_of_a_fixed_request() -> None:
     ti = SimpleNamespace(
         dag_id="known_answers", run_id="manual__2026-01-01T00:00:00+00:00", task_id="generate", map_index=-1
     )
-    assert operator._key_base({"ti": ti}) == "airflow-f1236b14f7b3fb8d0348cc0e7e4f57a616df57ca"
+    assert operator._key_base(ti) == "airflow-f1236b14f7b3fb8d0348cc0e7e4f57a616df57ca"
     ti.map_index = 0
-    assert operator._key_base({"ti": ti}) != "airflow-f1236b14f7b3fb8d0348cc0e7e4f57a616df57ca"
+    assert operator._key_base(ti) != "airflow-f1236b14f7b3fb8d0348cc0e7e4f57a616df57ca"
 
 
 # --- the error table ----------------------------------------------------------------------------

@@ -176,10 +176,7 @@ class ModelRouteExecuteOperator(OpenLineageMixin, BaseOperator):
         if self.force_new_execution:
             base, first, sent_before = f"airflow-{uuid.uuid4()}", 0, 0
         else:
-            ti = context["ti"]
-            request = {"model": self.model, "input": self.input, "metadata": self.metadata}
-            task = (ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1))
-            base = api.idempotency_key_base(*task, request={**request, "webhook": self.webhook_url})
+            base = self._key_base(context["ti"])
             first, sent_before = deferral.resume_point(context, base)
         for generation in range(first, MAX_GENERATIONS):
             answer, replayed = self.hook.submit_execution(
@@ -343,6 +340,18 @@ class ModelRouteExecuteOperator(OpenLineageMixin, BaseOperator):
             return "it had already finished"
         self.log.info("Cancelled ModelRoute execution %s because %s", execution_id, reason)
         return "cancelled it"
+
+    def _key_base(self, ti: Any) -> str:
+        """This task instance's idempotency key base: the same on every try of the same request."""
+        request = {
+            "model": self.model,
+            "input": self.input,
+            "metadata": self.metadata,
+            "webhook": self.webhook_url,
+        }
+        return api.idempotency_key_base(
+            ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1), request=request
+        )
 
     def on_kill(self) -> None:
         self._cancel(self.execution_id, "the task was killed")
