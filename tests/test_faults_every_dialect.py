@@ -75,9 +75,6 @@ def test_an_expired_url_is_replaced_once(
 ) -> None:
     if dialect.download == "bytes":
         pytest.skip("the bytes reading serves no presigned URL")
-    if dialect.download == "redirect":
-        reason = "the hook takes the file's size from the expired URL's 403 answer (its Content-Length)"
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     _, (file_id,) = produce(server, "flux-1.1-pro", prompt="p")
     server.add_fault(STORAGE, "expire_url", count=1)
     data = b"".join(ModelRouteHook().download_file(file_id))

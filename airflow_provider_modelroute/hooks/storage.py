@@ -184,10 +184,8 @@ class StorageClient:
         self.transport = transport
 
     def _options(self, url: str) -> dict[str, Any]:
-        return {
-            "timeout": self.transport.settings.timeouts,
-            **route(self.transport.settings, url).requests_options(),
-        }
+        settings = self.transport.settings
+        return {"timeout": settings.timeouts, **route(settings, url).requests_options()}
 
     @cached_property
     def session(self) -> requests.Session:
@@ -312,6 +310,8 @@ class FileDownload:
                         raise ModelRouteTransferError(
                             f"Storage answered HTTP {response.status_code} for file {self.file_id}"
                         )
+                    if size is None and offset == 0:
+                        size = _announced_size(response)
                     skip = _bytes_to_skip(response, offset)
                     for chunk in response.iter_content(min(self.chunk_size, NETWORK_READ)):
                         if skip >= len(chunk):
@@ -348,8 +348,8 @@ class FileDownload:
 
 
 def _announced_size(response: requests.Response) -> int | None:
-    """The file's size from a response to a GET from byte 0, when it says (and is not compressed)."""
-    if response.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+    """The file's size from a 200 answer to a GET from byte 0 (not an expired URL's 403), if it says."""
+    if response.status_code != 200 or response.headers.get("Content-Encoding", "identity") != "identity":
         return None
     length = response.headers.get("Content-Length")
     return int(length) if length is not None and length.isdigit() else None
