@@ -181,6 +181,6 @@ def test_extra_link_opens_the_runs_execution(stack: AirflowStack, browser: Any, 
     browser.save_screenshot(str(SCREENSHOTS / "dashboard-page.png"))
 
 
-def test_readme_shows_the_connection_form() -> None:
-    assert "docs/images/connection-form.png" in (REPO / "README.md").read_text()
+def test_the_docs_show_the_connection_form() -> None:
+    assert "images/connection-form.png" in (REPO / "docs" / "connections.md").read_text()
     assert README_IMAGE.exists() and README_IMAGE.stat().st_size < 150_000
