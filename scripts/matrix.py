@@ -51,6 +51,8 @@ class Cell:
     #: resolve the Airflow ecosystem as it was on this date (its constraints file being out of reach),
     #: for an Airflow series whose dependencies have no upper bounds and broke with later releases
     as_of: str | None = None
+    #: extra requirements, for what an Airflow's constraints file would pin (e.g. "cryptography<51")
+    pins: tuple[str, ...] = ()
 
     def resolver_options(self) -> list[str]:
         if self.as_of is None:
@@ -88,7 +90,9 @@ CELLS = {
         # Airflow 3.0.6 bounds none of fastapi, cadwyn, starlette...: their 2026 releases break its
         # execution API (422 on every task start). Its constraints file pinned them; approximate it.
         Cell("af3.0-py3.12-lowest", "==3.0.*", "3.12", "lowest", as_of=AIRFLOW_3_0_6_RELEASED),
-        Cell("af2.11-py3.10-lowest", "==2.11.*", "3.10", "lowest"),
+        # Airflow 2.11 cannot read connections with cryptography 51 and a Fernet key (MultiFernet lost
+        # is_encrypted); its constraints file pins an older one, as the README tells users to.
+        Cell("af2.11-py3.10-lowest", "==2.11.*", "3.10", "lowest", pins=("cryptography<51",)),
     )
 }
 
@@ -259,7 +263,7 @@ def build(cell: Cell, uv: str, root: Path, result: Result) -> str:
         constraints, result.notes = lowest_pins(uv, python, airflow, workdir, options)
         (workdir / "constraints.txt").write_text("".join(f"{n}=={v}\n" for n, v in constraints.items()))
         install += ["--constraint", str(workdir / "constraints.txt")]
-    run([*install, airflow], logfile=logfile)
+    run([*install, airflow, *cell.pins], logfile=logfile)
     run([uv, "pip", "check", "--python", python], logfile=logfile)
     result.versions = installed_versions(python)
     wrong = {n: result.versions.get(n) for n, v in constraints.items() if result.versions.get(n) != v}
