@@ -77,6 +77,8 @@ AIRFLOW_3_2_2_RELEASED = "2026-06-01"
 #: lowest dependencies on the oldest and the newest Airflow. Pythons and dependencies are combined
 #: with the minors rather than crossed with them (a cross would be 5 x 4 x 2 cells). The slowest cells
 #: come first, so that the last ones to start are short.
+#: Airflow 2.11 and 3.1 cannot use a Fernet key with cryptography 51 (MultiFernet lost
+#: ``is_encrypted``): their constraints files pin an older one, as the README tells users to.
 CELLS = {
     cell.name: cell
     for cell in (
@@ -84,14 +86,12 @@ CELLS = {
         # later releases its execution API fails every task (a pydantic discriminator error, then a
         # missing svcs_registry on the app state). Resolve its ecosystem as of its release.
         Cell("af3.2-py3.11", "==3.2.*", "3.11", as_of=AIRFLOW_3_2_2_RELEASED),
-        Cell("af3.1-py3.12", "==3.1.*", "3.12"),
+        Cell("af3.1-py3.12", "==3.1.*", "3.12", pins=("cryptography<51",)),
         Cell("af3.3-py3.13", "==3.3.*", "3.13"),
         Cell("af3.3-py3.10-lowest", "==3.3.*", "3.10", "lowest"),
         # Airflow 3.0.6 bounds none of fastapi, cadwyn, starlette...: their 2026 releases break its
         # execution API (422 on every task start). Its constraints file pinned them; approximate it.
         Cell("af3.0-py3.12-lowest", "==3.0.*", "3.12", "lowest", as_of=AIRFLOW_3_0_6_RELEASED),
-        # Airflow 2.11 cannot read connections with cryptography 51 and a Fernet key (MultiFernet lost
-        # is_encrypted); its constraints file pins an older one, as the README tells users to.
         Cell("af2.11-py3.10-lowest", "==2.11.*", "3.10", "lowest", pins=("cryptography<51",)),
     )
 }
