@@ -16,7 +16,6 @@ from tests.test_transfer import (
     STORAGE,
     file_sha256,
     hidden_leftovers,
-    partial_then_stuck,
     produce,
     run_tasks,
     sha256,
@@ -54,20 +53,6 @@ def test_download_faults_are_survived(
     assert stats["requests"][serving] == 4  # each fault cost one request, then it finished
     assert stats["storage_requests_with_authorization"] == 0
     assert hidden_leftovers(tmp_path) == []
-
-
-def test_persistent_truncation_leaves_nothing(
-    server: ModelRouteServer, request: pytest.FixtureRequest, tmp_path: Path, dialect: Dialect
-) -> None:
-    _, (file_id,) = produce(server, "test-file", size_bytes=4 * MiB)
-    partial_then_stuck(server, 2 * MiB + 100)
-    dr = run_tasks(
-        request,
-        {"task_id": "copy", "source_file_id": file_id, "destination": f"file://{tmp_path}/out.bin"},
-    )
-    assert task_states(dr) == {"copy": "failed"}
-    assert list(tmp_path.iterdir()) == []  # no file, no hidden partial
-    assert server.stats()["bytes_served"] >= 2 * MiB
 
 
 def test_an_expired_url_is_replaced_once(

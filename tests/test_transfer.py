@@ -27,6 +27,7 @@ from airflow_provider_modelroute.exceptions import ModelRouteConfigError
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 from airflow_provider_modelroute.operators.modelroute import ModelRouteExecuteOperator
 from airflow_provider_modelroute.testing import ModelRouteServer, content
+from airflow_provider_modelroute.testing.dialects import Dialect
 from airflow_provider_modelroute.transfers.modelroute import (
     ModelRouteToStorageOperator,
     StorageToModelRouteOperator,
@@ -480,6 +481,7 @@ def test_persistent_truncation_leaves_nothing_locally(
     request: pytest.FixtureRequest,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    dialect: Dialect,
 ) -> None:
     _, (file_id,) = produce(server, "test-file", size_bytes=4 * MiB)
     partial_then_stuck(server, 2 * MiB + 100)
