@@ -329,6 +329,9 @@ class AirflowApi:
         # 409: a retried POST whose first attempt created the run after all.
         self._json("POST", f"/api/v2/dags/{dag_id}/dagRuns", ok=frozenset({409}), json=body)
 
+    def set_run_state(self, dag_id: str, run_id: str, state: str) -> None:
+        self._json("PATCH", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}", json={"state": state})
+
     def runs(self, dag_id: str) -> dict[str, dict[str, Any]]:
         document = self._json("GET", f"/api/v2/dags/{dag_id}/dagRuns", params={"limit": 1000})
         return {run["dag_run_id"]: run for run in document["dag_runs"]}
