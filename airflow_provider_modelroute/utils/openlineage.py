@@ -1,14 +1,8 @@
-"""OpenLineage for the provider's operators, built the way Airflow's own providers build it.
+"""OpenLineage for the provider's operators; imported only when the OpenLineage provider asks.
 
-Imported only through :class:`~airflow_provider_modelroute.utils.openlineage_mixin.OpenLineageMixin`,
-when ``apache-airflow-providers-openlineage`` is installed and asks: the provider itself never
-depends on OpenLineage. Imports neither the operators nor the transfers.
-
-Datasets are named as common-io names them: an ``ObjectStoragePath`` is ``namespace`` (``s3://bucket``,
-``file``...) + ``key``; a ModelRoute file is ``modelroute://<API host>`` + its ``file_...`` id, so the
-file an execution produced and the file a transfer copied are one dataset. The execution shows as the
-job facet ``modelroute`` (the model) and the run facets ``externalQuery`` (its id) and
-``modelroute_execution`` (status and cost).
+A ModelRoute file is the dataset ``modelroute://<API host>`` + its ``file_...`` id, so the file an
+execution produced and the file a transfer copied are one; storage objects are named as common-io
+names them (``path.namespace`` + ``path.key``).
 """
 
 from __future__ import annotations
@@ -60,10 +54,7 @@ class ModelRouteExecutionRunFacet(RunFacet):
 
 
 def execute_lineage(task: Any) -> OperatorLineage:
-    """ModelRouteExecuteOperator: the model as job facet, its input files in, its produced files out.
-
-    Reads the task's ``hook``, ``model``, ``input`` and ``summary`` (its return value, once it has one).
-    """
+    """ModelRouteExecuteOperator: the model as job facet, its input files in, its produced files out."""
     inputs = [file_dataset(task.hook, ref) for ref in _file_references(task.input)]
     job_facets = {"modelroute": ModelRouteJobFacet(model=str(task.model))}
     summary = task.summary
