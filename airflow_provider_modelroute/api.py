@@ -1,7 +1,6 @@
 """The ModelRoute API contract: statuses, the documented error table, idempotency keys, result shapes.
 
-Pure Python (no Airflow, no HTTP client). Where the public docs are silent, the reading taken is
-marked ``ASSUMPTION``.
+Pure Python. Where the public docs are silent, the reading taken is marked ``ASSUMPTION``.
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ API_PREFIX = "/v1"
 MAX_FILE_SIZE = 150 * 1024 * 1024
 #: How the API names a file (``file_<uuid>``); ids are checked before they go into a URL path.
 FILE_ID_RE = re.compile(r"file_[A-Za-z0-9_-]{1,128}")
-#: ASSUMPTION: a repeated ``Idempotency-Key`` may replay the original answer (even a stale PENDING)
-#: and may say so with this header; the client then reads the execution's current state.
+#: ASSUMPTION: a repeated ``Idempotency-Key`` may replay the original (even stale) answer, saying so here.
 REPLAY_HEADER = "Idempotent-Replayed"
 #: A server without ``POST /v1/files/confirm`` answers one of these: nothing to confirm.
 CONFIRM_ABSENT_STATUSES = frozenset({404, 405})
@@ -31,10 +29,7 @@ TTL_DAYS_RANGE = (1, 365)
 
 
 def api_key_warning(key: str) -> str | None:
-    """How a key differs from the shape llms.txt gives, or None; never repeats the key.
-
-    Only a hint: the docs' own examples use keys such as ``sk_your_api_key_here``.
-    """
+    """How a key differs from the shape llms.txt gives, or None (a hint: the docs' examples differ)."""
     if re.fullmatch(r"sk_[0-9a-fA-F]{64}_[0-9a-fA-F]{8}", key.strip()):
         return None
     shape = "'sk_' + 64 hex digits + '_' + 8 hex digits (76 characters)"
@@ -102,12 +97,11 @@ ERROR_CODES = {
 def classify_error(
     code: str | None, http_status: int | None = None, flag: bool | None = None
 ) -> tuple[bool, bool]:
-    """``(retryable, permanent)``: whether sending again may succeed; whether no task retry can help.
+    """``(retryable, permanent)``: may sending again succeed; can no task retry help.
 
-    Retryable: the docs' table for a code they list, else the body's ``retryable`` flag, else 429 and
-    5xx; ASSUMPTION: an execution's own unlisted error without a flag is retryable. Permanent: not
-    retryable and a documented code but the server fault ``INTERNAL_ERROR``, or an unlisted 4xx
-    (ASSUMPTION: an unknown execution id may come back as any 4xx, with or without a body).
+    Retryable by the docs' table, else the body's flag, else 429 and 5xx (ASSUMPTION: an execution's
+    unlisted error is). Permanent: a documented code but ``INTERNAL_ERROR``, or a 4xx (ASSUMPTION: an
+    unknown execution id may come back as any 4xx).
     """
     spec = ERROR_CODES.get(code or "")
     if spec is not None:
@@ -125,10 +119,7 @@ def is_final_failure(error: dict[str, Any] | None) -> bool:
 
 def error_hint(code: str | None, http_status: int | None = None) -> str | None:
     """What to do about an error: by its code, else by the answer's HTTP status (None without one).
-
-    ASSUMPTION: an execution id ModelRoute does not know may come back as any 4xx (there is no
-    documented EXECUTION_NOT_FOUND), so a refused request that names an execution says so.
-    """
+    ASSUMPTION: an unknown execution id may come back as any 4xx (no documented EXECUTION_NOT_FOUND)."""
     if code in ERROR_CODES:
         return ERROR_CODES[code].hint
     if http_status is None:
@@ -152,10 +143,8 @@ def error_hint(code: str | None, http_status: int | None = None) -> str | None:
 def idempotency_key_base(
     dag_id: str, run_id: str, task_id: str, map_index: int, *, request: dict[str, Any]
 ) -> str:
-    """The same task instance and request give the same key base on every try (never the try number).
-
-    Keys are ``<base>-g<generation>``: the next generation starts a new execution after one failed.
-    """
+    """The same task instance and request give the same key base on every try (never the try number);
+    keys are ``<base>-g<generation>``: the next generation starts a new execution after one failed."""
     identity = dict(dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index, request=request)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     return f"airflow-{digest[:40]}"
@@ -180,8 +169,7 @@ def rate_limit_reset(value: str | None, now: float) -> float | None:
     return None if number < 0 else number if number >= 1_000_000_000 else now + number
 
 
-#: The hold and estimate the POST answers. Amounts stay as the API sends them (decimal strings) in
-#: logs and XCom, and are compared as ``Decimal``, never as floats.
+#: The hold and estimate the POST answers: shown as sent (decimal strings), compared as ``Decimal``.
 ESTIMATE_FIELDS = ("hold_amount", "estimated_cost")
 
 
@@ -205,26 +193,16 @@ def describe_costs(execution: dict[str, Any]) -> str:
 
 
 _FORMAT_CONTENT_TYPES = {
-    "png": "image/png",
-    "jpg": "image/jpeg",
-    "jpeg": "image/jpeg",
-    "webp": "image/webp",
-    "gif": "image/gif",
-    "mp3": "audio/mpeg",
-    "wav": "audio/wav",
-    "mp4": "video/mp4",
-    "json": "application/json",
-    "txt": "text/plain",
+    **{fmt: f"image/{fmt}" for fmt in ("png", "jpeg", "webp", "gif")},
+    **{"jpg": "image/jpeg", "mp3": "audio/mpeg", "wav": "audio/wav", "mp4": "video/mp4"},
+    **{"json": "application/json", "txt": "text/plain"},
 }
 CONTENT_TYPE_EXTENSIONS = {v: k for k, v in _FORMAT_CONTENT_TYPES.items() if k != "jpeg"}
 
 
 def result_files(document: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The output files of an execution or ``/result`` document, in order, each once.
-
-    The docs show ``result.file_id``, ``result.files[]`` (ASSUMPTION) and ``output.images[]``. Each
-    dict has at least ``file_id`` and ``content_type`` (from ``format`` when only that is given).
-    """
+    """The output files (``result.file_id``, ``result.files[]``, ``output.images[]``) of an execution or
+    ``/result`` document, in order, each once, each with ``file_id`` and ``content_type``."""
     found: dict[str, dict[str, Any]] = {}
 
     def walk(node: Any) -> None:

@@ -1,11 +1,9 @@
-"""The provider's errors: a few classes by meaning, each saying what to do.
-
-Whether a retry can help is an attribute, decided by ``api.py``. Where no task retry can help, the
-class also subclasses ``AirflowFailException``, so Airflow fails the task at once.
-"""
+"""The provider's errors, each saying what to do; where no task retry can help, the class is also an
+``AirflowFailException``, so Airflow fails the task at once."""
 
 from __future__ import annotations
 
+import copyreg
 from typing import Any
 
 from airflow_provider_modelroute import api
@@ -14,6 +12,9 @@ from airflow_provider_modelroute.version_compat import AirflowException, Airflow
 
 class ModelRouteError(AirflowException):
     """Base class of every error raised by this provider."""
+
+    def __reduce__(self) -> tuple[Any, ...]:  # unpickled from its state: subclasses take other arguments
+        return (copyreg.__newobj__, (type(self), *self.args), self.__dict__)  # type: ignore[attr-defined]
 
 
 class ModelRouteConfigError(ModelRouteError, AirflowFailException):
@@ -33,8 +34,7 @@ class ModelRouteTransferError(ModelRouteError):
 
 
 class ModelRouteApiError(ModelRouteError):
-    """An error answer of the API. ``retryable``: sending again may succeed; ``permanent``: no task
-    retry can fix it."""
+    """An error answer of the API; ``retryable`` and ``permanent`` come from ``api.classify_error``."""
 
     def __init__(
         self,
@@ -63,16 +63,6 @@ class ModelRouteApiError(ModelRouteError):
             + (f". Request id: {request_id}" if request_id else "")
         )
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        kwargs = {
-            k: getattr(self, k) for k in ("http_status", "retryable", "details", "request_id", "retry_after")
-        }
-        return (_rebuild_api_error, (type(self), self.code, self.message, kwargs))
-
-
-def _rebuild_api_error(cls: type[ModelRouteApiError], code: str, message: str, kwargs: dict[str, Any]) -> Any:
-    return cls(code, message, **kwargs)
-
 
 class ModelRoutePermanentError(ModelRouteApiError, AirflowFailException):
     """An API error no retry can fix (auth, input, not found, balance, an unlisted 4xx): no retries."""
@@ -91,12 +81,7 @@ class ModelRouteExecutionError(ModelRouteError):
     """An execution ended without a result: ``status`` is FAILED, CANCELLED or EXPIRED."""
 
     def __init__(
-        self,
-        execution_id: str,
-        status: str,
-        code: str | None = None,
-        message: str | None = None,
-        hint: str | None = None,
+        self, execution_id: str, status: str, code: str | None, message: str | None, hint: str | None = None
     ) -> None:
         self.execution_id, self.status, self.code, self.message = execution_id, status, code, message
         self.hint = hint
@@ -105,9 +90,6 @@ class ModelRouteExecutionError(ModelRouteError):
             f"ModelRoute execution {execution_id} ended {status}.{detail}"
             + (f" What to do: {hint}" if hint else "")
         )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.execution_id, self.status, self.code, self.message, self.hint))
 
 
 class ModelRouteExecutionFinalError(ModelRouteExecutionError, AirflowFailException):
@@ -121,15 +103,12 @@ class ModelRouteExecutionTimeout(ModelRouteExecutionError):
         super().__init__(execution_id, "TIMED OUT", None, message)
         self.args = (f"Stopped waiting for ModelRoute execution {execution_id}: {message}",)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.execution_id, self.message))
-
 
 def raise_for_execution(execution: dict[str, Any], *, final: bool = False) -> None:
     """Raise the error of a FAILED / CANCELLED / EXPIRED execution (no-op otherwise).
 
-    ``final``: no retry can help (a sensor watching this one execution). A FAILED execution whose
-    code would fail again with the same input is final anyway: no Airflow retries, no new execution.
+    ``final``: no retry can help (a sensor watching this one execution); so is a FAILED execution that
+    would fail again with the same input.
     """
     status = str(execution.get("status"))
     if status not in api.FAILED_STATUSES:

@@ -13,6 +13,7 @@ from airflow_provider_modelroute import __version__
 
 CONN_TYPE = "modelroute"
 _PKG = "airflow_provider_modelroute"
+_DOCS = "https://docs.modelroute.ai"
 
 _UI_FIELD_BEHAVIOUR: dict[str, Any] = {
     # Port stays: Airflow's Test button refuses a connection saved without one ("Bad Request").
@@ -35,35 +36,26 @@ _CONN_FIELDS = {
     "timeout": _field("Read timeout (seconds)", "number", 30, "How long one HTTP response may take."),
     "connect_timeout": _field("Connect timeout (seconds)", "number", 10),
     "max_retries": _field("Max retries", "integer", 5, "Retries of a request: connection errors, 429, 5xx."),
-    "retry_base_wait": _field(
-        "Retry base wait (seconds)", "number", 0.5, "Backoff of the first retry; each next up to twice that."
-    ),
-    "retry_max_wait": _field(
-        "Retry max wait (seconds)", "number", 30, "Longest wait between retries (Retry-After may ask more)."
-    ),
+    "retry_base_wait": _field("Retry base wait (seconds)", "number", 0.5, "Backoff of the first retry."),
+    "retry_max_wait": _field("Retry max wait (seconds)", "number", 30, "Longest backoff (or Retry-After)."),
     "retry_deadline": _field(
         "Retry deadline (seconds)", "number", 120, "Total time one request may spend retrying."
     ),
     "dashboard_url": _field(
         "Dashboard URL", "string", "https://app.modelroute.ai", "Where the execution link points."
     ),
-    "ca_bundle": _field(
-        "CA bundle (path)", "string", None, "PEM CAs to trust (default: REQUESTS_CA_BUNDLE, SSL_CERT_FILE...)"
-    ),
-    "client_cert": _field(
-        "Client certificate (path)", "string", None, "PEM certificate shown to the API host."
-    ),
+    "ca_bundle": _field("CA bundle (path)", "string", None, "PEM CAs to trust (default: SSL_CERT_FILE...)."),
+    "client_cert": _field("Client certificate (path)", "string", None, "PEM certificate for the API host."),
     "client_key": _field("Client certificate key (path)", "string", None, "PEM key, if not in client_cert."),
     "allow_insecure_storage_urls": _field(
-        "Allow http/loopback storage URLs (local testing only)", "boolean", False
+        "Allow http/loopback storage URLs (local testing only)",
+        "boolean",
+        False,
+        "For the local test server's http:// URLs.",
     ),
     # webhook mode: `python -m airflow_provider_modelroute.webhooks setup` fills these
-    "webhook_secret": _field(
-        "Webhook secret", "string", None, "The endpoint's whsec_... signing secret.", format="password"
-    ),
-    "webhook_receiver_url": _field(
-        "Webhook receiver URL", "string", None, "Receiver: https://<airflow>/modelroute/webhooks/<conn id>"
-    ),
+    "webhook_secret": _field("Webhook secret", "string", None, "The whsec_... secret.", format="password"),
+    "webhook_receiver_url": _field("Webhook receiver URL", "string", None, "Where ModelRoute posts events."),
     "webhook_poll_interval": _field("Webhook safety-net poll interval (seconds)", "number", 600),
 }
 
@@ -104,25 +96,16 @@ def get_provider_info() -> dict[str, Any]:
         kind: [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.{kind}.modelroute"]}]
         for kind in ("hooks", "operators", "sensors", "triggers")
     }
+    transfers = f"{_PKG}.transfers.modelroute"
     return {
         "package-name": "airflow-provider-modelroute",
         "name": "ModelRoute",
-        "description": "`ModelRoute <https://docs.modelroute.ai>`__: run AI executions, store their files.",
+        "description": f"`ModelRoute <{_DOCS}>`__: run AI executions, store their files.",
         "versions": [__version__],
-        "integrations": [
-            {
-                "integration-name": "ModelRoute",
-                "external-doc-url": "https://docs.modelroute.ai",
-                "tags": ["software"],
-            }
-        ],
+        "integrations": [{"integration-name": "ModelRoute", "external-doc-url": _DOCS, "tags": ["software"]}],
         **modules,
         "transfers": [
-            {
-                "source-integration-name": a,
-                "target-integration-name": b,
-                "python-module": f"{_PKG}.transfers.modelroute",
-            }
+            {"source-integration-name": a, "target-integration-name": b, "python-module": transfers}
             for a, b in (("ModelRoute", "Common IO"), ("Common IO", "ModelRoute"))
         ],
         "extra-links": [f"{_PKG}.operators.modelroute.ModelRouteExecutionLink"],

@@ -1,7 +1,6 @@
 """The provider's metrics (docs/lineage-and-metrics.md lists them), sent through Airflow's ``Stats``.
 
-Dimensions are part of the name, since plain StatsD drops tags; they are also passed as tags for the
-backends that keep them. A metric that cannot be sent never fails a task.
+Dimensions are part of the name (plain StatsD drops tags) and also tags. A metric never fails a task.
 """
 
 from __future__ import annotations
@@ -30,13 +29,8 @@ def request(method: str, target: str, status: int | None) -> None:
     ``request.<endpoint>.<outcome>``; ``<endpoint>`` is ``get_executions_result`` for ``GET
     .../v1/executions/exec_1/result``, ``storage`` for a presigned URL."""
     path, prefix = urlsplit(target).path, f"{api.API_PREFIX}/"
-    if "://" in target and prefix not in path:
-        endpoint = "storage"
-    else:
-        words = path.rpartition(prefix)[2].split("/")
-        endpoint = "_".join(
-            [method.lower(), *(w for w in words if w and not w.startswith(("exec_", "file_")))]
-        )
+    words = [w for w in path.rpartition(prefix)[2].split("/") if w and not w.startswith(("exec_", "file_"))]
+    endpoint = "storage" if "://" in target and prefix not in path else "_".join([method.lower(), *words])
     if status is None:
         outcome = "connection_error"
     elif status == 429:

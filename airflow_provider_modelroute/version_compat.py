@@ -1,7 +1,8 @@
 """The only module that knows which Airflow it runs on (2.11 and 3.x); cheap to import.
 
-Names come from ``airflow.providers.common.compat.sdk`` and ``airflow.triggers.base``.
+The provider imports every Airflow name from here (``airflow.providers.common.compat.sdk`` resolves them).
 """
+# ruff: noqa: F401
 
 from __future__ import annotations
 
@@ -32,9 +33,7 @@ if TYPE_CHECKING:
 
 _AIRFLOW = Version(Version(_airflow_version).base_version)
 if Version("2.11") > _AIRFLOW:
-    raise RuntimeError(
-        f"airflow-provider-modelroute needs Apache Airflow 2.11 or newer, not {_airflow_version}"
-    )
+    raise RuntimeError(f"airflow-provider-modelroute needs Apache Airflow 2.11+, not {_airflow_version}")
 AIRFLOW_V_3_1_PLUS = Version("3.1") <= _AIRFLOW
 
 try:
@@ -83,27 +82,3 @@ def object_storage_path(url: str, conn_id: str | None = None) -> Any:
     from airflow.providers.common.compat.sdk import ObjectStoragePath
 
     return ObjectStoragePath(url, conn_id=conn_id)
-
-
-__all__ = [
-    "AIRFLOW_V_3_1_PLUS",
-    "AirflowException",
-    "AirflowFailException",
-    "AirflowNotFoundException",
-    "AirflowSensorTimeout",
-    "AirflowSkipException",
-    "BaseHook",
-    "BaseOperator",
-    "BaseOperatorLink",
-    "BaseSensorOperator",
-    "BaseTrigger",
-    "PokeReturnValue",
-    "TriggerEvent",
-    "aget_connection",
-    "conf",
-    "mask_secret",
-    "object_storage_path",
-    "stats",
-    "task_state_store",
-    "xcom_value",
-]

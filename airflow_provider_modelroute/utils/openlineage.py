@@ -81,14 +81,11 @@ def execute_lineage(task: Any) -> OperatorLineage:
 
 def to_storage_lineage(task: Any) -> OperatorLineage:
     """ModelRouteToStorageOperator: each copied ModelRoute file in, its destination object out."""
-    records = task.records
-    if records is None:
-        return OperatorLineage()
+    records = task.records or []
     return OperatorLineage(
         inputs=[file_dataset(task.hook, str(record["file_id"])) for record in records],
         outputs=[
-            storage_dataset(str(record["uri"]), task.destination_conn_id, record.get("size_bytes"))
-            for record in records
+            storage_dataset(str(r["uri"]), task.destination_conn_id, r.get("size_bytes")) for r in records
         ],
     )
 
