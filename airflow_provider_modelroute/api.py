@@ -152,12 +152,9 @@ def idempotency_key_base(
 
 def is_url_document(document: Any) -> bool:
     """Whether a JSON answer of ``/download`` is the presigned-URL document (not a JSON file's bytes)."""
-    return (
-        isinstance(document, dict)
-        and isinstance(document.get("url"), str)
-        and document["url"].startswith(("https://", "http://"))
-        and set(document) <= {"url", "expires_at", "content_type", "size_bytes"}
-    )
+    url = document.get("url") if isinstance(document, dict) else None
+    fields = {"url", "expires_at", "content_type", "size_bytes"}
+    return isinstance(url, str) and url.startswith(("https://", "http://")) and set(document) <= fields
 
 
 def rate_limit_reset(value: str | None, now: float) -> float | None:

@@ -1,7 +1,6 @@
 """What Airflow's ProvidersManager reads about this provider; imports nothing from Airflow.
 
-The connection form is declared once here: Airflow 3.2+ reads it from provider info, Airflow 2.11
-through the hook's classmethods (docs/connections.md says more about each extra).
+The connection form is declared once: Airflow 3.2+ reads it here, Airflow 2.11 from the hook's classmethods.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ _UI_FIELD_BEHAVIOUR: dict[str, Any] = {
 
 
 def _field(label: str, kind: str, default: Any, description: str = "", **schema: Any) -> dict[str, Any]:
+    """One extra field of the form (docs/connections.md says more about each)."""
     schema = {"type": [kind, "null"], **({} if default is None else {"default": default}), **schema}
     return {"label": label, "schema": schema, **({"description": description} if description else {})}
 

@@ -24,22 +24,22 @@ from openlineage.client.generated.base import JobFacet, RunFacet
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.version_compat import object_storage_path
 
-_SCHEMA = "https://github.com/modelroute/airflow-provider-modelroute#openlineage"
+
+class _ModelRouteFacet:
+    @staticmethod
+    def _get_schema() -> str:
+        return "https://github.com/modelroute/airflow-provider-modelroute#openlineage"
 
 
 @define
-class ModelRouteJobFacet(JobFacet):
+class ModelRouteJobFacet(_ModelRouteFacet, JobFacet):
     """The model a ModelRoute task runs."""
 
     model: str
 
-    @staticmethod
-    def _get_schema() -> str:
-        return _SCHEMA
-
 
 @define
-class ModelRouteExecutionRunFacet(RunFacet):
+class ModelRouteExecutionRunFacet(_ModelRouteFacet, RunFacet):
     """The execution behind a task run: its id, status and cost fields as the API gave them."""
 
     executionId: str  # OpenLineage facets use camelCase
@@ -47,10 +47,6 @@ class ModelRouteExecutionRunFacet(RunFacet):
     holdAmount: str | None = None
     estimatedCost: str | None = None
     cost: str | None = None
-
-    @staticmethod
-    def _get_schema() -> str:
-        return _SCHEMA
 
 
 def execute_lineage(task: Any) -> OperatorLineage:
