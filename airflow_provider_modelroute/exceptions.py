@@ -1,13 +1,9 @@
-"""The provider's errors: a few classes by meaning, each saying what to do.
-
-Whether a retry can help is an attribute (``retryable``, ``permanent``), decided by ``api.py``. A class
-also subclasses ``AirflowFailException`` where no task retry can help (wrong configuration, a request
-the API refuses for good, an execution that would fail again), so Airflow fails the task at once
-instead of burning its retries; the factories below pick that class from the attribute.
-"""
+"""The provider's errors, each saying what to do; where no task retry can help, the class is also an
+``AirflowFailException``, so Airflow fails the task at once."""
 
 from __future__ import annotations
 
+import copyreg
 from typing import Any
 
 from airflow_provider_modelroute import api
@@ -16,6 +12,9 @@ from airflow_provider_modelroute.version_compat import AirflowException, Airflow
 
 class ModelRouteError(AirflowException):
     """Base class of every error raised by this provider."""
+
+    def __reduce__(self) -> tuple[Any, ...]:  # unpickled from its state: subclasses take other arguments
+        return (copyreg.__newobj__, (type(self), *self.args), self.__dict__)  # type: ignore[attr-defined]
 
 
 class ModelRouteConfigError(ModelRouteError, AirflowFailException):
@@ -35,10 +34,7 @@ class ModelRouteTransferError(ModelRouteError):
 
 
 class ModelRouteApiError(ModelRouteError):
-    """An error answer of the ModelRoute API, with the fields of its documented error body.
-
-    ``retryable``: sending the request again may succeed; ``permanent``: no task retry can fix it.
-    """
+    """An error answer of the API; ``retryable`` and ``permanent`` come from ``api.classify_error``."""
 
     def __init__(
         self,
@@ -51,46 +47,21 @@ class ModelRouteApiError(ModelRouteError):
         request_id: str | None = None,
         retry_after: float | None = None,
     ) -> None:
-        self.code = code
-        self.message = message
-        self.http_status = http_status
-        self.retryable = api.is_retryable_error(code, http_status, retryable)
-        self.permanent = api.is_permanent_error(code, http_status, self.retryable)
-        self.details = details or []
-        self.request_id = request_id
-        self.retry_after = retry_after
-        super().__init__(self._describe())
-
-    def _describe(self) -> str:
-        status = f" (HTTP {self.http_status})" if self.http_status else ""
-        text = f"ModelRoute {self.code}{status}: {self.message}"
+        self.code, self.message, self.http_status = code, message, http_status
+        self.retryable, self.permanent = api.classify_error(code, http_status, retryable)
+        self.details, self.request_id, self.retry_after = details or [], request_id, retry_after
         fields = "; ".join(
             f"{d.get('field', '?')}: {d.get('message') or d.get('code', '')}"
             for d in self.details
             if isinstance(d, dict)
         )
-        if fields:
-            text += f" [{fields}]"
-        hint = api.error_hint(self.code, self.http_status)
-        if hint is not None:
-            text += f". What to do: {hint}"
-        if self.request_id:
-            text += f". Request id: {self.request_id}"
-        return text
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        kwargs = {
-            "http_status": self.http_status,
-            "retryable": self.retryable,
-            "details": self.details,
-            "request_id": self.request_id,
-            "retry_after": self.retry_after,
-        }
-        return (_rebuild_api_error, (type(self), self.code, self.message, kwargs))
-
-
-def _rebuild_api_error(cls: type[ModelRouteApiError], code: str, message: str, kwargs: dict[str, Any]) -> Any:
-    return cls(code, message, **kwargs)
+        hint = api.error_hint(code, http_status)
+        super().__init__(
+            f"ModelRoute {code}{f' (HTTP {http_status})' if http_status else ''}: {message}"
+            + (f" [{fields}]" if fields else "")
+            + (f". What to do: {hint}" if hint else "")
+            + (f". Request id: {request_id}" if request_id else "")
+        )
 
 
 class ModelRoutePermanentError(ModelRouteApiError, AirflowFailException):
@@ -101,7 +72,7 @@ def api_error(
     code: str, message: str, *, http_status: int | None = None, **kwargs: Any
 ) -> ModelRouteApiError:
     """The error of an API error answer: ``ModelRoutePermanentError`` when no retry can fix it."""
-    permanent = api.is_permanent_error(code, http_status, kwargs.get("retryable"))
+    permanent = api.classify_error(code, http_status, kwargs.get("retryable"))[1]
     cls = ModelRoutePermanentError if permanent else ModelRouteApiError
     return cls(code, message, http_status=http_status, **kwargs)
 
@@ -110,27 +81,15 @@ class ModelRouteExecutionError(ModelRouteError):
     """An execution ended without a result: ``status`` is FAILED, CANCELLED or EXPIRED."""
 
     def __init__(
-        self,
-        execution_id: str,
-        status: str,
-        code: str | None = None,
-        message: str | None = None,
-        hint: str | None = None,
+        self, execution_id: str, status: str, code: str | None, message: str | None, hint: str | None = None
     ) -> None:
-        self.execution_id = execution_id
-        self.status = status
-        self.code = code
-        self.message = message
+        self.execution_id, self.status, self.code, self.message = execution_id, status, code, message
         self.hint = hint
-        super().__init__(self._text())
-
-    def _text(self) -> str:
-        detail = f" {self.code}: {self.message}." if self.code or self.message else ""
-        hint = f" What to do: {self.hint}" if self.hint else ""
-        return f"ModelRoute execution {self.execution_id} ended {self.status}.{detail}{hint}"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.execution_id, self.status, self.code, self.message, self.hint))
+        detail = f" {code}: {message}." if code or message else ""
+        super().__init__(
+            f"ModelRoute execution {execution_id} ended {status}.{detail}"
+            + (f" What to do: {hint}" if hint else "")
+        )
 
 
 class ModelRouteExecutionFinalError(ModelRouteExecutionError, AirflowFailException):
@@ -142,19 +101,14 @@ class ModelRouteExecutionTimeout(ModelRouteExecutionError):
 
     def __init__(self, execution_id: str, message: str) -> None:
         super().__init__(execution_id, "TIMED OUT", None, message)
-
-    def _text(self) -> str:
-        return f"Stopped waiting for ModelRoute execution {self.execution_id}: {self.message}"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.execution_id, self.message))
+        self.args = (f"Stopped waiting for ModelRoute execution {execution_id}: {message}",)
 
 
 def raise_for_execution(execution: dict[str, Any], *, final: bool = False) -> None:
     """Raise the error of a FAILED / CANCELLED / EXPIRED execution (no-op otherwise).
 
-    ``final``: no retry can help (a sensor watching this one execution). A FAILED execution whose
-    code would fail again with the same input is final anyway: no Airflow retries, no new execution.
+    ``final``: no retry can help (a sensor watching this one execution); so is a FAILED execution that
+    would fail again with the same input.
     """
     status = str(execution.get("status"))
     if status not in api.FAILED_STATUSES:

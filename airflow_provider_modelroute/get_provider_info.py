@@ -1,8 +1,6 @@
-"""What Airflow's ProvidersManager reads about this provider (entry point ``apache_airflow_provider``).
+"""What Airflow's ProvidersManager reads about this provider; imports nothing from Airflow.
 
-Imports nothing from Airflow: ProvidersManager loads it in every Airflow process. The connection
-form is declared once here; Airflow 3.2+ reads ``conn-fields``/``ui-field-behaviour`` from provider
-info, and Airflow 2.11 gets the same definitions through the hook's classmethods.
+The connection form is declared once: Airflow 3.2+ reads it here, Airflow 2.11 from the hook's classmethods.
 """
 
 from __future__ import annotations
@@ -14,10 +12,10 @@ from airflow_provider_modelroute import __version__
 
 CONN_TYPE = "modelroute"
 _PKG = "airflow_provider_modelroute"
+_DOCS = "https://docs.modelroute.ai"
 
 _UI_FIELD_BEHAVIOUR: dict[str, Any] = {
-    # Port stays on the form: Airflow's Test button refuses a connection saved without one ("Bad
-    # Request": it sends port 0 and compares it with the stored empty port).
+    # Port stays: Airflow's Test button refuses a connection saved without one ("Bad Request").
     "hidden-fields": ["schema", "login"],
     "relabeling": {"password": "API key", "host": "Base URL"},
     "placeholders": {
@@ -27,79 +25,38 @@ _UI_FIELD_BEHAVIOUR: dict[str, Any] = {
     },
 }
 
-_CONN_FIELDS: dict[str, dict[str, Any]] = {
-    "timeout": {
-        "label": "Read timeout (seconds)",
-        "description": "How long one HTTP response may take.",
-        "schema": {"type": ["number", "null"], "default": 30},
-    },
-    "connect_timeout": {
-        "label": "Connect timeout (seconds)",
-        "schema": {"type": ["number", "null"], "default": 10},
-    },
-    "max_retries": {
-        "label": "Max retries",
-        "description": "Retries of one request on connection errors, 429 and retryable 5xx.",
-        "schema": {"type": ["integer", "null"], "default": 5},
-    },
-    "retry_base_wait": {
-        "label": "Retry base wait (seconds)",
-        "description": "The first retry waits up to this long (at random), each next one up to twice that.",
-        "schema": {"type": ["number", "null"], "default": 0.5},
-    },
-    "retry_max_wait": {
-        "label": "Retry max wait (seconds)",
-        "description": "The longest wait between two retries, unless the server's Retry-After asks more.",
-        "schema": {"type": ["number", "null"], "default": 30},
-    },
-    "retry_deadline": {
-        "label": "Retry deadline (seconds)",
-        "description": "Total time one request may spend retrying.",
-        "schema": {"type": ["number", "null"], "default": 120},
-    },
-    "dashboard_url": {
-        "label": "Dashboard URL",
-        "description": "Where the 'ModelRoute execution' link points.",
-        "schema": {"type": ["string", "null"], "default": "https://app.modelroute.ai"},
-    },
-    "ca_bundle": {
-        "label": "CA bundle (path)",
-        "description": "PEM file (or directory) of the CAs to trust for the API and storage hosts, e.g. a "
-        "corporate CA. Default: REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE or SSL_CERT_FILE, else certifi.",
-        "schema": {"type": ["string", "null"]},
-    },
-    "client_cert": {
-        "label": "Client certificate (path)",
-        "description": "PEM certificate (with its key, or see client_key) shown to the API host only.",
-        "schema": {"type": ["string", "null"]},
-    },
-    "client_key": {
-        "label": "Client certificate key (path)",
-        "description": "PEM private key of client_cert, if that file does not hold it.",
-        "schema": {"type": ["string", "null"]},
-    },
-    "allow_insecure_storage_urls": {
-        "label": "Allow http/loopback storage URLs (local testing only)",
-        "description": "Lets the local ModelRoute test server's http://127.0.0.1 file URLs through "
-        "(TLS, when used, is still verified).",
-        "schema": {"type": ["boolean", "null"], "default": False},
-    },
-    # -- webhook mode: `python -m airflow_provider_modelroute.webhooks setup` fills these --
-    "webhook_secret": {
-        "label": "Webhook secret",
-        "description": "The endpoint's whsec_... secret; with the receiver URL it turns webhook mode on.",
-        "schema": {"type": ["string", "null"], "format": "password"},
-    },
-    "webhook_receiver_url": {
-        "label": "Webhook receiver URL",
-        "description": "Where ModelRoute reaches the receiver: https://<airflow>/modelroute/webhooks/<conn>.",
-        "schema": {"type": ["string", "null"]},
-    },
-    "webhook_poll_interval": {
-        "label": "Webhook safety-net poll interval (seconds)",
-        "description": "In webhook mode, each wait still looks at its execution this often (jittered).",
-        "schema": {"type": ["number", "null"], "default": 600},
-    },
+
+def _field(label: str, kind: str, default: Any, description: str = "", **schema: Any) -> dict[str, Any]:
+    """One extra field of the form (docs/connections.md says more about each)."""
+    schema = {"type": [kind, "null"], **({} if default is None else {"default": default}), **schema}
+    return {"label": label, "schema": schema, **({"description": description} if description else {})}
+
+
+_CONN_FIELDS = {
+    "timeout": _field("Read timeout (seconds)", "number", 30, "How long one HTTP response may take."),
+    "connect_timeout": _field("Connect timeout (seconds)", "number", 10),
+    "max_retries": _field("Max retries", "integer", 5, "Retries of a request: connection errors, 429, 5xx."),
+    "retry_base_wait": _field("Retry base wait (seconds)", "number", 0.5, "Backoff of the first retry."),
+    "retry_max_wait": _field("Retry max wait (seconds)", "number", 30, "Longest backoff (or Retry-After)."),
+    "retry_deadline": _field(
+        "Retry deadline (seconds)", "number", 120, "Total time one request may spend retrying."
+    ),
+    "dashboard_url": _field(
+        "Dashboard URL", "string", "https://app.modelroute.ai", "Where the execution link points."
+    ),
+    "ca_bundle": _field("CA bundle (path)", "string", None, "PEM CAs to trust (default: SSL_CERT_FILE...)."),
+    "client_cert": _field("Client certificate (path)", "string", None, "PEM certificate for the API host."),
+    "client_key": _field("Client certificate key (path)", "string", None, "PEM key, if not in client_cert."),
+    "allow_insecure_storage_urls": _field(
+        "Allow http/loopback storage URLs (local testing only)",
+        "boolean",
+        False,
+        "For the local test server's http:// URLs.",
+    ),
+    # webhook mode: `python -m airflow_provider_modelroute.webhooks setup` fills these
+    "webhook_secret": _field("Webhook secret", "string", None, "The whsec_... secret.", format="password"),
+    "webhook_receiver_url": _field("Webhook receiver URL", "string", None, "Where ModelRoute posts events."),
+    "webhook_poll_interval": _field("Webhook safety-net poll interval (seconds)", "number", 600),
 }
 
 
@@ -113,11 +70,7 @@ def extra_value(extras: Mapping[str, Any], name: str) -> Any:
 
 def ui_field_behaviour() -> dict[str, Any]:
     """The connection form's field behaviour in the hook classmethod's (Airflow 2) shape."""
-    return {
-        "hidden_fields": list(_UI_FIELD_BEHAVIOUR["hidden-fields"]),
-        "relabeling": dict(_UI_FIELD_BEHAVIOUR["relabeling"]),
-        "placeholders": dict(_UI_FIELD_BEHAVIOUR["placeholders"]),
-    }
+    return {key.replace("-", "_"): value.copy() for key, value in _UI_FIELD_BEHAVIOUR.items()}
 
 
 def connection_form_widgets() -> dict[str, Any]:
@@ -128,10 +81,10 @@ def connection_form_widgets() -> dict[str, Any]:
 
     widgets: dict[str, Any] = {}
     for name, spec in _CONN_FIELDS.items():
-        label = lazy_gettext(spec["label"])
-        if "boolean" in spec["schema"]["type"]:
-            widgets[name] = BooleanField(label, default=spec["schema"]["default"])
-        elif spec["schema"].get("format") == "password":
+        label, schema = lazy_gettext(spec["label"]), spec["schema"]
+        if "boolean" in schema["type"]:
+            widgets[name] = BooleanField(label, default=schema["default"])
+        elif schema.get("format") == "password":
             widgets[name] = PasswordField(label, widget=BS3PasswordFieldWidget())
         else:
             widgets[name] = StringField(label, widget=BS3TextFieldWidget())
@@ -139,38 +92,21 @@ def connection_form_widgets() -> dict[str, Any]:
 
 
 def get_provider_info() -> dict[str, Any]:
+    modules = {
+        kind: [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.{kind}.modelroute"]}]
+        for kind in ("hooks", "operators", "sensors", "triggers")
+    }
+    transfers = f"{_PKG}.transfers.modelroute"
     return {
         "package-name": "airflow-provider-modelroute",
         "name": "ModelRoute",
-        "description": "`ModelRoute <https://docs.modelroute.ai>`__: run AI executions, store their files.",
+        "description": f"`ModelRoute <{_DOCS}>`__: run AI executions, store their files.",
         "versions": [__version__],
-        "integrations": [
-            {
-                "integration-name": "ModelRoute",
-                "external-doc-url": "https://docs.modelroute.ai",
-                "tags": ["software"],
-            }
-        ],
-        "hooks": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.hooks.modelroute"]}],
-        "operators": [
-            {
-                "integration-name": "ModelRoute",
-                "python-modules": [f"{_PKG}.operators.modelroute"],
-            }
-        ],
-        "sensors": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.sensors.modelroute"]}],
-        "triggers": [{"integration-name": "ModelRoute", "python-modules": [f"{_PKG}.triggers.modelroute"]}],
+        "integrations": [{"integration-name": "ModelRoute", "external-doc-url": _DOCS, "tags": ["software"]}],
+        **modules,
         "transfers": [
-            {
-                "source-integration-name": "ModelRoute",
-                "target-integration-name": "Common IO",
-                "python-module": f"{_PKG}.transfers.modelroute",
-            },
-            {
-                "source-integration-name": "Common IO",
-                "target-integration-name": "ModelRoute",
-                "python-module": f"{_PKG}.transfers.modelroute",
-            },
+            {"source-integration-name": a, "target-integration-name": b, "python-module": transfers}
+            for a, b in (("ModelRoute", "Common IO"), ("Common IO", "ModelRoute"))
         ],
         "extra-links": [f"{_PKG}.operators.modelroute.ModelRouteExecutionLink"],
         "connection-types": [

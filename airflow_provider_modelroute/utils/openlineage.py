@@ -1,14 +1,8 @@
-"""OpenLineage for the provider's operators, built the way Airflow's own providers build it.
+"""OpenLineage for the provider's operators; imported only when the OpenLineage provider asks.
 
-Imported only through :class:`~airflow_provider_modelroute.utils.openlineage_mixin.OpenLineageMixin`,
-when ``apache-airflow-providers-openlineage`` is installed and asks: the provider itself never
-depends on OpenLineage. Imports neither the operators nor the transfers.
-
-Datasets are named as common-io names them: an ``ObjectStoragePath`` is ``namespace`` (``s3://bucket``,
-``file``...) + ``key``; a ModelRoute file is ``modelroute://<API host>`` + its ``file_...`` id, so the
-file an execution produced and the file a transfer copied are one dataset. The execution shows as the
-job facet ``modelroute`` (the model) and the run facets ``externalQuery`` (its id) and
-``modelroute_execution`` (status and cost).
+A ModelRoute file is the dataset ``modelroute://<API host>`` + its ``file_...`` id, so the file an
+execution produced and the file a transfer copied are one; storage objects are named as common-io
+names them (``path.namespace`` + ``path.key``).
 """
 
 from __future__ import annotations
@@ -30,22 +24,22 @@ from openlineage.client.generated.base import JobFacet, RunFacet
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.version_compat import object_storage_path
 
-_SCHEMA = "https://github.com/modelroute/airflow-provider-modelroute#openlineage"
+
+class _ModelRouteFacet:
+    @staticmethod
+    def _get_schema() -> str:
+        return "https://github.com/modelroute/airflow-provider-modelroute#openlineage"
 
 
 @define
-class ModelRouteJobFacet(JobFacet):
+class ModelRouteJobFacet(_ModelRouteFacet, JobFacet):
     """The model a ModelRoute task runs."""
 
     model: str
 
-    @staticmethod
-    def _get_schema() -> str:
-        return _SCHEMA
-
 
 @define
-class ModelRouteExecutionRunFacet(RunFacet):
+class ModelRouteExecutionRunFacet(_ModelRouteFacet, RunFacet):
     """The execution behind a task run: its id, status and cost fields as the API gave them."""
 
     executionId: str  # OpenLineage facets use camelCase
@@ -54,16 +48,9 @@ class ModelRouteExecutionRunFacet(RunFacet):
     estimatedCost: str | None = None
     cost: str | None = None
 
-    @staticmethod
-    def _get_schema() -> str:
-        return _SCHEMA
-
 
 def execute_lineage(task: Any) -> OperatorLineage:
-    """ModelRouteExecuteOperator: the model as job facet, its input files in, its produced files out.
-
-    Reads the task's ``hook``, ``model``, ``input`` and ``summary`` (its return value, once it has one).
-    """
+    """ModelRouteExecuteOperator: the model as job facet, its input files in, its produced files out."""
     inputs = [file_dataset(task.hook, ref) for ref in _file_references(task.input)]
     job_facets = {"modelroute": ModelRouteJobFacet(model=str(task.model))}
     summary = task.summary
@@ -90,14 +77,11 @@ def execute_lineage(task: Any) -> OperatorLineage:
 
 def to_storage_lineage(task: Any) -> OperatorLineage:
     """ModelRouteToStorageOperator: each copied ModelRoute file in, its destination object out."""
-    records = task.records
-    if records is None:
-        return OperatorLineage()
+    records = task.records or []
     return OperatorLineage(
         inputs=[file_dataset(task.hook, str(record["file_id"])) for record in records],
         outputs=[
-            storage_dataset(str(record["uri"]), task.destination_conn_id, record.get("size_bytes"))
-            for record in records
+            storage_dataset(str(r["uri"]), task.destination_conn_id, r.get("size_bytes")) for r in records
         ],
     )
 

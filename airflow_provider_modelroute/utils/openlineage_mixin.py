@@ -1,8 +1,4 @@
-"""The OpenLineage methods every operator of the provider shares; cheap to import.
-
-``apache-airflow-providers-openlineage`` calls them when it is installed. OpenLineage is optional and
-slow to import, so :mod:`airflow_provider_modelroute.utils.openlineage` is imported only then.
-"""
+"""The OpenLineage methods every operator of the provider shares; cheap to import (OpenLineage is not)."""
 
 from __future__ import annotations
 
@@ -13,18 +9,14 @@ if TYPE_CHECKING:
 
 
 class OpenLineageMixin:
-    """Lineage at start and on completion alike, from what the task knows at the time.
-
-    ``openlineage_builder``: the name of the function in ``utils/openlineage.py`` that builds it.
-    """
+    """Lineage at start and on completion alike, built by ``utils.openlineage.<openlineage_builder>``."""
 
     openlineage_builder: ClassVar[str]
 
     def get_openlineage_facets_on_start(self) -> OperatorLineage:
         from airflow_provider_modelroute.utils import openlineage
 
-        builder = getattr(openlineage, self.openlineage_builder)
-        return builder(self)
+        return getattr(openlineage, self.openlineage_builder)(self)
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
         return self.get_openlineage_facets_on_start()
