@@ -205,16 +205,12 @@ class WebhookWait:
 
 
 async def delivered_event(route: dict[str, Any], execution_id: str) -> dict[str, Any] | None:
-    """The final event the receiver recorded for this task and execution, if any (one XCom read).
-
-    The triggerer's supervisor channel is async (Airflow 3.3); ``dag.test()``'s is sync only: there
-    the read runs in a worker thread, off the event loop.
-    """
+    """The final event the receiver recorded for this task and execution, if any (one XCom read): async
+    through the triggerer's channel (Airflow 3.3+), else in a worker thread, off the event loop."""
     from airflow.providers.common.compat.sdk import XCom
-
-    ids = {"key": EVENT_XCOM_KEY, **route}
     from airflow.sdk.execution_time import task_runner
 
+    ids = {"key": EVENT_XCOM_KEY, **route}
     if hasattr(XCom, "aget_one") and hasattr(getattr(task_runner, "SUPERVISOR_COMMS", None), "asend"):
         value = await XCom.aget_one(**ids)
     else:

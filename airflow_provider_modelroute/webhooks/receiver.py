@@ -113,27 +113,16 @@ def _answer(status: int, outcome: str, conn_id: str | None = None) -> JSONRespon
     return JSONResponse({"outcome": outcome}, status_code=status)
 
 
-async def _read_capped(request: Request) -> bytes | None:
-    """The raw body, or None once it is larger than ``MAX_BODY_BYTES`` (read no further)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return None
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            return None
-    return body
-
-
 async def receive(request: Request) -> JSONResponse:
     """Verify one delivery, then resume (or record the event for) the task that waits for it."""
     from starlette.concurrency import run_in_threadpool
 
     conn_id, query = str(request.path_params["conn_id"]), request.query_params
-    body = await _read_capped(request)
-    if body is None:
-        return _answer(413, f"the body is larger than {MAX_BODY_BYTES} bytes", conn_id)
+    body = b""
+    async for chunk in request.stream():  # read no further than the cap
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            return _answer(413, f"the body is larger than {MAX_BODY_BYTES} bytes", conn_id)
     secret = await run_in_threadpool(webhook_secret, conn_id)
     if secret is None:
         return _answer(404, f"no ModelRoute connection {conn_id!r} with a {mode.SECRET_EXTRA}", conn_id)
