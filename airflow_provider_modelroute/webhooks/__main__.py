@@ -57,12 +57,12 @@ def setup(hook: Any, public_url: str, replace: bool, test: bool) -> None:
     print(f"Registered {url} as ModelRoute webhook endpoint {created.get('id')}")
     extras = {mode.SECRET_EXTRA: str(created["secret"]), mode.RECEIVER_URL_EXTRA: url}
     variable = f"AIRFLOW_CONN_{conn_id.upper()}"
-    with create_session() as session:  # an environment variable shadows the metadata DB: no write there
-        conn = (
-            None if variable in os.environ else session.scalar(select(Connection).filter_by(conn_id=conn_id))
-        )
-        if conn is not None:
-            conn.set_extra(json.dumps({**conn.extra_dejson, **extras}))
+    conn = None
+    if variable not in os.environ:  # an environment variable shadows the metadata DB: no write there
+        with create_session() as session:
+            conn = session.scalar(select(Connection).filter_by(conn_id=conn_id))
+            if conn is not None:
+                conn.set_extra(json.dumps({**conn.extra_dejson, **extras}))
     if conn is not None:
         print(
             f"Stored webhook_secret and webhook_receiver_url in connection {conn_id!r}. Nothing to restart."
