@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import time
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -32,8 +33,8 @@ def webhook_server(server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch) ->
     """``modelroute_default`` in webhook mode, with a 1 s safety net so that dag.test() ends quickly."""
     extras = {"webhook_secret": SECRET, "webhook_receiver_url": RECEIVER, "webhook_poll_interval": 1}
     monkeypatch.setenv("AIRFLOW_CONN_MODELROUTE_DEFAULT", connection_json(server, **extras))
-    monkeypatch.setattr(receiver, "secret_cache", receiver.ExpiringCache(8, 30.0))
-    monkeypatch.setattr(receiver, "seen_events", receiver.ExpiringCache(8, 3600.0))
+    monkeypatch.setattr(receiver, "secret_cache", {})
+    monkeypatch.setattr(receiver, "seen_events", OrderedDict())
     return server
 
 

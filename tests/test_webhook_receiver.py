@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from datetime import timedelta
 from types import SimpleNamespace
@@ -50,8 +51,8 @@ def hooked(server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch) -> ModelRo
         f"AIRFLOW_CONN_{CONN_ID.upper()}",
         connection_json(server, webhook_secret=SECRET, webhook_receiver_url="https://airflow.example/x"),
     )
-    monkeypatch.setattr(receiver, "seen_events", receiver.ExpiringCache(8, 3600.0))
-    monkeypatch.setattr(receiver, "secret_cache", receiver.ExpiringCache(8, 30.0))
+    monkeypatch.setattr(receiver, "seen_events", OrderedDict())
+    monkeypatch.setattr(receiver, "secret_cache", {})
     return server
 
 
@@ -234,7 +235,7 @@ def test_a_duplicated_delivery_is_a_no_op_even_on_another_replica(
 
     first = post(client, body, route=route)
     again = post(client, body, route=route)
-    monkeypatch.setattr(receiver, "seen_events", receiver.ExpiringCache(8, 3600.0))  # another replica
+    monkeypatch.setattr(receiver, "seen_events", OrderedDict())  # another replica
     elsewhere = post(client, body, route=route)
 
     assert first.json() == {"outcome": "resumed"}

@@ -4,6 +4,7 @@ never echoes it; ``test`` reports the receiver's answer to a signed delivery and
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -124,7 +125,8 @@ def test_the_test_command_reports_the_receivers_answer_and_what_to_do(
     (an environment variable changed after it started is not among it)."""
     from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 
-    monkeypatch.setattr(receiver, "secret_cache", receiver.ExpiringCache(8, 3600.0))
+    monkeypatch.setattr(receiver, "secret_cache", {})
+    monkeypatch.setattr(receiver, "SECRET_CACHE_SECONDS", 3600.0)
     with served_receiver() as base:
         url = f"{base}/modelroute/webhooks/modelroute_check"
         secret = str(ModelRouteHook().create_webhook_endpoint(url)["secret"])
@@ -138,8 +140,8 @@ def test_the_test_command_reports_the_receivers_answer_and_what_to_do(
         for conn_id, receiver_url in receivers.items():
             extras = {"webhook_secret": secret, "webhook_receiver_url": receiver_url}
             monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", connection_json(no_endpoints, **extras))
-        receiver.secret_cache.put("modelroute_stale", "whsec_before_the_change_0123456789")
-        receiver.secret_cache.put("modelroute_unset", None)
+        receiver.secret_cache["modelroute_stale"] = (time.monotonic(), "whsec_before_the_change_0123456789")
+        receiver.secret_cache["modelroute_unset"] = (time.monotonic(), "")
 
         answers = {}
         for conn_id in receivers:
@@ -153,7 +155,7 @@ def test_the_test_command_reports_the_receivers_answer_and_what_to_do(
     expected = {
         "modelroute_stale": "holds another webhook_secret",
         "modelroute_unset": "does not see a webhook_secret",
-        "modelroute_elsewhere": "answered 404, not as the receiver",
+        "modelroute_elsewhere": "answered 404: not as the receiver",
         "modelroute_closed": "Could not reach the receiver",
     }
     for conn_id, text in expected.items():

@@ -93,24 +93,20 @@ def test_stale_or_future_timestamp_is_rejected_even_with_a_valid_signature(skew:
 @pytest.mark.parametrize(
     "body", [overview_body(), executions_page_body()], ids=["overview", "executions-page"]
 )
-def test_both_documented_shapes_parse_into_the_same_record(body: bytes) -> None:
-    event = receiver.parse_event(body)
-    assert event.event_type == "execution.completed"
-    assert event.execution_id == EXECUTION["id"]
-    assert event.is_terminal
-    done = event.done_event()
+def test_both_documented_shapes_parse_into_the_triggers_done_event(body: bytes) -> None:
+    done = receiver.parse_event(body)
     assert done["status"] == "done" and done["execution_id"] == EXECUTION["id"]
     assert done["execution"]["status"] == "COMPLETED"
     assert [f["file_id"] for f in done["execution"]["files"]] == ["file_abc"]
-    assert done["webhook_event_id"] == event.event_id
+    assert done["webhook_event_id"] == json.loads(body)["id"]
 
 
 def test_terminal_event_without_status_takes_it_from_the_event_type() -> None:
     bare = {"id": EXECUTION["id"]}
     event = receiver.parse_event(executions_page_body(bare, "execution.failed"))
-    assert event.execution["status"] == "FAILED" and event.is_terminal
+    assert event["execution"]["status"] == "FAILED"
     started = receiver.parse_event(overview_body({**bare, "status": "PROCESSING"}, "execution.started"))
-    assert not started.is_terminal
+    assert started["execution"]["status"] == "PROCESSING"
 
 
 @pytest.mark.parametrize(
@@ -125,21 +121,8 @@ def test_terminal_event_without_status_takes_it_from_the_event_type() -> None:
     ],
 )
 def test_malformed_events_are_refused(document: Any) -> None:
-    with pytest.raises(receiver.MalformedEvent):
+    with pytest.raises(ValueError):
         receiver.parse_event(json.dumps(document).encode())
-
-
-def test_duplicate_event_ids_are_recognised_until_they_expire() -> None:
-    seen = receiver.ExpiringCache(max_entries=2, ttl=3600)
-    assert not seen.get("evt_1")
-    seen.put("evt_1")
-    assert seen.get("evt_1")
-    seen.put("evt_2")
-    seen.put("evt_3")  # over max_entries: the oldest goes
-    assert not seen.get("evt_1") and seen.get("evt_2") and seen.get("evt_3")
-    expired = receiver.ExpiringCache(max_entries=2, ttl=0)
-    expired.put("evt_1")
-    assert not expired.get("evt_1")
 
 
 # -- routes and tokens ------------------------------------------------------------------------------
@@ -155,12 +138,6 @@ def test_route_roundtrips_and_its_token_binds_it_to_the_secret() -> None:
     other = mode.TaskRoute("dag", "manual__2026-01-01T00:00:00+00:00", "generate", 4).encode()
     assert not mode.token_matches(SECRET, other, token)
     assert not mode.token_matches(SECRET, encoded, None)
-
-
-@pytest.mark.parametrize("text", ["", "!!!", "bm90IGpzb24", "WzEsMiwzLDRd", "WyJhIiwiYiIsImMiLCJkIl0"])
-def test_routes_this_provider_did_not_write_are_refused(text: str) -> None:
-    with pytest.raises(mode.MalformedRoute):
-        mode.TaskRoute.decode(text)
 
 
 def test_execution_webhook_url_names_the_receiver_route_and_token() -> None:

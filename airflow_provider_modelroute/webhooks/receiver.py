@@ -1,40 +1,26 @@
-"""The webhook receiver: an Airflow 3.1+ api-server plugin app at ``/modelroute`` that resumes waits.
+"""The webhook receiver: an api-server plugin app (Airflow 3.1+) at ``/modelroute`` that resumes waits.
 
-Airflow authenticates no plugin app, so the signature is the only gate: the body is capped, then
-``X-Signature`` is checked over the raw bytes, then a per-execution route's token. A verified final
-event resumes its deferred task as Airflow 3.3's human-in-the-loop endpoint does (the task instance
-row locked, the trigger's "done" event submitted only if it is still DEFERRED on our trigger); a task
-that has not deferred yet gets the event as an XCom that its trigger reads first. Repeats and several
-api-server replicas resolve in the database. Deliveries that concern no waiting task get a quick 2xx
-(ModelRoute deactivates an endpoint after 10 failures in a row). Secrets and signatures are never
-logged. Plugins load in every Airflow process: Starlette and the DB models are imported on use.
-
-READINGS of the body (both must work): ``{"id", "event_type", "timestamp", "version",
-"organization_id", "execution_id", "data": {execution}}`` and ``{"id", "type", "timestamp", "data"}``.
+Airflow authenticates no plugin app, so the signature is the only gate (the body capped, then
+``X-Signature`` over the raw bytes, then a route's token). Secrets and signatures are never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import functools
 import json
 import logging
-import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowPlugin
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute.get_provider_info import CONN_TYPE
-from airflow_provider_modelroute.version_compat import (
-    AIRFLOW_V_3_1_PLUS,
-    AirflowNotFoundException,
-    TriggerEvent,
-)
+from airflow_provider_modelroute.get_provider_info import CONN_TYPE, extra_value
+from airflow_provider_modelroute.version_compat import AIRFLOW_V_3_1_PLUS, TriggerEvent
 from airflow_provider_modelroute.webhooks import mode
 
 if TYPE_CHECKING:
@@ -48,112 +34,62 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 256 * 1024
 #: How long a connection's webhook secret is cached (a rotated secret is picked up after this).
 SECRET_CACHE_SECONDS = 30.0
-#: A task deferred less than this long ago is resumed only once this much time has passed since its
-#: deferral: Airflow 3.3.2's scheduler can fail a task resumed before it has processed the executor's
-#: report on the deferring process (apache/airflow#72716, "task-state-changed-externally").
+#: A task is resumed no sooner than this after it deferred: Airflow 3.3.2's scheduler can fail a task
+#: resumed before it processed the deferring process's exit (apache/airflow#72716).
 RESUME_GRACE = 5.0
-RESUMED = "resumed"
-RECORDED = "recorded for the task's trigger"
-#: Final events; one implies its status when the execution document leaves it out.
-_FINAL_EVENTS = ("execution.completed", "execution.failed", "execution.cancelled")
-_TRIGGER_MODULE = "airflow_provider_modelroute."  # only this provider's triggers are resumed
-_DB_ATTEMPTS = 4
+RESUMED, RECORDED = "resumed", "recorded for the task's trigger"
+NO_WAITING_TASK = "ignored: no task waits for this execution"
 
 
-# -- events --------------------------------------------------------------------------------------------
+def parse_event(body: bytes) -> dict[str, Any]:
+    """The trigger's "done" event for a delivery in either documented shape: ``{"id", "event_type",
+    "execution_id", "data", ...}`` or ``{"id", "type", "data", ...}``, ``data`` the execution."""
+    document = json.loads(body)  # ValueError: not JSON
+    if not isinstance(document, dict) or not isinstance(document.get("data"), dict):
+        raise ValueError("the body is not an event whose 'data' is an execution")
+    event_id, event_type = document.get("id"), document.get("event_type", document.get("type"))
+    if not (isinstance(event_id, str) and event_id and isinstance(event_type, str) and event_type):
+        raise ValueError("the event has no 'id', or no 'event_type' (or 'type')")
+    execution = document["data"]
+    execution_id = str(document.get("execution_id") or execution.get("id"))
+    if not execution_id.startswith("exec_") or execution.get("id") not in (None, execution_id):
+        raise ValueError("the event names no execution, or two ('execution_id' and 'data.id')")
+    # A final event implies its status where the execution document leaves it out.
+    execution = {"status": event_type.removeprefix("execution.").upper(), **execution, "id": execution_id}
+    summary = api.execution_summary(execution)
+    return dict(status="done", execution_id=execution_id, execution=summary, webhook_event_id=event_id)
 
 
-class MalformedEvent(ValueError):
-    """The body is not a webhook event in either documented shape."""
+#: Event ids resumed or recorded lately, oldest first: the cheap first line of deduplication (only the
+#: event loop touches it); the database is the real one (a repeat finds the task no longer deferred).
+seen_events: OrderedDict[str, None] = OrderedDict()
+#: Webhook secrets by connection id, with when they were read ("": the connection names none).
+secret_cache: dict[str, tuple[float, str]] = {}
 
 
-@dataclass(frozen=True)
-class WebhookEvent:
-    """One delivery: its event id (the deduplication key), type, execution id and execution document."""
+def webhook_secret(conn_id: str) -> str | None:
+    """The connection's webhook secret (read again after ``SECRET_CACHE_SECONDS``), or None."""
+    read_at, secret = secret_cache.get(conn_id, (float("-inf"), ""))
+    if time.monotonic() - read_at >= SECRET_CACHE_SECONDS:
+        try:  # the Task SDK's reading (in the api-server, the metadata DB too), else the server's own
+            from airflow.models.connection import Connection as ConnectionModel
+            from airflow.providers.common.compat.sdk import Connection
 
-    event_id: str
-    event_type: str
-    execution_id: str
-    execution: dict[str, Any]
-
-    @property
-    def is_terminal(self) -> bool:
-        return api.is_terminal(str(self.execution.get("status")))
-
-    def done_event(self) -> dict[str, Any]:
-        """The trigger's "done" event for this execution, so ``execute_complete`` needs no API call."""
-        return {
-            "status": "done",
-            "execution_id": self.execution_id,
-            "execution": api.execution_summary(self.execution),
-            "webhook_event_id": self.event_id,
-        }
-
-
-def parse_event(body: bytes) -> WebhookEvent:
-    """Parse a delivery body (either documented shape) into a :class:`WebhookEvent`."""
-    try:
-        document = json.loads(body)
-    except ValueError:
-        raise MalformedEvent("the body is not JSON") from None
-    if not isinstance(document, dict):
-        raise MalformedEvent("the body is not a JSON object")
-    event_id = document.get("id")
-    event_type = document.get("event_type", document.get("type"))
-    if not isinstance(event_id, str) or not event_id:
-        raise MalformedEvent("the event has no 'id'")
-    if not isinstance(event_type, str) or not event_type:
-        raise MalformedEvent("the event has no 'event_type' (or 'type')")
-    data = document.get("data")
-    execution = data.get("execution", data) if isinstance(data, dict) else None
-    if not isinstance(execution, dict):
-        raise MalformedEvent("the event's 'data' is not an execution object")
-    execution_id = document.get("execution_id") or execution.get("id") or execution.get("execution_id")
-    if not isinstance(execution_id, str) or not execution_id.startswith("exec_"):
-        raise MalformedEvent("the event names no execution ('execution_id' or 'data.id')")
-    if execution.get("id") not in (None, execution_id):
-        raise MalformedEvent("the event's 'execution_id' and 'data.id' disagree")
-    execution = {**execution, "id": execution_id}
-    if "status" not in execution and event_type in _FINAL_EVENTS:
-        execution["status"] = event_type.removeprefix("execution.").upper()
-    return WebhookEvent(event_id, event_type, execution_id, execution)
+            try:
+                conn = Connection.get(conn_id)
+            except Exception:
+                conn = ConnectionModel.get_connection_from_secrets(conn_id)
+            found = extra_value(conn.extra_dejson, mode.SECRET_EXTRA) if conn.conn_type == CONN_TYPE else None
+        except Exception:  # not found, or a secrets backend that is down
+            found = None
+        if len(secret_cache) > 256:  # made-up connection ids cannot grow it
+            secret_cache.clear()
+        secret = str(found or "")
+        secret_cache[conn_id] = (time.monotonic(), secret)
+    return secret or None
 
 
-class ExpiringCache:
-    """A bounded map whose entries expire ``ttl`` seconds after they were put (thread-safe)."""
-
-    def __init__(self, max_entries: int, ttl: float) -> None:
-        self.max_entries, self.ttl = max_entries, ttl
-        self._items: OrderedDict[str, tuple[float, Any]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str, default: Any = None) -> Any:
-        with self._lock:
-            found = self._items.get(key)
-        return default if found is None or time.monotonic() - found[0] >= self.ttl else found[1]
-
-    def put(self, key: str, value: Any = True) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._items[key] = (now, value)
-            self._items.move_to_end(key)
-            while self._items and (
-                len(self._items) > self.max_entries or now - next(iter(self._items.values()))[0] >= self.ttl
-            ):
-                self._items.popitem(last=False)
-
-
-#: Event ids resumed or recorded lately: the cheap first line of deduplication. The database is the
-#: real one (a second delivery finds the task no longer deferred). Deliveries expire after 24 h.
-seen_events = ExpiringCache(100_000, 24 * 3600.0)
-#: Webhook secrets by connection id (None: the connection names none); made-up ids cannot grow it.
-secret_cache = ExpiringCache(256, SECRET_CACHE_SECONDS)
-_UNKNOWN = object()
-
-
-# -- the app -------------------------------------------------------------------------------------------
-
-
+@functools.cache
 def create_app() -> Starlette:
     """The receiver's ASGI app: ``POST /webhooks/{conn_id}``, mounted at ``/modelroute``."""
     from starlette.applications import Starlette
@@ -162,220 +98,137 @@ def create_app() -> Starlette:
     return Starlette(routes=[Route(mode.WEBHOOK_PATH, receive, methods=["POST"])])
 
 
-def _answer(status: int, outcome: str) -> JSONResponse:
+async def _lazy_app(scope: Any, receive_: Any, send: Any) -> None:
+    """The receiver, built on its first request: plugins load in every Airflow process."""
+    await create_app()(scope, receive_, send)
+
+
+def _answer(status: int, outcome: str, conn_id: str | None = None) -> JSONResponse:
+    """The receiver's answer; a refusal (``conn_id`` given) is logged with its reason."""
     from starlette.responses import JSONResponse
 
+    if conn_id is not None:
+        log.warning("ModelRoute webhook for connection %r refused: %s", conn_id, outcome)
+        outcome = f"refused: {outcome}"
     return JSONResponse({"outcome": outcome}, status_code=status)
-
-
-def _refuse(status: int, conn_id: str, reason: str) -> JSONResponse:
-    log.warning("ModelRoute webhook for connection %r refused: %s", conn_id, reason)
-    return _answer(status, f"refused: {reason}")
-
-
-def webhook_secret(conn_id: str) -> str | None:
-    """The connection's webhook secret (cached briefly), or None if it names none."""
-    cached = secret_cache.get(conn_id, _UNKNOWN)
-    if cached is not _UNKNOWN:
-        return cached
-    try:
-        conn = _server_connection(conn_id)
-    except Exception:  # AirflowNotFoundException, or a secrets backend that is down
-        secret = None
-    else:
-        found = (
-            mode.extra_value(conn.extra_dejson, mode.SECRET_EXTRA) if conn.conn_type == CONN_TYPE else None
-        )
-        secret = str(found) if found else None
-    secret_cache.put(conn_id, secret)
-    return secret
-
-
-async def _read_capped(request: Request) -> bytes | None:
-    """The raw body, or None once it is larger than ``MAX_BODY_BYTES`` (read no further)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def receive(request: Request) -> JSONResponse:
     """Verify one delivery, then resume (or record the event for) the task that waits for it."""
     from starlette.concurrency import run_in_threadpool
 
-    conn_id, headers, query = str(request.path_params["conn_id"]), request.headers, request.query_params
-    body = await _read_capped(request)
-    if body is None:
-        return _refuse(413, conn_id, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    conn_id, query = str(request.path_params["conn_id"]), request.query_params
+    body = b""
+    async for chunk in request.stream():  # read no further than the cap
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            return _answer(413, f"the body is larger than {MAX_BODY_BYTES} bytes", conn_id)
     secret = await run_in_threadpool(webhook_secret, conn_id)
     if secret is None:
-        return _refuse(404, conn_id, f"no ModelRoute connection {conn_id!r} with a {mode.SECRET_EXTRA}")
+        return _answer(404, f"no ModelRoute connection {conn_id!r} with a {mode.SECRET_EXTRA}", conn_id)
     try:
+        headers = request.headers
         mode.verify(secret, headers.get(mode.SIGNATURE_HEADER), headers.get(mode.TIMESTAMP_HEADER), body)
     except mode.SignatureRejected as exc:
-        return _refuse(401, conn_id, str(exc))
-    route = None
-    if "route" in query:
-        try:
-            route = mode.TaskRoute.decode(query["route"])
-        except mode.MalformedRoute:
-            route = None
-        if route is None or not mode.token_matches(secret, query["route"], query.get("token")):
-            return _refuse(403, conn_id, "the route's token does not match")
+        return _answer(401, str(exc), conn_id)
+    if "route" in query and not mode.token_matches(secret, query["route"], query.get("token")):
+        return _answer(403, "the route's token does not match", conn_id)
     try:
         event = parse_event(body)
-    except MalformedEvent as exc:  # signed by ModelRoute, but in no shape we know: do not make it retry
+    except ValueError as exc:  # signed by ModelRoute, but in no shape we know: do not make it retry
         log.info("ModelRoute webhook for connection %r verified; not an execution event: %s", conn_id, exc)
         return _answer(200, "ignored: not an execution event")
-    if seen_events.get(event.event_id):
+    event_id, status = event["webhook_event_id"], event["execution"]["status"]
+    if event_id in seen_events:
         return _answer(200, "duplicate")
-    if not event.is_terminal:
-        return _answer(200, f"ignored: {event.event_type} is not a final state")
+    if not api.is_terminal(status):
+        return _answer(200, f"ignored: {status} is not a final state")
+    route = mode.TaskRoute.decode(query["route"]) if "route" in query else None
     try:
         outcome = await run_in_threadpool(apply_event, event, route)
         if not isinstance(outcome, str):  # deferred just now: resume a little later (see RESUME_GRACE)
             await asyncio.sleep(min(outcome, RESUME_GRACE))
             outcome = str(await run_in_threadpool(apply_event, event, route, 0.0))
     except Exception:
-        log.exception("Could not apply ModelRoute webhook %s; ModelRoute delivers it again", event.event_id)
+        log.exception("Could not apply ModelRoute webhook %s; ModelRoute delivers it again", event_id)
         return _answer(503, "the database is busy; deliver again later")
-    if outcome in (RESUMED, RECORDED):  # not "ignored": the same event may come by a routable URL
-        seen_events.put(event.event_id)
-    log.info(
-        "ModelRoute webhook %s (%s, %s): %s", event.event_id, event.event_type, event.execution_id, outcome
-    )
+    if outcome != NO_WAITING_TASK:  # an unroutable copy must not shadow the routable one
+        seen_events[event_id] = None
+        if len(seen_events) > 100_000:  # deliveries expire after 24 h: the oldest ids go first
+            seen_events.popitem(last=False)
+    log.info("ModelRoute webhook %s (%s, %s): %s", event_id, event["execution_id"], status, outcome)
     return _answer(200, outcome)
 
 
-# -- the metadata DB (the api-server's own session) -----------------------------------------------------
-
-
 def apply_event(
-    event: WebhookEvent, route: mode.TaskRoute | None, grace: float = RESUME_GRACE
+    event: dict[str, Any], route: mode.TaskRoute | None, grace: float = RESUME_GRACE
 ) -> str | float:
-    """Resume the waiting task, or record the event for its trigger, in one transaction (retried).
+    """Resume the waiting task, or record the event for its trigger, in one transaction (retried as
+    Airflow retries its own); or return the seconds to wait if the task deferred under ``grace`` ago."""
+    from airflow.utils.retries import run_with_db_retries
 
-    Returns what was done, or the seconds to wait before resuming a task that deferred less than
-    ``grace`` seconds ago.
-    """
-    from airflow.utils.session import create_session
-    from sqlalchemy.exc import OperationalError
-
-    for attempt in range(_DB_ATTEMPTS):
-        try:
-            with create_session() as session:
-                return _apply(session, event, route, grace)
-        except OperationalError:  # e.g. SQLite's "database is locked"
-            if attempt == _DB_ATTEMPTS - 1:
-                raise
-            time.sleep(0.1 * 2**attempt)
-    raise AssertionError("unreachable")
+    return run_with_db_retries()(_apply, event, route, grace)
 
 
-def _apply(session: Any, event: WebhookEvent, route: mode.TaskRoute | None, grace: float) -> str | float:
+def _apply(event: dict[str, Any], route: mode.TaskRoute | None, grace: float) -> str | float:
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.trigger import Trigger, handle_event_submit
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
     from airflow.utils.state import TaskInstanceState
     from sqlalchemy import select
 
-    route = route or _find_waiting(session, event.execution_id)
-    if route is None:
-        return "ignored: no task waits for this execution"
-    locked = select(TaskInstance).filter_by(**dataclasses.asdict(route)).with_for_update(of=TaskInstance)
-    ti = session.scalars(locked).one_or_none()
-    if ti is None:
-        return "ignored: no such task instance"
-    if ti.state == TaskInstanceState.DEFERRED:
-        trigger = session.get(Trigger, ti.trigger_id) if ti.trigger_id is not None else None
+    with create_session() as session:
+        if route is None:  # an organisation-wide delivery: the task's marker XCom names it
+            marker = select(XComModel.dag_id, XComModel.run_id, XComModel.task_id, XComModel.map_index)
+            row = session.execute(
+                marker.where(XComModel.key == mode.waiting_xcom_key(event["execution_id"]))
+            ).first()
+            route = mode.TaskRoute(*row) if row is not None else None
+        ti = trigger = None
+        if route is not None:
+            locked = select(TaskInstance).filter_by(**asdict(route)).with_for_update(of=TaskInstance)
+            ti = session.scalars(locked).one_or_none()
+        if ti is not None and ti.trigger_id is not None:
+            trigger = session.get(Trigger, ti.trigger_id)
         if (
-            trigger is None
-            or not str(trigger.classpath).startswith(_TRIGGER_MODULE)
-            or trigger.kwargs.get("execution_id") != event.execution_id
+            ti is not None
+            and ti.state == TaskInstanceState.DEFERRED
+            and trigger is not None
+            and str(trigger.classpath).startswith("airflow_provider_modelroute.")
+            and trigger.kwargs.get("execution_id") == event["execution_id"]
         ):
-            return "ignored: the task waits for something else"
-        deferred_for = (datetime.now(timezone.utc) - trigger.created_date).total_seconds()
-        if grace > 0 and deferred_for < grace:
-            return grace - deferred_for
-        payload = {**event.done_event(), "try_number": ti.try_number}
-        _store_xcom(session, payload, route)
-        handle_event_submit(TriggerEvent(payload), task_instance=ti, session=session)
-        log.info("Resumed %s: ModelRoute webhook %s says its execution ended", route, event.event_id)
-        return RESUMED
-    if ti.state == TaskInstanceState.RUNNING and not ti.next_method:
-        _store_xcom(session, event.done_event(), route)  # the early-event race: its trigger reads this
-        return RECORDED
-    return "ignored: the task is not waiting"
+            deferred_for = (datetime.now(timezone.utc) - trigger.created_date).total_seconds()
+            if grace > 0 and deferred_for < grace:
+                return grace - deferred_for
+            payload = {**event, "try_number": ti.try_number}
+            _store_event(session, payload, ti)
+            handle_event_submit(TriggerEvent(payload), task_instance=ti, session=session)
+            log.info(
+                "Resumed %s: ModelRoute webhook %s says its execution ended", route, event["webhook_event_id"]
+            )
+            return RESUMED
+        if ti is not None and ti.state == TaskInstanceState.RUNNING and not ti.next_method:
+            _store_event(session, event, ti)  # not deferred yet: its trigger reads this
+            return RECORDED
+        # The delivery is verified, but no task waits for this execution.
+        return NO_WAITING_TASK
 
 
-def _find_waiting(session: Any, execution_id: str) -> mode.TaskRoute | None:
-    """The task that waits for an execution, by the marker XCom it pushed (one indexed lookup)."""
-    from airflow.models.xcom import XComModel
-    from sqlalchemy import select
-
-    row = session.execute(
-        select(XComModel.dag_id, XComModel.run_id, XComModel.task_id, XComModel.map_index)
-        .where(XComModel.key == mode.waiting_xcom_key(execution_id))
-        .limit(1)
-    ).first()
-    return mode.TaskRoute(row.dag_id, row.run_id, row.task_id, row.map_index) if row is not None else None
-
-
-def _store_xcom(session: Any, value: Any, route: mode.TaskRoute) -> None:
-    """Store the task's event XCom from the api-server as the execution API stores a worker's: in the
-    XCom backend's serialized form, so that ``XCom.get_one`` in the trigger reads back ``value``."""
-    import inspect
-
+def _store_event(session: Any, value: Any, ti: Any) -> None:
+    """Store the task's event XCom as the execution API stores a worker's: serialized by the XCom backend
+    (so that the trigger's ``XCom.get_one`` reads back ``value``), replacing the row there was."""
     from airflow.models.dagrun import DagRun
     from airflow.models.xcom import XComModel
     from airflow.providers.common.compat.sdk import XCom
     from sqlalchemy import delete, select
 
-    ids = dataclasses.asdict(route)
-    stored = XCom.serialize_value(value, key=mode.EVENT_XCOM_KEY, **ids)
-    if "serialize" in inspect.signature(XComModel.set).parameters:  # Airflow 3.2+
-        XComModel.set(key=mode.EVENT_XCOM_KEY, value=stored, serialize=False, session=session, **ids)
-        return
-    # Airflow 3.1's XComModel.set would serialize again: do what its execution API's set_xcom does
-    model: Any = XComModel
-    session.execute(delete(model).filter_by(key=mode.EVENT_XCOM_KEY, **ids))
-    dag_run_id = session.scalar(select(DagRun.id).filter_by(dag_id=route.dag_id, run_id=route.run_id))
-    session.add(model(dag_run_id=dag_run_id, key=mode.EVENT_XCOM_KEY, value=stored, **ids))
+    ids = {"key": mode.EVENT_XCOM_KEY, **asdict(mode.TaskRoute.of(ti))}
+    stored = XCom.serialize_value(value, **ids)
+    dag_run_id = session.scalar(select(DagRun.id).filter_by(dag_id=ti.dag_id, run_id=ti.run_id))
+    session.execute(delete(XComModel).filter_by(**ids))
+    session.add(XComModel(dag_run_id=dag_run_id, value=stored, **ids))
     session.flush()
-
-
-def _server_connection(conn_id: str) -> Any:
-    """A connection as Airflow's server processes see it (metadata DB, environment, secrets backends)."""
-    import contextlib
-
-    from airflow.providers.common.compat.sdk import Connection
-
-    if hasattr(Connection, "get"):  # the Task SDK's: in the api-server it reads the metadata DB too
-        with contextlib.suppress(AirflowNotFoundException):
-            return Connection.get(conn_id)
-    from airflow.models.connection import Connection as ConnectionModel
-
-    return ConnectionModel.get_connection_from_secrets(conn_id)
-
-
-# -- the plugin ----------------------------------------------------------------------------------------
-
-
-class LazyReceiver:
-    """An ASGI app that builds the receiver on its first request."""
-
-    def __init__(self) -> None:
-        self._app: Any = None
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if self._app is None:
-            self._app = create_app()
-        await self._app(scope, receive, send)
 
 
 class ModelRouteWebhooksPlugin(AirflowPlugin):
@@ -383,7 +236,7 @@ class ModelRouteWebhooksPlugin(AirflowPlugin):
 
     name = "modelroute_webhooks"
     fastapi_apps = (
-        [{"app": LazyReceiver(), "url_prefix": mode.URL_PREFIX, "name": "ModelRoute webhook receiver"}]
+        [{"app": _lazy_app, "url_prefix": mode.URL_PREFIX, "name": "ModelRoute webhook receiver"}]
         if AIRFLOW_V_3_1_PLUS
         else []
     )
