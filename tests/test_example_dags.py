@@ -37,6 +37,7 @@ def test_examples_import_without_errors(dagbag: Any) -> None:
         "example_modelroute_generate_and_store",
         "example_modelroute_batch",
         "example_modelroute_image_to_image",
+        "example_modelroute_taskflow",
     }
 
 
@@ -107,3 +108,18 @@ def test_image_to_image(server: ModelRouteServer, dialect: Dialect, dagbag: Any,
     assert execution["input"]["image"] == file_id
     assert_matches_server(server, xcom(dr, "store"), out)
     assert server.stats()["executions_created"] == 1
+
+
+def test_taskflow_mapping(server: ModelRouteServer, dialect: Dialect, dagbag: Any, tmp_path: Path) -> None:
+    dag = dagbag.get_dag("example_modelroute_taskflow")
+    prompts = ["one", "two", "three"]
+    dr = run_dag(dag, run_conf={"prompts": prompts, "destination": f"{tmp_path.as_uri()}/"})
+    assert dr.state == "success"
+    states = [(ti.task_id, ti.map_index, str(ti.state)) for ti in dr.get_task_instances()]
+    assert sorted(s for s in states if s[0] != "prompts") == [
+        (task, index, "success") for task in ("generate", "store") for index in range(3)
+    ]
+    assert server.stats()["executions_created"] == 3
+    assert sorted(server.execution(e)["input"]["prompt"] for e in server.execution_ids()) == sorted(prompts)
+    stored = [item for index in range(3) for item in xcom(dr, "store", map_index=index)]
+    assert_matches_server(server, sorted(stored, key=lambda item: Path(item["uri"]).name), tmp_path)
