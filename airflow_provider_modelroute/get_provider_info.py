@@ -172,7 +172,9 @@ def get_provider_info() -> dict[str, Any]:
                 "python-module": f"{_PKG}.transfers.modelroute",
             },
         ],
-        "task-decorators": [{"name": "modelroute", "class-name": f"{_PKG}.decorators.modelroute.modelroute_task"}],
+        "task-decorators": [
+            {"name": "modelroute", "class-name": f"{_PKG}.decorators.modelroute.modelroute_task"}
+        ],
         "extra-links": [f"{_PKG}.operators.modelroute.ModelRouteExecutionLink"],
         "connection-types": [
             {

@@ -3,6 +3,7 @@ re-attached on retry, and refusing a return value it cannot submit."""
 
 from __future__ import annotations
 
+import importlib
 from datetime import timedelta
 from typing import Any
 
@@ -19,11 +20,7 @@ pytestmark = pytest.mark.usefixtures("airflow_db")
 
 def airflow_task() -> Any:
     """Airflow's ``task`` decorator collection, where DAG authors import it from."""
-    if AIRFLOW_V_3_0_PLUS:
-        from airflow.sdk import task
-    else:
-        from airflow.decorators import task
-    return task
+    return importlib.import_module("airflow.sdk" if AIRFLOW_V_3_0_PLUS else "airflow.decorators").task
 
 
 def test_airflow_finds_the_decorator() -> None:
@@ -88,7 +85,8 @@ def test_the_function_may_return_model_and_options(
 
         @task.modelroute(poll_interval=0.05, deferrable=False)
         def generate() -> dict:
-            return {"model": "test-image", "input": {"prompt": "p", "model": "v2"}, "metadata": {"team": "art"}}
+            request = {"model": "test-image", "input": {"prompt": "p", "model": "v2"}}
+            return {**request, "metadata": {"team": "art"}}
 
         generate()
 
@@ -129,7 +127,7 @@ def test_a_retried_mapped_item_reattaches(server: ModelRouteServer, request: pyt
         ("test-image", "a red fox", "returned str, not a dict"),
         ("test-image", {"model": "test-image", "prompt": "p"}, "without an 'input' dict"),
         ("test-image", {"input": {"prompt": "p"}, "seed": 1}, "unknown fields ['seed'] beside 'input'"),
-        (None, {"prompt": "p"}, "model must be a non-empty model slug, e.g. model='flux-1.1-pro'"),
+        ("", {"prompt": "p"}, "model must be a non-empty model slug, e.g. model='flux-1.1-pro'"),
     ],
     ids=["not-a-dict", "no-input", "unknown-field", "no-model"],
 )
@@ -137,7 +135,7 @@ def test_a_request_it_cannot_submit_fails_at_once(
     server: ModelRouteServer,
     request: pytest.FixtureRequest,
     capsys: pytest.CaptureFixture[str],
-    model: str | None,
+    model: str,
     returned: Any,
     says: str,
 ) -> None:

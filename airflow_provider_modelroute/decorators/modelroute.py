@@ -42,7 +42,7 @@ def request_from(returned: Any, function: str) -> dict[str, Any]:
     )
 
 
-class _ModelRouteDecoratedOperator(DecoratedOperator, ModelRouteExecuteOperator):
+class _ModelRouteDecoratedOperator(DecoratedOperator, ModelRouteExecuteOperator):  # type: ignore[misc,valid-type]
     """Runs the execution its function returns (see the module's docstring)."""
 
     template_fields: Sequence[str] = (
@@ -56,11 +56,11 @@ class _ModelRouteDecoratedOperator(DecoratedOperator, ModelRouteExecuteOperator)
     custom_operator_name = "@task.modelroute"
     overwrite_rtif_after_execution = True  # the rendered view shows the request the function returned
 
-    def __init__(self, *, model: str | None = None, deferrable: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *, model: str = "", deferrable: bool = True, **kwargs: Any) -> None:
         super().__init__(model=model, input={}, deferrable=deferrable, **kwargs)
 
     def execute(self, context: Context) -> Any:
-        context.update(self.op_kwargs)  # type: ignore[typeddict-item]  # as Airflow's own decorators do
+        context.update(self.op_kwargs)  # as Airflow's own decorators do
         kwargs = determine_kwargs(self.python_callable, self.op_args, context)
         returned = self.python_callable(*self.op_args, **kwargs)
         for name, value in request_from(returned, self.python_callable.__name__).items():
