@@ -54,7 +54,6 @@ class _ModelRouteDecoratedOperator(DecoratedOperator, ModelRouteExecuteOperator)
         **ModelRouteExecuteOperator.template_fields_renderers,
     }
     custom_operator_name = "@task.modelroute"
-    overwrite_rtif_after_execution = True  # the rendered view shows the request the function returned
 
     def __init__(self, *, model: str = "", deferrable: bool = True, **kwargs: Any) -> None:
         super().__init__(model=model, input={}, deferrable=deferrable, **kwargs)
@@ -65,7 +64,8 @@ class _ModelRouteDecoratedOperator(DecoratedOperator, ModelRouteExecuteOperator)
         returned = self.python_callable(*self.op_args, **kwargs)
         for name, value in request_from(returned, self.python_callable.__name__).items():
             setattr(self, name, value)
-        return super().execute(context)
+        # not through DecoratedOperator.execute: it adds nothing to this result, and fails on Airflow 3.0
+        return ModelRouteExecuteOperator.execute(self, context)
 
 
 def modelroute_task(python_callable: Callable[..., Any] | None = None, **kwargs: Any) -> Any:
