@@ -10,12 +10,12 @@ from __future__ import annotations
 from datetime import datetime
 
 # Airflow 2.11 and 3.x alike (the common-compat provider comes with this one)
-from airflow.providers.common.compat.sdk import DAG, Param, task
+from airflow.providers.common.compat.sdk import Param, dag, task
 
 from airflow_provider_modelroute.transfers.modelroute import ModelRouteToStorageOperator
 
-with DAG(
-    dag_id="example_modelroute_taskflow",
+
+@dag(
     schedule=None,
     start_date=datetime(2026, 1, 1),
     catchup=False,
@@ -24,8 +24,8 @@ with DAG(
         "destination": Param("file:///tmp/modelroute/taskflow/", type="string"),
     },
     tags=["example", "modelroute"],
-) as dag:
-
+)
+def example_modelroute_taskflow() -> None:
     @task
     def prompts(**context) -> list[str]:
         return context["params"]["prompts"]
@@ -39,3 +39,6 @@ with DAG(
     ModelRouteToStorageOperator.partial(task_id="store", destination="{{ params.destination }}").expand(
         execution_id=images.map(lambda execution: execution["id"])
     )
+
+
+example_modelroute_taskflow()
