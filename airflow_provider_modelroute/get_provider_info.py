@@ -108,6 +108,9 @@ def get_provider_info() -> dict[str, Any]:
             {"source-integration-name": a, "target-integration-name": b, "python-module": transfers}
             for a, b in (("ModelRoute", "Common IO"), ("Common IO", "ModelRoute"))
         ],
+        "task-decorators": [
+            {"name": "modelroute", "class-name": f"{_PKG}.decorators.modelroute.modelroute_task"}
+        ],
         "extra-links": [f"{_PKG}.operators.modelroute.ModelRouteExecutionLink"],
         "connection-types": [
             {

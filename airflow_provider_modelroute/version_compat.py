@@ -77,6 +77,18 @@ def stats() -> Any:
     return Stats
 
 
+def taskflow() -> tuple[Any, Any, Any]:
+    """TaskFlow's ``DecoratedOperator``, ``task_decorator_factory``, ``determine_kwargs`` (3.x or 2.11),
+    imported on first use: they are not cheap, and only ``@task.modelroute`` needs them."""
+    from airflow.providers.common.compat.sdk import DecoratedOperator, task_decorator_factory
+
+    try:
+        from airflow.sdk.bases.decorator import determine_kwargs
+    except ImportError:  # Airflow 2.11
+        from airflow.utils.operator_helpers import determine_kwargs
+    return DecoratedOperator, task_decorator_factory, determine_kwargs
+
+
 def object_storage_path(url: str, conn_id: str | None = None) -> Any:
     """An ``ObjectStoragePath``, imported on first use."""
     from airflow.providers.common.compat.sdk import ObjectStoragePath

@@ -37,6 +37,7 @@ def test_examples_import_without_errors(dagbag: Any) -> None:
         "example_modelroute_generate_and_store",
         "example_modelroute_batch",
         "example_modelroute_image_to_image",
+        "example_modelroute_taskflow",
     }
 
 
@@ -70,6 +71,20 @@ def test_generate_and_store(server: ModelRouteServer, dialect: Dialect, dagbag: 
     assert server.stats()["executions_created"] == 1
 
 
+def run_mapped(server: ModelRouteServer, dag: Any, source_task: str, tmp_path: Path) -> Any:
+    """Run a DAG that generates and stores one image per prompt: each mapped item once, all succeed."""
+    prompts = ["one", "two", "three"]
+    dr = run_dag(dag, run_conf={"prompts": prompts, "destination": f"{tmp_path.as_uri()}/"})
+    assert dr.state == "success"
+    states = [(ti.task_id, ti.map_index, str(ti.state)) for ti in dr.get_task_instances()]
+    assert sorted(s for s in states if s[0] != source_task) == [
+        (task, index, "success") for task in ("generate", "store") for index in range(3)
+    ]
+    assert server.stats()["executions_created"] == 3
+    assert sorted(server.execution(e)["input"]["prompt"] for e in server.execution_ids()) == sorted(prompts)
+    return dr
+
+
 def test_batch_with_mapping_and_pool(
     server: ModelRouteServer, dialect: Dialect, dagbag: Any, tmp_path: Path
 ) -> None:
@@ -78,19 +93,9 @@ def test_batch_with_mapping_and_pool(
     Pool.create_or_update_pool(
         "modelroute_api", slots=2, description="ModelRoute API", include_deferred=False
     )
-    dag = dagbag.get_dag("example_modelroute_batch")
-    prompts = ["one", "two", "three"]
-    dr = run_dag(dag, run_conf={"prompts": prompts, "destination": f"{tmp_path.as_uri()}/"})
-    assert dr.state == "success"
-    states = [(ti.task_id, ti.map_index, str(ti.state)) for ti in dr.get_task_instances()]
-    assert sorted(s for s in states if s[0] != "inputs") == [
-        (task, index, "success") for task in ("generate", "store") for index in range(3)
-    ]
+    dr = run_mapped(server, dagbag.get_dag("example_modelroute_batch"), "inputs", tmp_path)
     assert all(ti.pool == "modelroute_api" for ti in dr.get_task_instances() if ti.task_id != "inputs")
     assert len(stored_files(tmp_path)) == 3
-    assert server.stats()["executions_created"] == 3
-    inputs = sorted(server.execution(e)["input"]["prompt"] for e in server.execution_ids())
-    assert inputs == sorted(prompts)
 
 
 def test_image_to_image(server: ModelRouteServer, dialect: Dialect, dagbag: Any, tmp_path: Path) -> None:
@@ -107,3 +112,9 @@ def test_image_to_image(server: ModelRouteServer, dialect: Dialect, dagbag: Any,
     assert execution["input"]["image"] == file_id
     assert_matches_server(server, xcom(dr, "store"), out)
     assert server.stats()["executions_created"] == 1
+
+
+def test_taskflow_mapping(server: ModelRouteServer, dialect: Dialect, dagbag: Any, tmp_path: Path) -> None:
+    dr = run_mapped(server, dagbag.get_dag("example_modelroute_taskflow"), "prompts", tmp_path)
+    stored = [item for index in range(3) for item in xcom(dr, "store", map_index=index)]
+    assert_matches_server(server, sorted(stored, key=lambda item: Path(item["uri"]).name), tmp_path)
