@@ -1,14 +1,14 @@
 """What every ModelRoute request shares: the connection's settings, TLS and proxies, the error model.
 
 The sync hook (requests), the async hook (aiohttp) and storage transfers all take these from one
-:class:`Transport`, so the paths cannot drift apart. TLS and proxies: ``hooks/storage.py``'s :func:`route`.
+:class:`Transport`, so the paths cannot drift apart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import functools
 import http
 import json
 import logging
@@ -18,6 +18,7 @@ import ssl
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
@@ -39,9 +40,13 @@ from airflow_provider_modelroute.hooks.rate_budget import (
 from airflow_provider_modelroute.version_compat import AirflowNotFoundException, mask_secret
 
 if TYPE_CHECKING:
+    import tenacity
+
     from airflow_provider_modelroute.version_compat import Connection
 
 USER_AGENT = f"airflow-provider-modelroute/{__version__}"
+CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
+_PROXY_VARIABLES = tuple(n for b in ("https_proxy", "http_proxy", "all_proxy") for n in (b, b.upper()))
 _log = logging.getLogger(__name__)
 #: The API's collections: how an id in each looks, and what to call it in an error.
 _IDS = {
@@ -59,20 +64,10 @@ def api_path(collection: str, ident: str, suffix: str = "") -> str:
     return f"/{collection}/{quote(ident)}{suffix}"
 
 
-def check_execution_request(model: Any, input: Any) -> None:
-    """Refuse a request the API would refuse for its shape alone: no model slug, or input not an object."""
-    if not isinstance(model, str) or not model.strip():
-        raise ModelRouteConfigError("model must be a non-empty model slug, e.g. model='flux-1.1-pro'")
-    if not isinstance(input, dict):
-        raise ModelRouteConfigError(
-            f"input must be a dict (the model's input object), got {type(input).__name__}"
-        )
-
-
 @contextlib.contextmanager
 def read_connection(conn_id: str) -> Iterator[None]:
-    """Around a connection lookup: "not found" says how to create it; any other failure surfaces as
-    itself, naming the connection (a retry may help, so it does not fail the task at once)."""
+    """Around a connection lookup: "not found" says how to create it; any other failure names the
+    connection (a retry may help, so it does not fail the task at once)."""
     try:
         yield
     except AirflowNotFoundException:
@@ -126,31 +121,15 @@ class _Extras:
 
     def path(self, name: str) -> str | None:
         """A file path extra; it must exist where the task or trigger runs."""
-        value = self.get(name)
-        if value is None:
+        if self.get(name) is None:
             return None
-        path = os.path.expanduser(str(value).strip())
+        path = os.path.expanduser(str(self.get(name)).strip())
         if not os.path.exists(path):
             raise ModelRouteConfigError(
                 f"Connection {self.conn_id!r}: extra {name!r} names {path!r}, which does not exist here: "
                 "install the file on every worker and triggerer, or fix the path"
             )
         return path
-
-
-def _base_url(conn: Connection) -> str:
-    """The connection's host as ``scheme://host[:port]`` (a trailing ``/v1`` is dropped)."""
-    if not conn.host:
-        return api.DEFAULT_BASE_URL
-    url = conn.host.strip().rstrip("/")
-    parts = urlsplit(url if "://" in url else f"https://{url}")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ModelRouteConfigError(
-            f"Connection {conn.conn_id!r}: host {conn.host!r} is not a base URL: use e.g. "
-            f"{api.DEFAULT_BASE_URL} (or leave it empty)"
-        )
-    netloc = parts.netloc if not conn.port or parts.port else f"{parts.netloc}:{conn.port}"
-    return f"{parts.scheme}://{netloc}{parts.path}".removesuffix(api.API_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -160,19 +139,13 @@ class ConnectionSettings:
     base_url: str
     api_key: str = field(repr=False)
     conn_id: str = "modelroute_default"
-    connect_timeout: float = 10.0
-    read_timeout: float = 30.0
+    timeouts: tuple[float, float] = (10.0, 30.0)  # (connect, read) in seconds
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     allow_insecure_storage_urls: bool = False
     dashboard_url: str = api.DEFAULT_DASHBOARD_URL
     ca_bundle: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
-
-    @property
-    def timeouts(self) -> tuple[float, float]:
-        """(connect, read) in seconds."""
-        return self.connect_timeout, self.read_timeout
 
     @classmethod
     def from_connection(cls, conn: Connection) -> ConnectionSettings:
@@ -192,13 +165,23 @@ class ConnectionSettings:
                 conn.conn_id,
                 warning,
             )
+        base_url = api.DEFAULT_BASE_URL
+        if conn.host:
+            url = conn.host.strip().rstrip("/")
+            parts = urlsplit(url if "://" in url else f"https://{url}")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ModelRouteConfigError(
+                    f"Connection {conn.conn_id!r}: host {conn.host!r} is not a base URL: use e.g. "
+                    f"{api.DEFAULT_BASE_URL} (or leave it empty)"
+                )
+            netloc = parts.netloc if not conn.port or parts.port else f"{parts.netloc}:{conn.port}"
+            base_url = f"{parts.scheme}://{netloc}{parts.path}".removesuffix(api.API_PREFIX)
         extras = _Extras(conn)
         settings = cls(
-            base_url=_base_url(conn),
+            base_url=base_url,
             api_key=api_key,
             conn_id=conn.conn_id,
-            connect_timeout=extras.number("connect_timeout", cls.connect_timeout, 0.001),
-            read_timeout=extras.number("timeout", cls.read_timeout, 0.001),
+            timeouts=(extras.number("connect_timeout", 10.0, 0.001), extras.number("timeout", 30.0, 0.001)),
             retry=RetryPolicy(
                 int(extras.number("max_retries", RetryPolicy.max_retries, 0)),
                 extras.number("retry_base_wait", RetryPolicy.base_wait, 0),
@@ -219,6 +202,91 @@ class ConnectionSettings:
         return settings
 
 
+_SETTINGS: dict[tuple[Any, ...], ConnectionSettings] = {}
+
+
+def connection_settings(conn: Connection) -> ConnectionSettings:
+    """A connection's settings, built once per connection as it stands (a changed connection is read anew)."""
+    key = (conn.conn_id, conn.host, conn.port, conn.password, conn.extra)
+    settings = _SETTINGS.get(key)
+    if settings is None:
+        if len(_SETTINGS) >= 64:  # the UI tests connections under random ids
+            _SETTINGS.clear()
+        settings = _SETTINGS[key] = ConnectionSettings.from_connection(conn)
+    mask_secret(settings.api_key)  # a new task process's masker must know the key too
+    return settings
+
+
+@dataclass(frozen=True)
+class Route:
+    """The CA bundle to trust, the client certificate to show, and the proxy to use for one URL."""
+
+    ca_bundle: str
+    client_cert: str | None = None
+    client_key: str | None = None
+    proxy: str | None = None
+
+    def requests_options(self) -> dict[str, Any]:
+        """``verify``/``cert``/``proxies`` for a requests call (whose ``trust_env`` is off)."""
+        cert = (self.client_cert, self.client_key) if self.client_key else self.client_cert
+        return {"verify": self.ca_bundle, "cert": cert, "proxies": {"http": self.proxy, "https": self.proxy}}
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context for aiohttp (cached: loading a CA bundle is slow)."""
+        try:
+            return _ssl_context(self.ca_bundle, self.client_cert, self.client_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ModelRouteConfigError(
+                f"Cannot load the TLS files (ca_bundle {self.ca_bundle!r}, client_cert {self.client_cert!r}, "
+                f"client_key {self.client_key!r}): {exc}. Fix the connection extras or the CA environment "
+                "variable"
+            ) from None
+
+
+@functools.lru_cache(maxsize=16)
+def _ssl_context(ca_bundle: str, client_cert: str | None, client_key: str | None) -> ssl.SSLContext:
+    directory = os.path.isdir(ca_bundle)
+    context = ssl.create_default_context(
+        cafile=None if directory else ca_bundle, capath=ca_bundle if directory else None
+    )
+    if client_cert:
+        context.load_cert_chain(client_cert, client_key)
+    return context
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or {"https": 443}.get(parts.scheme, 80)
+
+
+def route(settings: ConnectionSettings, url: str) -> Route:
+    """How to reach ``url``, one answer for both HTTP clients and for API and storage URLs. CA bundle:
+    the extra ``ca_bundle``, else ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` or ``SSL_CERT_FILE``, else
+    certifi's. The client certificate goes to the API host only. Proxy: ``HTTPS_PROXY``/``HTTP_PROXY``/
+    ``ALL_PROXY`` by scheme, except for hosts ``NO_PROXY`` matches, as requests reads them."""
+    ca_bundle = settings.ca_bundle
+    for name in () if ca_bundle else CA_BUNDLE_VARIABLES:
+        ca_bundle = os.environ.get(name)
+        if ca_bundle and not os.path.exists(ca_bundle):
+            raise ModelRouteConfigError(
+                f"The environment variable {name} names {ca_bundle!r}, which does not exist: fix or unset it"
+            )
+        if ca_bundle:
+            break
+    if not ca_bundle:
+        import certifi
+
+        ca_bundle = str(certifi.where())
+    proxy = None
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):  # requests' scan of the environment is slow
+        from requests.utils import get_environ_proxies, select_proxy
+
+        proxy = select_proxy(url, get_environ_proxies(url))
+    to_api = url == settings.base_url or _origin(url) == _origin(settings.base_url)
+    cert, key = (settings.client_cert, settings.client_key) if to_api else (None, None)
+    return Route(ca_bundle, cert, key, proxy)
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 #: SSL errors that are only a dropped connection (retried like any other drop).
@@ -237,18 +305,12 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
     stack = [exc]
     while stack:
         current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        wrapped = (
-            current.__cause__,
-            current.__context__,
-            getattr(current, "reason", None),
-            getattr(current, "certificate_error", None),
-            *current.args,
-        )
-        stack.extend(e for e in wrapped if isinstance(e, BaseException))
+        if id(current) not in seen:
+            seen.add(id(current))
+            yield current
+            wrapped = (current.__cause__, current.__context__, *current.args)
+            wrapped += (getattr(current, "reason", None), getattr(current, "certificate_error", None))
+            stack.extend(e for e in wrapped if isinstance(e, BaseException))
 
 
 def _proxy_refusal(exc: BaseException) -> int | None:
@@ -260,14 +322,6 @@ def _proxy_refusal(exc: BaseException) -> int | None:
     return int(match[1]) if match else None
 
 
-def _scrub(text: str, url: str) -> str:
-    """An error text without the URL's query (a presigned signature) or a proxy URL's password."""
-    query = urlsplit(url).query
-    if query:
-        text = text.replace(url, api.redact_url(url)).replace(query, "<redacted>")
-    return _USERINFO_RE.sub(r"\1<redacted>@", text)
-
-
 class Transport:
     """One connection's way to the API: URLs, headers, pacing, response parsing and the retry policy."""
 
@@ -276,19 +330,28 @@ class Transport:
         self.log = log
         self.rate_limit = RateLimit()
         self.budget = shared_rate_budget(settings.base_url, settings.api_key)
-        self.retry = dataclasses.replace(settings.retry, log=log)
-        self.headers = {
-            "Authorization": f"Bearer {settings.api_key}",
-            "Accept": "application/json",
-            "User-Agent": USER_AGENT,
-        }
+        self.retry = settings.retry
+        self.headers = {"Authorization": f"Bearer {settings.api_key}", "Accept": "application/json"}
+        self.headers["User-Agent"] = USER_AGENT
+
+    @cached_property
+    def retrying(self) -> tenacity.Retrying:
+        return self.retry.retrying(self.log)  # type: ignore[return-value]
+
+    @cached_property
+    def async_retrying(self) -> tenacity.AsyncRetrying:
+        return self.retry.retrying(self.log, asynchronous=True)  # type: ignore[return-value]
+
+    @cached_property
+    def api_route(self) -> Route:
+        return route(self.settings, self.settings.base_url)
 
     def url(self, path: str) -> str:
         return f"{self.settings.base_url}{api.API_PREFIX}{path}"
 
     @contextlib.contextmanager
     def exchange(
-        self, method: str, url: str, errors: type[BaseException] | tuple[type[BaseException], ...]
+        self, method: str, url: str, errors: type[BaseException]
     ) -> Iterator[Callable[[Mapping[str, str]], None]]:
         """Around one request the budget granted: the client's ``errors`` become the error model, and
         the budget learns from the answer's headers (pass them to the yielded function)."""
@@ -327,12 +390,9 @@ class Transport:
             body = json.loads(content) if content else None
         err = body.get("error") if isinstance(body, dict) else None
         if not isinstance(err, dict):
-            try:
-                err = {"message": http.HTTPStatus(status).phrase}
-            except ValueError:
-                err = {"message": "unexpected response"}
-        code = str(err.get("code") or f"HTTP_{status}")
-        message = str(err.get("message") or "")
+            phrase = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else None
+            err = {"message": phrase or "unexpected response"}
+        code, message = str(err.get("code") or f"HTTP_{status}"), str(err.get("message") or "")
         if code == "UNAUTHORIZED" or status in (401, 403):
             message += f" (the API key of connection {self.settings.conn_id!r})"
         retryable, details = err.get("retryable"), err.get("details")
@@ -347,19 +407,18 @@ class Transport:
         )
 
     def transport_error(self, exc: BaseException, method: str, url: str) -> ModelRouteError:
-        """Classify a failure without an HTTP answer; the text never carries a presigned signature.
-
-        Resets, timeouts and dropped or stale connections are retried (a connection the server
-        closed while idle at once). What a retry cannot fix fails at once, naming the fix: an
-        untrusted certificate or failed handshake, a proxy refusing us, a body that does not
-        decompress.
-        """
-        detail = _scrub(str(exc), url)
-        if (
-            isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not detail
-        ):  # aiohttp's timeouts say nothing
-            connect, read = self.settings.timeouts
-            detail = f"no complete answer within {connect:g} s (connect) + {read:g} s (read)"
+        """Classify a failure without an HTTP answer; the text never carries a presigned signature or
+        a proxy password. Drops, resets and timeouts are retried (a stale kept-alive connection at
+        once); an untrusted certificate, a failed handshake, a refusing proxy or a corrupt compressed
+        body fail at once, naming the fix."""
+        detail, query = str(exc), urlsplit(url).query
+        if query:
+            detail = detail.replace(url, api.redact_url(url)).replace(query, "<redacted>")
+        detail = _USERINFO_RE.sub(r"\1<redacted>@", detail)
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not detail:  # aiohttp's say nothing
+            detail = "no complete answer within {:g} s (connect) + {:g} s (read)".format(
+                *self.settings.timeouts
+            )
         text = f"ModelRoute {method} {api.redact_url(url)} failed: {type(exc).__name__}: {detail}"
         metrics.request(method, url, None)
         causes = list(_causes(exc))
@@ -381,13 +440,13 @@ class Transport:
                 f"{text}. The proxy refused the request (HTTP {proxy_status}): check the proxy URL and "
                 "its credentials in HTTPS_PROXY, or add the host to NO_PROXY"
             )
-        error = ModelRouteConnectionError(text)
         if any(isinstance(c, zlib.error) or type(c).__name__ in _DECODING_ERRORS for c in causes):
             error = ModelRouteConnectionError(
                 f"{text}. The response's compressed body is corrupt (a proxy rewriting responses?); "
                 "not retried"
             )
             error.retryable = False
-        elif any(isinstance(c, _STALE) or type(c).__name__ in _STALE_NAMES for c in causes):
-            error.stale = True
+            return error
+        error = ModelRouteConnectionError(text)
+        error.stale = any(isinstance(c, _STALE) or type(c).__name__ in _STALE_NAMES for c in causes)
         return error
