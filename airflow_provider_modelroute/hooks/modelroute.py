@@ -8,7 +8,6 @@ import re
 import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import astuple
 from functools import cached_property
 from typing import IO, Any
 from urllib.parse import quote, urlsplit
@@ -31,17 +30,19 @@ from airflow_provider_modelroute.hooks.storage import (
 from airflow_provider_modelroute.hooks.transport import (
     Transport,
     api_path,
+    ca_bundle,
     connection_settings,
+    proxy,
     read_connection,
+    ssl_context,
 )
 from airflow_provider_modelroute.version_compat import BaseHook, aget_connection, mask_secret
 
 _PROBE_EXECUTION_ID = "exec_00000000-0000-0000-0000-000000000000"
 _ENDPOINTS = "/webhooks/endpoints"
 _UPDATABLE = frozenset({"url", "description", "events", "headers", "is_active"})
-#: Idle keep-alive connections outlive the usual poll intervals and not the idle timeouts of load
-#: balancers (60 s and up); at most this many connections per origin and event loop.
-_KEEPALIVE_EXPIRY, _MAX_CONNECTIONS = 50.0, 100
+#: Idle keep-alive connections outlive poll intervals, not load balancers' idle timeouts (60 s and up).
+_KEEPALIVE = 50.0
 
 
 def _given(**fields: Any) -> dict[str, Any]:
@@ -61,8 +62,7 @@ class _ModelRouteBaseHook(BaseHook):
         super().__init__(**kwargs)
         self.modelroute_conn_id = modelroute_conn_id
 
-    # Airflow 2.11 reads the form here; 3.2+ reads the same definitions from provider info.
-    @classmethod
+    @classmethod  # Airflow 2.11 reads the form here; 3.2+ reads provider info
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
         return ui_field_behaviour()
 
@@ -75,10 +75,8 @@ class ModelRouteHook(_ModelRouteBaseHook):
     """
     Talk to the ModelRoute API: executions, cancellation, file downloads and uploads, webhook endpoints.
 
-    The connection holds the API key in its password, the base URL in its host (default
-    ``https://api.modelroute.ai``), and the extras of the connection form.
-
-    :param modelroute_conn_id: The Airflow connection to use.
+    :param modelroute_conn_id: The Airflow connection: the API key in its password, the base URL in
+        its host (default ``https://api.modelroute.ai``), the extras of the connection form.
     """
 
     @cached_property
@@ -90,7 +88,7 @@ class ModelRouteHook(_ModelRouteBaseHook):
     @cached_property
     def session(self) -> requests.Session:
         session = requests.Session()
-        session.trust_env = False  # CA bundle and proxies come from the transport's route, as for triggers
+        session.trust_env = False  # CA bundle and proxies: the transport's, as for triggers
         session.headers.update(self.transport.headers)
         return session
 
@@ -99,16 +97,12 @@ class ModelRouteHook(_ModelRouteBaseHook):
         """Presigned-URL transfers, without the API key."""
         return StorageClient(self.transport)
 
-    def get_conn(self) -> requests.Session:
-        return self.session
-
     def send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         """One request to the API, paced by the key's rate budget; transport errors in the error model."""
         transport = self.transport
-        options = {"timeout": transport.settings.timeouts, **transport.api_route.requests_options()}
         transport.budget.acquire_blocking(self.log)
         with transport.exchange(method, url, requests.RequestException) as answered:
-            response = self.session.request(method, url, allow_redirects=False, **options, **kwargs)
+            response = self.session.request(method, url, **transport.api_options, **kwargs)
             answered(response.headers)
             return response
 
@@ -143,13 +137,10 @@ class ModelRouteHook(_ModelRouteBaseHook):
         if not isinstance(model, str) or not model.strip():
             raise ModelRouteConfigError("model must be a non-empty model slug, e.g. model='flux-1.1-pro'")
         if not isinstance(input, dict):
-            raise ModelRouteConfigError(
-                f"input must be a dict (the model's input object), got {type(input).__name__}"
-            )
+            raise ModelRouteConfigError(f"input must be a dict (the model input), got {type(input).__name__}")
         body = _given(model=model, input=input, metadata=metadata, webhook_url=webhook_url)
-        execution, headers = self._call(
-            "POST", "/executions", body, idempotency_key or f"airflow-{uuid.uuid4()}"
-        )
+        key = idempotency_key or f"airflow-{uuid.uuid4()}"
+        execution, headers = self._call("POST", "/executions", body, key)
         return execution, str(headers.get(api.REPLAY_HEADER, "")).strip().lower() == "true"
 
     def get_execution(self, execution_id: str) -> dict[str, Any]:
@@ -196,7 +187,6 @@ class ModelRouteHook(_ModelRouteBaseHook):
         body = _given(**fields, purpose=purpose, region=region, ttl_days=ttl_days)
         slot = self._request("POST", "/files/upload", body)
         file_id, url = str(slot["file_id"]), check_storage_url(self.transport, str(slot["upload_url"]))
-        # The Content-Type declared for the URL: a URL presigned for one rejects any other.
         headers = {"Content-Length": str(size_bytes), "Content-Type": content_type}
         self.storage.put(url, open_source, headers, filename)
         try:
@@ -204,7 +194,7 @@ class ModelRouteHook(_ModelRouteBaseHook):
         except ModelRouteApiError as exc:
             if exc.http_status not in api.CONFIRM_ABSENT_STATUSES:
                 raise
-            confirmed = None  # a server without the confirm step: nothing to confirm
+            confirmed = None  # a server without the confirm step
         result = {"file_id": file_id, "content_type": content_type, "size_bytes": size_bytes}
         result.update({k: v for k, v in (confirmed or {}).items() if k in result})
         return result
@@ -233,7 +223,7 @@ class ModelRouteHook(_ModelRouteBaseHook):
         document = self._request("GET", _ENDPOINTS)
         if isinstance(document, dict):  # the docs show neither a bare list nor a wrapped one
             document = next(
-                (document[k] for k in ("data", "endpoints", "items", "webhooks") if k in document), None
+                (document[k] for k in ("data", "endpoints", "items", "webhooks") if k in document), 0
             )
         if not isinstance(document, list):
             raise ModelRouteError(f"Unexpected answer listing webhook endpoints: {str(document)[:200]}")
@@ -279,10 +269,8 @@ _SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, 
 
 class ModelRouteAsyncHook(_ModelRouteBaseHook):
     """
-    The ModelRoute calls of triggers (status, result, cancel) on aiohttp, without blocking the loop.
-
-    Use it as ``async with ModelRouteAsyncHook(conn_id) as hook``. The hooks of one event loop that
-    talk to one API origin share one aiohttp session.
+    The calls of triggers (status, cancel) on aiohttp: ``async with ModelRouteAsyncHook(conn_id) as
+    hook``. The hooks of one event loop that talk to one API origin share one aiohttp session.
 
     :param modelroute_conn_id: The Airflow connection to use.
     """
@@ -296,18 +284,19 @@ class ModelRouteAsyncHook(_ModelRouteBaseHook):
         with read_connection(self.modelroute_conn_id):
             conn = await aget_connection(self.modelroute_conn_id)
         self.transport = Transport(connection_settings(conn), self.log)
-        route, (connect, read) = self.transport.api_route, self.transport.settings.timeouts
-        self._key = (self.transport.settings.base_url, *astuple(route)[:3])
+        settings = self.transport.settings
+        (connect, read), tls = (
+            settings.timeouts,
+            (ca_bundle(settings), settings.client_cert, settings.client_key),
+        )
+        self._key = (settings.base_url, *tls)
         timeout = aiohttp.ClientTimeout(total=connect + read, sock_connect=connect, sock_read=read)
-        self._options = {"proxy": route.proxy, "timeout": timeout, "allow_redirects": False}
+        self._options = {"proxy": proxy(settings.base_url), "timeout": timeout, "allow_redirects": False}
         sessions = _SESSIONS.setdefault(asyncio.get_running_loop(), {})
-        if self._key not in sessions:
-            tls = route.ssl_context()
+        if self._key not in sessions:  # trust_env off: proxies and CAs are read as for requests
             connector = aiohttp.TCPConnector(
-                limit=_MAX_CONNECTIONS, keepalive_timeout=_KEEPALIVE_EXPIRY, ssl=tls
+                limit=100, keepalive_timeout=_KEEPALIVE, ssl=ssl_context(settings)
             )
-            # trust_env off: the route read the proxy and CA variables as requests does (aiohttp's
-            # NO_PROXY differs)
             sessions[self._key] = [aiohttp.ClientSession(connector=connector, trust_env=False), 0]
         self._shared = sessions[self._key]
         self._shared[1] += 1
@@ -345,9 +334,6 @@ class ModelRouteAsyncHook(_ModelRouteBaseHook):
 
     async def get_execution(self, execution_id: str) -> dict[str, Any]:
         return await self._request("GET", api_path("executions", execution_id))
-
-    async def get_execution_result(self, execution_id: str) -> dict[str, Any]:
-        return await self._request("GET", api_path("executions", execution_id, "/result"))
 
     async def cancel_execution(self, execution_id: str) -> dict[str, Any] | None:
         """Cancel an execution; None if it had already finished."""

@@ -1,10 +1,6 @@
-"""When a request may go: pacing by the API's ``X-RateLimit-*`` headers (one budget per API key per
-process, shared by threads and event loops), and the retry policy.
-
-A request that must wait queues a waiter and sleeps until it is granted one: nothing polls. Only the
-head of the queue holds a timer, to the window's reset; a new window wakes as many waiters as it has
-requests.
-"""
+"""When a request may go: pacing by the ``X-RateLimit-*`` headers (one budget per API key per process,
+for threads and event loops alike), and the retry policy. A request that must wait queues and sleeps
+until granted (nothing polls); only the head of the queue holds a timer, to the window's reset."""
 
 from __future__ import annotations
 
@@ -30,11 +26,12 @@ from airflow_provider_modelroute.exceptions import ModelRouteApiError, ModelRout
 LOG_WAITS_OVER = 5.0
 
 _log = logging.getLogger(__name__)
+_RETRYABLE = (ModelRouteConnectionError, ModelRouteApiError)
 
 
 @dataclass
 class RateLimit:
-    """The ``X-RateLimit-*`` headers of one response (reset normalised to unix seconds)."""
+    """The ``X-RateLimit-*`` headers of one response (reset in unix seconds)."""
 
     limit: int | None = None
     remaining: int | None = None
@@ -80,12 +77,9 @@ class _Waiter:
 
 
 class RateBudget:
-    """Paces every request of one API key by the server's rate-limit headers.
-
-    It hands out what remains of the window, then holds everyone until it resets. Until the first
+    """Hands out what remains of the key's window, then holds everyone until it resets. Until the first
     answer (or while a spent window's reset is unknown) one request at a time goes out to learn the
-    state; a server without rate-limit headers is not paced. Answers only lower the allowance.
-    """
+    state; a server without rate-limit headers is not paced. Answers only lower the allowance."""
 
     def __init__(self, label: str = "") -> None:
         self.label = label
@@ -266,7 +260,7 @@ class RetryPolicy:
             if getattr(exc, "stale", False) and state.attempt_number == 1:
                 return 0.0
             hinted = getattr(exc, "retry_after", None)
-            if hinted is not None:  # the server's hint, plus a little jitter so clients do not return at once
+            if hinted is not None:  # the server's hint, with a little jitter
                 return float(hinted) + random.uniform(0, min(1.0, 0.1 * float(hinted) + 0.05))
             return self.backoff(state.attempt_number)
 
@@ -280,14 +274,6 @@ class RetryPolicy:
             retry = (state.attempt_number, self.max_retries, state.upcoming_sleep)
             log.warning("ModelRoute request failed (%s); retry %d of %d in %.1f s", exc, *retry)
 
-        def retryable(exc: BaseException) -> bool:
-            return isinstance(exc, (ModelRouteConnectionError, ModelRouteApiError)) and bool(exc.retryable)
-
+        retry = tenacity.retry_if_exception(lambda exc: isinstance(exc, _RETRYABLE) and bool(exc.retryable))
         kind = tenacity.AsyncRetrying if asynchronous else tenacity.Retrying
-        return kind(
-            retry=tenacity.retry_if_exception(retryable),
-            wait=wait,
-            stop=stop,
-            before_sleep=before_sleep,
-            reraise=True,
-        )
+        return kind(retry=retry, wait=wait, stop=stop, before_sleep=before_sleep, reraise=True)

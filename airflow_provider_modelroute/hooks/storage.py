@@ -21,7 +21,7 @@ import requests
 
 from airflow_provider_modelroute import api, metrics
 from airflow_provider_modelroute.exceptions import ModelRouteConnectionError, ModelRouteTransferError
-from airflow_provider_modelroute.hooks.transport import USER_AGENT, Transport, api_path, route
+from airflow_provider_modelroute.hooks.transport import USER_AGENT, Transport, api_path, requests_options
 
 #: The most read from the network at once: a dropped connection loses only the read in progress.
 NETWORK_READ = 1024 * 1024
@@ -88,17 +88,9 @@ class StorageClient:
         if not any(isinstance(f, _PresignedQueryFilter) for f in logger.filters):
             logger.addFilter(_PresignedQueryFilter())
         self.session = requests.Session()
-        self.session.trust_env = False  # CA bundle and proxies come from ``route``
+        self.session.trust_env = False  # CA bundle and proxies: the transport's
         self.session.auth = _strip_authorization
         self.session.headers["User-Agent"] = USER_AGENT
-
-    def _options(self, url: str) -> dict[str, Any]:
-        settings = self.transport.settings
-        return {
-            "timeout": settings.timeouts,
-            "allow_redirects": False,
-            **route(settings, url).requests_options(),
-        }
 
     def follow(self, response: requests.Response, url: str) -> str:
         """Where a redirect answer points, checked like any presigned URL; the answer is closed."""
@@ -109,7 +101,9 @@ class StorageClient:
         """GET a presigned URL from ``offset``, following redirects only to URLs that pass the checks."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         for _ in range(_MAX_REDIRECTS):
-            response = self.session.get(url, headers=headers, stream=True, **self._options(url))
+            response = self.session.get(
+                url, headers=headers, stream=True, **requests_options(self.transport.settings, url)
+            )
             if not response.is_redirect:
                 return response
             url = self.follow(response, url)
@@ -117,7 +111,7 @@ class StorageClient:
 
     def put(self, url: str, open_source: Callable[[], IO[bytes]], headers: dict[str, str], name: str) -> None:
         """PUT a file's bytes to a presigned upload URL, retried per the policy (reopened each time)."""
-        options = self._options(url)
+        options = requests_options(self.transport.settings, url)
 
         def put_once() -> None:
             with open_source() as source:

@@ -84,54 +84,6 @@ def read_connection(conn_id: str) -> Iterator[None]:
         ) from exc
 
 
-class _Extras:
-    """A connection's extras, read by plain name or the ``extra__modelroute__`` form older UIs store."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn_id = conn.conn_id
-        try:  # Airflow's ``extra_dejson`` turns invalid JSON into {} silently: say so instead
-            self.values = json.loads(conn.extra) if conn.extra else {}
-        except ValueError as exc:
-            raise ModelRouteConfigError(
-                f"Connection {conn.conn_id!r} has extras that are not JSON: {exc}"
-            ) from None
-        if not isinstance(self.values, dict):
-            raise ModelRouteConfigError(f"Connection {conn.conn_id!r} has extras that are not a JSON object")
-
-    def get(self, name: str, default: Any = None) -> Any:
-        value = extra_value(self.values, name)
-        return default if value is None else value
-
-    def number(self, name: str, default: float, minimum: float) -> float:
-        value = self.get(name, default)
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = minimum - 1
-        if number < minimum:
-            raise ModelRouteConfigError(
-                f"Connection {self.conn_id!r}: extra {name!r} must be a number of at least {minimum}, got "
-                f"{value!r}; fix it in the connection's extras"
-            )
-        return number
-
-    def flag(self, name: str) -> bool:
-        value = self.get(name, False)
-        return value.strip().lower() in {"1", "true", "yes", "on"} if isinstance(value, str) else bool(value)
-
-    def path(self, name: str) -> str | None:
-        """A file path extra; it must exist where the task or trigger runs."""
-        if self.get(name) is None:
-            return None
-        path = os.path.expanduser(str(self.get(name)).strip())
-        if not os.path.exists(path):
-            raise ModelRouteConfigError(
-                f"Connection {self.conn_id!r}: extra {name!r} names {path!r}, which does not exist here: "
-                "install the file on every worker and triggerer, or fix the path"
-            )
-        return path
-
-
 @dataclass(frozen=True)
 class ConnectionSettings:
     """Everything the hooks need from an Airflow connection, validated once."""
@@ -176,23 +128,54 @@ class ConnectionSettings:
                 )
             netloc = parts.netloc if not conn.port or parts.port else f"{parts.netloc}:{conn.port}"
             base_url = f"{parts.scheme}://{netloc}{parts.path}".removesuffix(api.API_PREFIX)
-        extras = _Extras(conn)
+        try:  # Airflow's ``extra_dejson`` turns invalid JSON into {} silently: say so instead
+            values = json.loads(conn.extra) if conn.extra else {}
+        except ValueError as exc:
+            raise ModelRouteConfigError(
+                f"Connection {conn.conn_id!r} has extras that are not JSON: {exc}"
+            ) from None
+        if not isinstance(values, dict):
+            raise ModelRouteConfigError(f"Connection {conn.conn_id!r} has extras that are not a JSON object")
+
+        def number(name: str, default: float, minimum: float) -> float:
+            value = default if extra_value(values, name) is None else extra_value(values, name)
+            with contextlib.suppress(TypeError, ValueError):
+                if float(value) >= minimum:
+                    return float(value)
+            raise ModelRouteConfigError(
+                f"Connection {conn.conn_id!r}: extra {name!r} must be a number of at least {minimum}, got "
+                f"{value!r}; fix it in the connection's extras"
+            )
+
+        def path(name: str) -> str | None:  # it must exist where the task or trigger runs
+            value = extra_value(values, name)
+            found = None if value is None else os.path.expanduser(str(value).strip())
+            if found is not None and not os.path.exists(found):
+                raise ModelRouteConfigError(
+                    f"Connection {conn.conn_id!r}: extra {name!r} names {found!r}, which does not exist "
+                    "here: install the file on every worker and triggerer, or fix the path"
+                )
+            return found
+
+        insecure = extra_value(values, "allow_insecure_storage_urls") or False
         settings = cls(
             base_url=base_url,
             api_key=api_key,
             conn_id=conn.conn_id,
-            timeouts=(extras.number("connect_timeout", 10.0, 0.001), extras.number("timeout", 30.0, 0.001)),
+            timeouts=(number("connect_timeout", 10.0, 0.001), number("timeout", 30.0, 0.001)),
             retry=RetryPolicy(
-                int(extras.number("max_retries", RetryPolicy.max_retries, 0)),
-                extras.number("retry_base_wait", RetryPolicy.base_wait, 0),
-                extras.number("retry_max_wait", RetryPolicy.max_wait, 0),
-                extras.number("retry_deadline", RetryPolicy.deadline, 0),
+                int(number("max_retries", RetryPolicy.max_retries, 0)),
+                number("retry_base_wait", RetryPolicy.base_wait, 0),
+                number("retry_max_wait", RetryPolicy.max_wait, 0),
+                number("retry_deadline", RetryPolicy.deadline, 0),
             ),
-            allow_insecure_storage_urls=extras.flag("allow_insecure_storage_urls"),
-            dashboard_url=str(extras.get("dashboard_url", cls.dashboard_url)).rstrip("/"),
-            ca_bundle=extras.path("ca_bundle"),
-            client_cert=extras.path("client_cert"),
-            client_key=extras.path("client_key"),
+            allow_insecure_storage_urls=insecure.strip().lower() in {"1", "true", "yes", "on"}
+            if isinstance(insecure, str)
+            else bool(insecure),
+            dashboard_url=str(extra_value(values, "dashboard_url") or cls.dashboard_url).rstrip("/"),
+            ca_bundle=path("ca_bundle"),
+            client_cert=path("client_cert"),
+            client_key=path("client_key"),
         )
         if settings.client_key and not settings.client_cert:
             raise ModelRouteConfigError(
@@ -217,33 +200,64 @@ def connection_settings(conn: Connection) -> ConnectionSettings:
     return settings
 
 
-@dataclass(frozen=True)
-class Route:
-    """The CA bundle to trust, the client certificate to show, and the proxy to use for one URL."""
-
-    ca_bundle: str
-    client_cert: str | None = None
-    client_key: str | None = None
-    proxy: str | None = None
-
-    def requests_options(self) -> dict[str, Any]:
-        """``verify``/``cert``/``proxies`` for a requests call (whose ``trust_env`` is off)."""
-        cert = (self.client_cert, self.client_key) if self.client_key else self.client_cert
-        return {"verify": self.ca_bundle, "cert": cert, "proxies": {"http": self.proxy, "https": self.proxy}}
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """The TLS context for aiohttp (cached: loading a CA bundle is slow)."""
-        try:
-            return _ssl_context(self.ca_bundle, self.client_cert, self.client_key)
-        except (ssl.SSLError, OSError) as exc:
+def ca_bundle(settings: ConnectionSettings) -> str:
+    """The CA bundle to trust, on both HTTP clients: the extra ``ca_bundle``, else ``REQUESTS_CA_BUNDLE``,
+    ``CURL_CA_BUNDLE`` or ``SSL_CERT_FILE``, else certifi's."""
+    for name in () if settings.ca_bundle else CA_BUNDLE_VARIABLES:
+        path = os.environ.get(name)
+        if path and not os.path.exists(path):
             raise ModelRouteConfigError(
-                f"Cannot load the TLS files (ca_bundle {self.ca_bundle!r}, client_cert {self.client_cert!r}, "
-                f"client_key {self.client_key!r}): {exc}. Fix the connection extras or the CA environment "
-                "variable"
-            ) from None
+                f"The environment variable {name} names {path!r}, which does not exist: fix or unset it"
+            )
+        if path:
+            return path
+    if settings.ca_bundle:
+        return settings.ca_bundle
+    import certifi
+
+    return str(certifi.where())
 
 
-@functools.lru_cache(maxsize=16)
+def proxy(url: str) -> str | None:
+    """``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` by scheme unless ``NO_PROXY`` matches (as requests)."""
+    if not any(os.environ.get(name) for name in _PROXY_VARIABLES):  # requests' scan is slow
+        return None
+    from requests.utils import get_environ_proxies, select_proxy
+
+    return select_proxy(url, get_environ_proxies(url))
+
+
+def requests_options(settings: ConnectionSettings, url: str) -> dict[str, Any]:
+    """The timeouts, CA bundle, client certificate (to the API host only) and proxy of a requests call
+    to ``url`` (its session's ``trust_env`` is off); redirects are not followed."""
+    origins = {
+        (p.scheme, p.hostname, p.port or (443 if p.scheme == "https" else 80))
+        for p in map(urlsplit, (url, settings.base_url))
+    }
+    cert: Any = settings.client_cert if len(origins) == 1 else None
+    cert = (cert, settings.client_key) if cert and settings.client_key else cert
+    options = {
+        "timeout": settings.timeouts,
+        "allow_redirects": False,
+        "cert": cert,
+        "verify": ca_bundle(settings),
+    }
+    return {**options, "proxies": {"http": proxy(url), "https": proxy(url)}}
+
+
+def ssl_context(settings: ConnectionSettings) -> ssl.SSLContext:
+    """The TLS context for aiohttp to the API: the same CA bundle and client certificate as requests'."""
+    try:
+        return _ssl_context(ca_bundle(settings), settings.client_cert, settings.client_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ModelRouteConfigError(
+            f"Cannot load the TLS files (ca_bundle {ca_bundle(settings)!r}, client_cert "
+            f"{settings.client_cert!r}, client_key {settings.client_key!r}): {exc}. Fix the connection "
+            "extras or the CA environment variable"
+        ) from None
+
+
+@functools.lru_cache(maxsize=16)  # loading a CA bundle is slow
 def _ssl_context(ca_bundle: str, client_cert: str | None, client_key: str | None) -> ssl.SSLContext:
     directory = os.path.isdir(ca_bundle)
     context = ssl.create_default_context(
@@ -252,39 +266,6 @@ def _ssl_context(ca_bundle: str, client_cert: str | None, client_key: str | None
     if client_cert:
         context.load_cert_chain(client_cert, client_key)
     return context
-
-
-def _origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
-    return parts.scheme, (parts.hostname or "").lower(), parts.port or {"https": 443}.get(parts.scheme, 80)
-
-
-def route(settings: ConnectionSettings, url: str) -> Route:
-    """How to reach ``url``, one answer for both HTTP clients and for API and storage URLs. CA bundle:
-    the extra ``ca_bundle``, else ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` or ``SSL_CERT_FILE``, else
-    certifi's. The client certificate goes to the API host only. Proxy: ``HTTPS_PROXY``/``HTTP_PROXY``/
-    ``ALL_PROXY`` by scheme, except for hosts ``NO_PROXY`` matches, as requests reads them."""
-    ca_bundle = settings.ca_bundle
-    for name in () if ca_bundle else CA_BUNDLE_VARIABLES:
-        ca_bundle = os.environ.get(name)
-        if ca_bundle and not os.path.exists(ca_bundle):
-            raise ModelRouteConfigError(
-                f"The environment variable {name} names {ca_bundle!r}, which does not exist: fix or unset it"
-            )
-        if ca_bundle:
-            break
-    if not ca_bundle:
-        import certifi
-
-        ca_bundle = str(certifi.where())
-    proxy = None
-    if any(os.environ.get(name) for name in _PROXY_VARIABLES):  # requests' scan of the environment is slow
-        from requests.utils import get_environ_proxies, select_proxy
-
-        proxy = select_proxy(url, get_environ_proxies(url))
-    to_api = url == settings.base_url or _origin(url) == _origin(settings.base_url)
-    cert, key = (settings.client_cert, settings.client_key) if to_api else (None, None)
-    return Route(ca_bundle, cert, key, proxy)
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -343,8 +324,9 @@ class Transport:
         return self.retry.retrying(self.log, asynchronous=True)  # type: ignore[return-value]
 
     @cached_property
-    def api_route(self) -> Route:
-        return route(self.settings, self.settings.base_url)
+    def api_options(self) -> dict[str, Any]:
+        """The requests options of calls to the API."""
+        return requests_options(self.settings, self.settings.base_url)
 
     def url(self, path: str) -> str:
         return f"{self.settings.base_url}{api.API_PREFIX}{path}"
