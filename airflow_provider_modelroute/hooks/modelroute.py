@@ -30,9 +30,7 @@ from airflow_provider_modelroute.hooks.storage import (
 from airflow_provider_modelroute.hooks.transport import (
     Transport,
     api_path,
-    ca_bundle,
     connection_settings,
-    proxy,
     read_connection,
     ssl_context,
 )
@@ -284,19 +282,15 @@ class ModelRouteAsyncHook(_ModelRouteBaseHook):
         with read_connection(self.modelroute_conn_id):
             conn = await aget_connection(self.modelroute_conn_id)
         self.transport = Transport(connection_settings(conn), self.log)
-        settings = self.transport.settings
-        (connect, read), tls = (
-            settings.timeouts,
-            (ca_bundle(settings), settings.client_cert, settings.client_key),
-        )
-        self._key = (settings.base_url, *tls)
+        base_url, options = self.transport.settings.base_url, self.transport.api_options
+        self._key = (base_url, options["verify"], options["cert"])
+        connect, read = options["timeout"]
         timeout = aiohttp.ClientTimeout(total=connect + read, sock_connect=connect, sock_read=read)
-        self._options = {"proxy": proxy(settings.base_url), "timeout": timeout, "allow_redirects": False}
+        self._options = {"proxy": options["proxies"]["https"], "timeout": timeout, "allow_redirects": False}
         sessions = _SESSIONS.setdefault(asyncio.get_running_loop(), {})
-        if self._key not in sessions:  # trust_env off: proxies and CAs are read as for requests
-            connector = aiohttp.TCPConnector(
-                limit=100, keepalive_timeout=_KEEPALIVE, ssl=ssl_context(settings)
-            )
+        if self._key not in sessions:  # trust_env off: proxies and CAs are the ones requests uses
+            tls = ssl_context(options["verify"], options["cert"])
+            connector = aiohttp.TCPConnector(limit=100, keepalive_timeout=_KEEPALIVE, ssl=tls)
             sessions[self._key] = [aiohttp.ClientSession(connector=connector, trust_env=False), 0]
         self._shared = sessions[self._key]
         self._shared[1] += 1

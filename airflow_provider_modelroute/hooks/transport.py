@@ -40,27 +40,25 @@ from airflow_provider_modelroute.hooks.rate_budget import (
 from airflow_provider_modelroute.version_compat import AirflowNotFoundException, mask_secret
 
 if TYPE_CHECKING:
-    import tenacity
-
     from airflow_provider_modelroute.version_compat import Connection
 
 USER_AGENT = f"airflow-provider-modelroute/{__version__}"
 CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
 _PROXY_VARIABLES = tuple(n for b in ("https_proxy", "http_proxy", "all_proxy") for n in (b, b.upper()))
 _log = logging.getLogger(__name__)
-#: The API's collections: how an id in each looks, and what to call it in an error.
+#: The API's collections: the prefix of their ids, and what to call an id in an error.
 _IDS = {
-    "executions": (re.compile(r"exec_[A-Za-z0-9_-]{1,128}"), "execution_id", "exec_<uuid>"),
-    "files": (api.FILE_ID_RE, "file_id", "file_<uuid>"),
-    "webhooks/endpoints": (re.compile(r"wh_[A-Za-z0-9_-]{1,128}"), "endpoint_id", "wh_..."),
+    "executions": ("exec_", "execution_id"),
+    "files": ("file_", "file_id"),
+    "webhooks/endpoints": ("wh_", "endpoint_id"),
 }
 
 
 def api_path(collection: str, ident: str, suffix: str = "") -> str:
     """``/{collection}/{ident}{suffix}``, refusing an id that does not look like the API's (never a path)."""
-    pattern, name, shape = _IDS[collection]
-    if not isinstance(ident, str) or not pattern.fullmatch(ident):
-        raise ModelRouteConfigError(f"{name} must look like {shape!r}, got {ident!r}")
+    prefix, name = _IDS[collection]
+    if not isinstance(ident, str) or not re.fullmatch(rf"{prefix}[A-Za-z0-9_-]{{1,128}}", ident):
+        raise ModelRouteConfigError(f"{name} must look like '{prefix}...', got {ident!r}")
     return f"/{collection}/{quote(ident)}{suffix}"
 
 
@@ -200,72 +198,52 @@ def connection_settings(conn: Connection) -> ConnectionSettings:
     return settings
 
 
-def ca_bundle(settings: ConnectionSettings) -> str:
-    """The CA bundle to trust, on both HTTP clients: the extra ``ca_bundle``, else ``REQUESTS_CA_BUNDLE``,
-    ``CURL_CA_BUNDLE`` or ``SSL_CERT_FILE``, else certifi's."""
-    for name in () if settings.ca_bundle else CA_BUNDLE_VARIABLES:
-        path = os.environ.get(name)
-        if path and not os.path.exists(path):
-            raise ModelRouteConfigError(
-                f"The environment variable {name} names {path!r}, which does not exist: fix or unset it"
-            )
-        if path:
-            return path
-    if settings.ca_bundle:
-        return settings.ca_bundle
-    import certifi
-
-    return str(certifi.where())
-
-
-def proxy(url: str) -> str | None:
-    """``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` by scheme unless ``NO_PROXY`` matches (as requests)."""
-    if not any(os.environ.get(name) for name in _PROXY_VARIABLES):  # requests' scan is slow
-        return None
-    from requests.utils import get_environ_proxies, select_proxy
-
-    return select_proxy(url, get_environ_proxies(url))
-
-
 def requests_options(settings: ConnectionSettings, url: str) -> dict[str, Any]:
-    """The timeouts, CA bundle, client certificate (to the API host only) and proxy of a requests call
-    to ``url`` (its session's ``trust_env`` is off); redirects are not followed."""
+    """How requests (its ``trust_env`` off) reaches ``url``, and aiohttp the API: no redirects followed;
+    the client certificate to the API host only; the CA bundle of the extra ``ca_bundle``, else
+    ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` or ``SSL_CERT_FILE``, else certifi's; the proxy of
+    ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` by scheme, unless ``NO_PROXY`` matches (as requests)."""
+    verify = settings.ca_bundle or next(filter(None, map(os.environ.get, CA_BUNDLE_VARIABLES)), None)
+    if verify is None:
+        import certifi
+
+        verify = certifi.where()
+    elif not settings.ca_bundle and not os.path.exists(verify):
+        name = next(n for n in CA_BUNDLE_VARIABLES if os.environ.get(n) == verify)
+        raise ModelRouteConfigError(
+            f"The environment variable {name} names {verify!r}, which does not exist: fix or unset it"
+        )
+    proxy = None
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):  # requests' scan of the environment is slow
+        from requests.utils import get_environ_proxies, select_proxy
+
+        proxy = select_proxy(url, get_environ_proxies(url))
     origins = {
         (p.scheme, p.hostname, p.port or (443 if p.scheme == "https" else 80))
         for p in map(urlsplit, (url, settings.base_url))
     }
     cert: Any = settings.client_cert if len(origins) == 1 else None
     cert = (cert, settings.client_key) if cert and settings.client_key else cert
-    options = {
-        "timeout": settings.timeouts,
-        "allow_redirects": False,
-        "cert": cert,
-        "verify": ca_bundle(settings),
-    }
-    return {**options, "proxies": {"http": proxy(url), "https": proxy(url)}}
-
-
-def ssl_context(settings: ConnectionSettings) -> ssl.SSLContext:
-    """The TLS context for aiohttp to the API: the same CA bundle and client certificate as requests'."""
-    try:
-        return _ssl_context(ca_bundle(settings), settings.client_cert, settings.client_key)
-    except (ssl.SSLError, OSError) as exc:
-        raise ModelRouteConfigError(
-            f"Cannot load the TLS files (ca_bundle {ca_bundle(settings)!r}, client_cert "
-            f"{settings.client_cert!r}, client_key {settings.client_key!r}): {exc}. Fix the connection "
-            "extras or the CA environment variable"
-        ) from None
+    options = {"timeout": settings.timeouts, "allow_redirects": False, "cert": cert, "verify": verify}
+    return {**options, "proxies": {"http": proxy, "https": proxy}}
 
 
 @functools.lru_cache(maxsize=16)  # loading a CA bundle is slow
-def _ssl_context(ca_bundle: str, client_cert: str | None, client_key: str | None) -> ssl.SSLContext:
-    directory = os.path.isdir(ca_bundle)
-    context = ssl.create_default_context(
-        cafile=None if directory else ca_bundle, capath=ca_bundle if directory else None
-    )
-    if client_cert:
-        context.load_cert_chain(client_cert, client_key)
-    return context
+def ssl_context(verify: str, cert: str | tuple[str, str] | None) -> ssl.SSLContext:
+    """aiohttp's TLS context from requests' ``verify`` and ``cert`` options: both clients trust the same."""
+    try:
+        directory = os.path.isdir(verify)
+        context = ssl.create_default_context(
+            cafile=None if directory else verify, capath=verify if directory else None
+        )
+        if cert:
+            context.load_cert_chain(*((cert,) if isinstance(cert, str) else cert))
+        return context
+    except (ssl.SSLError, OSError) as exc:
+        raise ModelRouteConfigError(
+            f"Cannot load the TLS files (CA bundle {verify!r}, client certificate {cert!r}): {exc}. Fix the "
+            "connection extras 'ca_bundle', 'client_cert' and 'client_key', or the CA environment variable"
+        ) from None
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -312,20 +290,13 @@ class Transport:
         self.rate_limit = RateLimit()
         self.budget = shared_rate_budget(settings.base_url, settings.api_key)
         self.retry = settings.retry
+        self.retrying, self.async_retrying = settings.retry.retrying(log), settings.retry.retrying(log, True)
         self.headers = {"Authorization": f"Bearer {settings.api_key}", "Accept": "application/json"}
         self.headers["User-Agent"] = USER_AGENT
 
     @cached_property
-    def retrying(self) -> tenacity.Retrying:
-        return self.retry.retrying(self.log)  # type: ignore[return-value]
-
-    @cached_property
-    def async_retrying(self) -> tenacity.AsyncRetrying:
-        return self.retry.retrying(self.log, asynchronous=True)  # type: ignore[return-value]
-
-    @cached_property
     def api_options(self) -> dict[str, Any]:
-        """The requests options of calls to the API."""
+        """The options of requests calls to the API (aiohttp's TLS and proxy are derived from them)."""
         return requests_options(self.settings, self.settings.base_url)
 
     def url(self, path: str) -> str:
@@ -367,6 +338,7 @@ class Transport:
     def error_from_response(
         self, status: int, headers: Mapping[str, str], content: bytes
     ) -> ModelRouteApiError:
+        """The API error an answer that is not 2xx means."""
         body: Any = None
         with contextlib.suppress(ValueError):
             body = json.loads(content) if content else None
