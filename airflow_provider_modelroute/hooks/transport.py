@@ -1,8 +1,5 @@
-"""What every ModelRoute request shares: the connection's settings, TLS and proxies, the error model.
-
-The sync hook (requests), the async hook (aiohttp) and storage transfers all take these from one
-:class:`Transport`, so the paths cannot drift apart.
-"""
+"""What every ModelRoute request shares (sync, async and storage alike, so they cannot drift apart): the
+connection's settings, TLS and proxies, the error model."""
 
 from __future__ import annotations
 
@@ -246,10 +243,7 @@ def ssl_context(verify: str, cert: str | tuple[str, str] | None) -> ssl.SSLConte
         ) from None
 
 
-# -- errors ----------------------------------------------------------------------------------------
-
-#: SSL errors that are only a dropped connection (retried like any other drop).
-_SSL_DROPS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+_SSL_DROPS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)  # retried like any drop
 #: The server closed a kept-alive connection as we reused it: retry at once.
 _STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 _STALE_NAMES = frozenset({"ServerDisconnectedError", "RemoteDisconnected"})
@@ -258,18 +252,14 @@ _DECODING_ERRORS = frozenset({"ContentEncodingError", "ContentDecodingError", "D
 _USERINFO_RE = re.compile(r"(\w+://)[^/@\s'\"]+@")
 
 
-def _causes(exc: BaseException) -> Iterator[BaseException]:
+def _causes(exc: BaseException) -> list[BaseException]:
     """An exception and everything it wraps (causes, contexts, and the wrapped errors of clients)."""
-    seen: set[int] = set()
-    stack = [exc]
-    while stack:
-        current = stack.pop()
-        if id(current) not in seen:
-            seen.add(id(current))
-            yield current
-            wrapped = (current.__cause__, current.__context__, *current.args)
-            wrapped += (getattr(current, "reason", None), getattr(current, "certificate_error", None))
-            stack.extend(e for e in wrapped if isinstance(e, BaseException))
+    found = [exc]
+    for current in found:  # grows as it goes
+        wrapped = (current.__cause__, current.__context__, *current.args)
+        wrapped += (getattr(current, "reason", None), getattr(current, "certificate_error", None))
+        found += [e for e in wrapped if isinstance(e, BaseException) and all(e is not f for f in found)]
+    return found
 
 
 def _proxy_refusal(exc: BaseException) -> int | None:
@@ -375,7 +365,7 @@ class Transport:
             )
         text = f"ModelRoute {method} {api.redact_url(url)} failed: {type(exc).__name__}: {detail}"
         metrics.request(method, url, None)
-        causes = list(_causes(exc))
+        causes = _causes(exc)
         conn = f"connection {self.settings.conn_id!r}"
         if any(isinstance(c, ssl.SSLCertVerificationError) for c in causes):
             return ModelRouteConfigError(
