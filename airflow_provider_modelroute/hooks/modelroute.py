@@ -36,7 +36,6 @@ from airflow_provider_modelroute.hooks.transport import (
 )
 from airflow_provider_modelroute.version_compat import BaseHook, aget_connection, mask_secret
 
-_PROBE_EXECUTION_ID = "exec_00000000-0000-0000-0000-000000000000"
 _ENDPOINTS = "/webhooks/endpoints"
 _UPDATABLE = frozenset({"url", "description", "events", "headers", "is_active"})
 #: Idle keep-alive connections outlive poll intervals, not load balancers' idle timeouts (60 s and up).
@@ -245,7 +244,7 @@ class ModelRouteHook(_ModelRouteBaseHook):
         """Check the key and base URL by reading a made-up execution: any 4xx but an auth refusal
         means the key was accepted and the id is unknown."""
         try:
-            self.get_execution(_PROBE_EXECUTION_ID)
+            self.get_execution("exec_00000000-0000-0000-0000-000000000000")
         except ModelRouteApiError as exc:
             if exc.code == "UNAUTHORIZED" or exc.http_status in (401, 403) or not exc.permanent:
                 return False, self._anonymous(exc)
