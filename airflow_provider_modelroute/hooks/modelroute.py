@@ -205,8 +205,8 @@ class ModelRouteHook(_ModelRouteBaseHook):
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """Register ``url`` (https) for ``events`` (empty: all); the answer holds the one-time ``secret``."""
-        loopback = isinstance(url, str) and local_address(urlsplit(url).hostname or "") == "loopback"
-        if not isinstance(url, str) or not (url.startswith("https://") or loopback):
+        loopback = local_address(urlsplit(str(url)).hostname or "") == "loopback"
+        if not (str(url).startswith("https://") or loopback):
             raise ModelRouteConfigError(f"A webhook endpoint url must be https://..., got {url!r}")
         headers = dict(headers) if headers else None
         body = _given(url=url, events=list(events), description=description, headers=headers)

@@ -1,9 +1,5 @@
-"""Files on presigned URLs (without the API key), and the checks of the hosts they name.
-
-``GET /v1/files/{id}/download`` answers in one of three documented readings, all handled by
-:class:`FileDownload`: the file's bytes, the document ``{url, expires_at, content_type, size_bytes}``,
-or a redirect to the presigned URL. Downloads stream and resume; uploads are retried.
-"""
+"""Files on presigned URLs (without the API key), and the checks of the hosts they name. Downloads
+(:class:`FileDownload`: all three readings of ``/download``) stream and resume; uploads are retried."""
 
 from __future__ import annotations
 
@@ -79,8 +75,7 @@ def _strip_authorization(request: requests.PreparedRequest) -> requests.Prepared
 
 
 class StorageClient:
-    """Talks to the storage host behind presigned URLs (without the API key), with the API's timeouts
-    and retry policy."""
+    """The storage host behind presigned URLs: no API key, the API's timeouts and retry policy."""
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
@@ -134,7 +129,7 @@ class FileDownload:
     Opening asks ``/download`` at once, so the size and type are known before the first byte is read."""
 
     def __init__(
-        self, storage: StorageClient, send: Callable[..., requests.Response], file_id: str, chunk_size: int
+        self, storage: StorageClient, send: Callable[..., Any], file_id: str, chunk_size: int
     ) -> None:
         self.file_id, self.chunk_size = file_id, chunk_size
         self._storage, self._send = storage, send
@@ -191,7 +186,7 @@ class FileDownload:
             found = None
         if not api.is_url_document(found):  # a JSON file: iterate it from its first byte
             rest = response.iter_content
-            response.iter_content = lambda size=1, *_: itertools.chain((head,), rest(size))  # type: ignore[method-assign]
+            response.iter_content = lambda size=1, *_: itertools.chain((head,), rest(size))
             return response
         response.close()
         document.update(found)  # type: ignore[arg-type]
