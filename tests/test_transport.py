@@ -390,7 +390,7 @@ def test_every_extra_the_hook_reads_is_in_the_connection_form() -> None:
 
     fields = get_provider_info()["connection-types"][0]["conn-fields"]
     source = inspect.getsource(transport.ConnectionSettings.from_connection)
-    read = set(re.findall(r"extras\.\w+\(\s*\"(\w+)\"", source))
+    read = set(re.findall(r"(?:number|path|extra_value)\((?:values, )?\"(\w+)\"", source))
     assert {"timeout", "retry_base_wait", "retry_max_wait", "ca_bundle", "client_key"} <= read
     assert read <= set(fields)
     assert "SSL_CERT_FILE" in fields["ca_bundle"]["description"]

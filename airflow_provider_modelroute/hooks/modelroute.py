@@ -1,9 +1,5 @@
-"""ModelRouteHook (tasks, requests) and ModelRouteAsyncHook (triggers, aiohttp), side by side.
-
-Both read the connection into one :class:`~airflow_provider_modelroute.hooks.transport.Transport`
-(settings, error model, retry policy, rate budget), so the two paths cannot drift apart. aiohttp is
-imported when an async hook is entered, never at import time: DAG files import this at every parse.
-"""
+"""ModelRouteHook (tasks, requests) and ModelRouteAsyncHook (triggers, aiohttp), side by side on one
+:class:`~airflow_provider_modelroute.hooks.transport.Transport`. aiohttp is imported lazily."""
 
 from __future__ import annotations
 
@@ -12,13 +8,11 @@ import re
 import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import astuple, dataclass
 from functools import cached_property
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 from urllib.parse import quote, urlsplit
 
 import requests
-import tenacity
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.exceptions import ModelRouteApiError, ModelRouteConfigError, ModelRouteError
@@ -32,28 +26,20 @@ from airflow_provider_modelroute.hooks.storage import (
     StorageClient,
     check_storage_url,
     local_address,
-    route,
 )
 from airflow_provider_modelroute.hooks.transport import (
-    ConnectionSettings,
     Transport,
     api_path,
-    check_execution_request,
+    connection_settings,
     read_connection,
+    ssl_context,
 )
 from airflow_provider_modelroute.version_compat import BaseHook, aget_connection, mask_secret
 
-if TYPE_CHECKING:
-    import aiohttp
-
-_PROBE_EXECUTION_ID = "exec_00000000-0000-0000-0000-000000000000"
 _ENDPOINTS = "/webhooks/endpoints"
 _UPDATABLE = frozenset({"url", "description", "events", "headers", "is_active"})
-#: Idle keep-alive connections are kept longer than the usual poll intervals (no reconnect per poll)
-#: and shorter than the idle timeouts of common load balancers (60 s and up).
-_KEEPALIVE_EXPIRY = 50.0
-#: Connections to one origin per event loop; more requests at once wait for a free connection.
-_MAX_CONNECTIONS = 100
+#: Idle keep-alive connections outlive poll intervals, not load balancers' idle timeouts (60 s and up).
+_KEEPALIVE = 50.0
 
 
 def _given(**fields: Any) -> dict[str, Any]:
@@ -73,8 +59,7 @@ class _ModelRouteBaseHook(BaseHook):
         super().__init__(**kwargs)
         self.modelroute_conn_id = modelroute_conn_id
 
-    # Airflow 2.11 reads the form here; 3.2+ reads the same definitions from provider info.
-    @classmethod
+    @classmethod  # Airflow 2.11 reads the form here; 3.2+ reads provider info
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
         return ui_field_behaviour()
 
@@ -87,63 +72,49 @@ class ModelRouteHook(_ModelRouteBaseHook):
     """
     Talk to the ModelRoute API: executions, cancellation, file downloads and uploads, webhook endpoints.
 
-    The connection holds the API key in its password, the base URL in its host (default
-    ``https://api.modelroute.ai``), and the extras of the connection form.
-
-    :param modelroute_conn_id: The Airflow connection to use.
+    :param modelroute_conn_id: The Airflow connection: the API key in its password, the base URL in
+        its host (default ``https://api.modelroute.ai``), the extras of the connection form.
     """
 
     @cached_property
     def transport(self) -> Transport:
         with read_connection(self.modelroute_conn_id):
             conn = self.get_connection(self.modelroute_conn_id)
-        return Transport(ConnectionSettings.from_connection(conn), self.log)
+        return Transport(connection_settings(conn), self.log)
 
     @cached_property
     def session(self) -> requests.Session:
         session = requests.Session()
-        session.trust_env = False  # CA bundle and proxies come from ``route``, as for triggers
+        session.trust_env = False  # CA bundle and proxies: the transport's, as for triggers
         session.headers.update(self.transport.headers)
         return session
-
-    @cached_property
-    def _options(self) -> dict[str, Any]:
-        settings = self.transport.settings
-        options = route(settings, settings.base_url).requests_options()
-        return {"timeout": settings.timeouts, "allow_redirects": False, **options}
 
     @cached_property
     def storage(self) -> StorageClient:
         """Presigned-URL transfers, without the API key."""
         return StorageClient(self.transport)
 
-    def get_conn(self) -> requests.Session:
-        return self.session
-
     def send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         """One request to the API, paced by the key's rate budget; transport errors in the error model."""
         transport = self.transport
         transport.budget.acquire_blocking(self.log)
         with transport.exchange(method, url, requests.RequestException) as answered:
-            response = self.session.request(method, url, **self._options, **kwargs)
+            response = self.session.request(method, url, **transport.api_options, **kwargs)
             answered(response.headers)
             return response
 
-    def _call(
-        self, method: str, path: str, json_body: Any = None, headers: Mapping[str, str] | None = None
-    ) -> tuple[Any, Mapping[str, str]]:
-        """One API call with the retry policy: the answer's JSON and headers."""
+    def _call(self, method: str, path: str, body: Any = None, key: str | None = None) -> tuple[Any, Any]:
+        """One API call with the retry policy (the same ``Idempotency-Key`` on every retry): JSON, headers."""
 
         def once() -> tuple[Any, Mapping[str, str]]:
-            r = self.send(method, self.transport.url(path), json=json_body, headers=dict(headers or {}))
+            headers = {"Idempotency-Key": key} if key else {}
+            r = self.send(method, self.transport.url(path), json=body, headers=headers)
             return self.transport.parse(method, path, r.status_code, r.headers, r.content), r.headers
 
-        return tenacity.Retrying(**self.transport.retry.args())(once)
+        return self.transport.retrying(once)
 
-    def _request(self, method: str, path: str, json_body: Any = None) -> Any:
-        return self._call(method, path, json_body)[0]
-
-    # -- executions -------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: Any = None) -> Any:
+        return self._call(method, path, body)[0]
 
     def create_execution(self, model: str, input: dict[str, Any], **options: Any) -> dict[str, Any]:
         """:meth:`submit_execution`'s answer: usually ``PENDING``, maybe already terminal or a replay."""
@@ -158,14 +129,14 @@ class ModelRouteHook(_ModelRouteBaseHook):
         metadata: dict[str, Any] | None = None,
         webhook_url: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """Start an execution; also say whether the server marked the answer a replay.
-
-        Every HTTP retry re-sends the same ``Idempotency-Key``, so it runs once. A replayed answer
-        may be stale (the original ``PENDING``): read the execution before deciding.
-        """
-        check_execution_request(model, input)
+        """Start an execution (run once: every HTTP retry re-sends the same ``Idempotency-Key``); also say
+        whether the server marked the answer a replay, which may be stale: read the execution then."""
+        if not isinstance(model, str) or not model.strip():
+            raise ModelRouteConfigError("model must be a non-empty model slug, e.g. model='flux-1.1-pro'")
+        if not isinstance(input, dict):
+            raise ModelRouteConfigError(f"input must be a dict (the model input), got {type(input).__name__}")
         body = _given(model=model, input=input, metadata=metadata, webhook_url=webhook_url)
-        key = {"Idempotency-Key": idempotency_key or f"airflow-{uuid.uuid4()}"}
+        key = idempotency_key or f"airflow-{uuid.uuid4()}"
         execution, headers = self._call("POST", "/executions", body, key)
         return execution, str(headers.get(api.REPLAY_HEADER, "")).strip().lower() == "true"
 
@@ -188,8 +159,6 @@ class ModelRouteHook(_ModelRouteBaseHook):
         """The execution's page in the ModelRoute dashboard."""
         return f"{self.transport.settings.dashboard_url}/executions/{quote(execution_id)}"
 
-    # -- files --------------------------------------------------------------------------------
-
     def download_file(self, file_id: str, *, chunk_size: int = 1024 * 1024) -> FileDownload:
         """Open a file for streaming (any reading of ``/download``): iterate the result for its bytes."""
         return FileDownload(self.storage, self.send, file_id, chunk_size)
@@ -205,11 +174,8 @@ class ModelRouteHook(_ModelRouteBaseHook):
         region: str | None = None,
         ttl_days: int | None = None,
     ) -> dict[str, Any]:
-        """Upload an input file through the documented flow; returns ``{file_id, content_type, size_bytes}``.
-
-        The request carries the fields of both documented versions. ``open_source`` opens the bytes
-        afresh for each attempt, so a dropped upload can be retried.
-        """
+        """Upload an input file (the request carries the fields of both documented versions); returns
+        ``{file_id, content_type, size_bytes}``. ``open_source`` opens the bytes afresh for each attempt."""
         if size_bytes > api.MAX_FILE_SIZE:
             raise ModelRouteConfigError(
                 f"{filename} is {size_bytes} bytes; ModelRoute accepts files up to {api.MAX_FILE_SIZE} bytes"
@@ -218,7 +184,6 @@ class ModelRouteHook(_ModelRouteBaseHook):
         body = _given(**fields, purpose=purpose, region=region, ttl_days=ttl_days)
         slot = self._request("POST", "/files/upload", body)
         file_id, url = str(slot["file_id"]), check_storage_url(self.transport, str(slot["upload_url"]))
-        # The Content-Type declared for the URL: a URL presigned for one rejects any other.
         headers = {"Content-Length": str(size_bytes), "Content-Type": content_type}
         self.storage.put(url, open_source, headers, filename)
         try:
@@ -226,12 +191,10 @@ class ModelRouteHook(_ModelRouteBaseHook):
         except ModelRouteApiError as exc:
             if exc.http_status not in api.CONFIRM_ABSENT_STATUSES:
                 raise
-            confirmed = None  # a server without the confirm step: nothing to confirm
+            confirmed = None  # a server without the confirm step
         result = {"file_id": file_id, "content_type": content_type, "size_bytes": size_bytes}
         result.update({k: v for k, v in (confirmed or {}).items() if k in result})
         return result
-
-    # -- webhook endpoints (an endpoint's ``secret`` is shown once, in the answer to its creation) --
 
     def create_webhook_endpoint(
         self,
@@ -242,14 +205,12 @@ class ModelRouteHook(_ModelRouteBaseHook):
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """Register ``url`` (https) for ``events`` (empty: all); the answer holds the one-time ``secret``."""
-        loopback = isinstance(url, str) and local_address(urlsplit(url).hostname or "") == "loopback"
-        if not isinstance(url, str) or not (url.startswith("https://") or loopback):
+        loopback = local_address(urlsplit(str(url)).hostname or "") == "loopback"
+        if not (str(url).startswith("https://") or loopback):
             raise ModelRouteConfigError(f"A webhook endpoint url must be https://..., got {url!r}")
         headers = dict(headers) if headers else None
         body = _given(url=url, events=list(events), description=description, headers=headers)
-        # The same key on every HTTP retry: a retried create must not register the receiver twice.
-        key = {"Idempotency-Key": f"airflow-webhook-{uuid.uuid4()}"}
-        endpoint: dict[str, Any] = self._call("POST", _ENDPOINTS, body, key)[0]
+        endpoint: dict[str, Any] = self._call("POST", _ENDPOINTS, body, f"airflow-webhook-{uuid.uuid4()}")[0]
         if endpoint.get("secret"):
             mask_secret(str(endpoint["secret"]))
         return endpoint
@@ -259,7 +220,7 @@ class ModelRouteHook(_ModelRouteBaseHook):
         document = self._request("GET", _ENDPOINTS)
         if isinstance(document, dict):  # the docs show neither a bare list nor a wrapped one
             document = next(
-                (document[k] for k in ("data", "endpoints", "items", "webhooks") if k in document), None
+                (document[k] for k in ("data", "endpoints", "items", "webhooks") if k in document), 0
             )
         if not isinstance(document, list):
             raise ModelRouteError(f"Unexpected answer listing webhook endpoints: {str(document)[:200]}")
@@ -279,13 +240,11 @@ class ModelRouteHook(_ModelRouteBaseHook):
         """Ask ModelRoute to send the endpoint a test delivery; returns its answer."""
         return dict(self._request("POST", api_path("webhooks/endpoints", endpoint_id, "/test"), {}) or {})
 
-    # -- connection test ----------------------------------------------------------------------
-
     def test_connection(self) -> tuple[bool, str]:
         """Check the key and base URL by reading a made-up execution: any 4xx but an auth refusal
         means the key was accepted and the id is unknown."""
         try:
-            self.get_execution(_PROBE_EXECUTION_ID)
+            self.get_execution("exec_00000000-0000-0000-0000-000000000000")
         except ModelRouteApiError as exc:
             if exc.code == "UNAUTHORIZED" or exc.http_status in (401, 403) or not exc.permanent:
                 return False, self._anonymous(exc)
@@ -299,79 +258,62 @@ class ModelRouteHook(_ModelRouteBaseHook):
         return named.sub(lambda m: "This connection" if m[1] == "C" else "this connection", str(exc))
 
 
-@dataclass
-class _SharedSession:
-    """One event loop's aiohttp session to one origin (and TLS setup), and how many hooks use it."""
-
-    session: aiohttp.ClientSession
-    users: int = 0
-
-
-#: Per event loop, the shared sessions by origin and TLS setup.
-_SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], _SharedSession]] = (
+#: Per event loop, the shared aiohttp sessions by origin and TLS setup, each as [session, users].
+_SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], list[Any]]] = (
     weakref.WeakKeyDictionary()
 )
 
 
 class ModelRouteAsyncHook(_ModelRouteBaseHook):
     """
-    The ModelRoute calls of triggers (status, result, cancel) on aiohttp, without blocking the loop.
-
-    Use it as ``async with ModelRouteAsyncHook(conn_id) as hook``. The hooks of one event loop that
-    talk to one API origin share one aiohttp session (at most ``_MAX_CONNECTIONS`` connections).
+    The calls of triggers (status, cancel) on aiohttp: ``async with ModelRouteAsyncHook(conn_id) as
+    hook``. The hooks of one event loop that talk to one API origin share one aiohttp session.
 
     :param modelroute_conn_id: The Airflow connection to use.
     """
 
     transport: Transport
-    _options: dict[str, Any]
-    _shared: _SharedSession | None = None
+    _shared: list[Any] | None = None
 
     async def __aenter__(self) -> ModelRouteAsyncHook:
         import aiohttp
 
         with read_connection(self.modelroute_conn_id):
             conn = await aget_connection(self.modelroute_conn_id)
-        self.transport = Transport(ConnectionSettings.from_connection(conn), self.log)
-        settings = self.transport.settings
-        self._route = route(settings, settings.base_url)
-        self._key = (settings.base_url, *astuple(self._route)[:3])
-        connect, read = settings.timeouts
+        self.transport = Transport(connection_settings(conn), self.log)
+        base_url, options = self.transport.settings.base_url, self.transport.api_options
+        self._key = (base_url, options["verify"], options["cert"])
+        connect, read = options["timeout"]
         timeout = aiohttp.ClientTimeout(total=connect + read, sock_connect=connect, sock_read=read)
-        self._options = {"proxy": self._route.proxy, "timeout": timeout, "allow_redirects": False}
+        self._options = {"proxy": options["proxies"]["https"], "timeout": timeout, "allow_redirects": False}
         sessions = _SESSIONS.setdefault(asyncio.get_running_loop(), {})
-        if self._key not in sessions:
-            tls = self._route.ssl_context()
-            connector = aiohttp.TCPConnector(
-                limit=_MAX_CONNECTIONS, keepalive_timeout=_KEEPALIVE_EXPIRY, ssl=tls
-            )
-            # trust_env stays off: ``route`` read the proxy and CA variables, as for the sync hook
-            # (aiohttp's own reading of NO_PROXY differs from requests').
-            sessions[self._key] = _SharedSession(aiohttp.ClientSession(connector=connector, trust_env=False))
+        if self._key not in sessions:  # trust_env off: proxies and CAs are the ones requests uses
+            tls = ssl_context(options["verify"], options["cert"])
+            connector = aiohttp.TCPConnector(limit=100, keepalive_timeout=_KEEPALIVE, ssl=tls)
+            sessions[self._key] = [aiohttp.ClientSession(connector=connector, trust_env=False), 0]
         self._shared = sessions[self._key]
-        self._shared.users += 1
+        self._shared[1] += 1
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         shared, self._shared = self._shared, None
         if shared is not None:
-            shared.users -= 1
-            if shared.users == 0:  # the last user closes the session
+            shared[1] -= 1
+            if shared[1] == 0:  # the last user closes the session
                 sessions = _SESSIONS.get(asyncio.get_running_loop(), {})
                 if sessions.get(self._key) is shared:
                     del sessions[self._key]
-                await shared.session.close()
+                await shared[0].close()
 
     @property
     def sharing(self) -> int:
         """How many hooks of this event loop share this one's session (this one included)."""
-        return self._shared.users if self._shared is not None else 1
+        return self._shared[1] if self._shared is not None else 1
 
     async def _request(self, method: str, path: str) -> Any:
         assert self._shared is not None, "use the hook as `async with ModelRouteAsyncHook(...) as hook`"
-        transport, session = self.transport, self._shared.session
+        transport, session, options = self.transport, self._shared[0], self._options
         url = transport.url(path)
-        options = self._options
 
         async def once() -> Any:
             await transport.budget.acquire(self.log)
@@ -381,13 +323,10 @@ class ModelRouteAsyncHook(_ModelRouteBaseHook):
                 answered(headers)
             return transport.parse(method, path, status, headers, content)
 
-        return await tenacity.AsyncRetrying(**transport.retry.args())(once)
+        return await transport.async_retrying(once)
 
     async def get_execution(self, execution_id: str) -> dict[str, Any]:
         return await self._request("GET", api_path("executions", execution_id))
-
-    async def get_execution_result(self, execution_id: str) -> dict[str, Any]:
-        return await self._request("GET", api_path("executions", execution_id, "/result"))
 
     async def cancel_execution(self, execution_id: str) -> dict[str, Any] | None:
         """Cancel an execution; None if it had already finished."""

@@ -1,12 +1,6 @@
-"""When a request may go: pacing by the API's ``X-RateLimit-*`` headers, and the retry policy.
-
-One budget per API key per process.
-The sync hook (threads) and the triggers (event loops) draw from it.
-Its state sits behind a ``threading.Lock``; a request that must wait queues a waiter (an Event for a
-thread, a Future for a coroutine) and sleeps until it is granted a request: nothing polls. Only the
-head of the queue holds a timer, to the window's reset; a new window wakes exactly as many waiters
-as it has requests.
-"""
+"""When a request may go: pacing by the ``X-RateLimit-*`` headers (one budget per API key per process,
+for threads and event loops alike), and the retry policy. A request that must wait queues and sleeps
+until granted (nothing polls); only the head of the queue holds a timer, to the window's reset."""
 
 from __future__ import annotations
 
@@ -18,10 +12,10 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import tenacity
 
@@ -32,11 +26,12 @@ from airflow_provider_modelroute.exceptions import ModelRouteApiError, ModelRout
 LOG_WAITS_OVER = 5.0
 
 _log = logging.getLogger(__name__)
+_RETRYABLE = (ModelRouteConnectionError, ModelRouteApiError)
 
 
 @dataclass
 class RateLimit:
-    """The ``X-RateLimit-*`` headers of one response (reset normalised to unix seconds)."""
+    """The ``X-RateLimit-*`` headers of one response (reset in unix seconds)."""
 
     limit: int | None = None
     remaining: int | None = None
@@ -44,11 +39,8 @@ class RateLimit:
 
     @classmethod
     def read(cls, headers: Mapping[str, str]) -> RateLimit | None:
-        """The window the headers describe, or None if they name none.
-
-        ``Reset`` may be a unix time, a delta in seconds, or absent. Without it the window's end is
-        unknown, so ``Remaining`` cannot pace anything: only ``Retry-After`` (then backoff) on a 429.
-        """
+        """The window the headers describe, or None. Without a ``Reset`` (unix time or delta) the
+        window's end is unknown, so ``Remaining`` paces nothing."""
 
         def as_int(name: str) -> int | None:
             with contextlib.suppress(TypeError, ValueError):
@@ -62,67 +54,32 @@ class RateLimit:
         return cls(limit, remaining if reset is not None else None, reset)
 
 
-class _ThreadWaiter:
-    """A blocked thread (the sync hook)."""
+class _Waiter:
+    """A queued request: a blocked thread (``loop`` None: an Event) or coroutine (a Future)."""
 
-    __slots__ = ("event", "granted")
+    __slots__ = ("granted", "loop", "signal")
 
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.granted = False
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.granted, self.loop = False, loop
+        self.signal: Any = threading.Event() if loop is None else loop.create_future()
 
-    def wake(self) -> None:
-        self.event.set()
-
-    def wait(self, timeout: float | None) -> None:
-        self.event.wait(timeout)
-        self.event.clear()
-
-
-class _TaskWaiter:
-    """A blocked coroutine (a trigger), woken from any thread."""
-
-    __slots__ = ("future", "granted", "loop", "thread")
-
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.thread = threading.get_ident()
-        self.future: asyncio.Future[None] = self.loop.create_future()
-        self.granted = False
-
-    def _set(self) -> None:
-        if not self.future.done():
-            self.future.set_result(None)
-
-    def wake(self) -> None:
-        if threading.get_ident() == self.thread:
+    def wake(self) -> None:  # from any thread
+        if self.loop is None:
+            self.signal.set()
+        elif asyncio._get_running_loop() is self.loop:
             self._set()
         elif not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._set)
 
-    async def wait(self, timeout: float | None) -> None:
-        timer = self.loop.call_later(timeout, self._set) if timeout is not None else None
-        try:
-            await self.future
-        finally:
-            if timer is not None:
-                timer.cancel()
-            self.future = self.loop.create_future()
-
-
-_Waiter = _ThreadWaiter | _TaskWaiter
-W = TypeVar("W", _ThreadWaiter, _TaskWaiter)
+    def _set(self) -> None:
+        if not self.signal.done():
+            self.signal.set_result(None)
 
 
 class RateBudget:
-    """Paces every request of one API key in this process by the server's rate-limit headers.
-
-    It hands out the requests that remain in the window, then holds everyone until it resets, so
-    thousands of triggers do not storm the API into 429s. Until the first answer (or while the
-    window is spent and its reset unknown) one request at a time goes out to learn the state; a
-    server that sends no rate-limit headers is not paced at all. Answers only ever lower the
-    allowance (many are in flight at once, so an answer's ``Remaining`` is already stale).
-    """
+    """Hands out what remains of the key's window, then holds everyone until it resets. Until the first
+    answer (or while a spent window's reset is unknown) one request at a time goes out to learn the
+    state; a server without rate-limit headers is not paced. Answers only lower the allowance."""
 
     def __init__(self, label: str = "") -> None:
         self.label = label
@@ -136,13 +93,11 @@ class RateBudget:
         self._armed_for: float | None = None  # the reset that the head's timer is set for
         self._sent: collections.deque[float] = collections.deque()  # the last two seconds' sends
 
-    # -- state (under the lock) -----------------------------------------------------------------
-
     def _take(self, now: float) -> bool:
-        """Take one request if the budget allows it now."""
+        """Take one request if the budget allows it now (under the lock)."""
         if self.reset is not None and now >= self.reset:
-            # ``Reset`` is in whole seconds, rounded up: the server's window may have turned up to a
-            # second earlier, so what we sent in that second may already count against the new one.
+            # ``Reset`` is in whole seconds, rounded up: what we sent in its last second may already
+            # count against the new window.
             carried = sum(1 for sent in self._sent if sent > self.reset - 1)
             self.remaining, self.reset = max(0, (self.limit or 1) - carried), None
         if self.remaining is None:
@@ -154,16 +109,15 @@ class RateBudget:
             allowed = self.reset is None and self.in_flight == 0
         if allowed:
             self.in_flight += 1
-            if self.remaining is not None:  # paced: remember the send for the next window
+            if self.remaining is not None:
                 self._sent.append(now)
                 while self._sent[0] < now - 2:
                     self._sent.popleft()
         return allowed
 
     def _grant(self) -> None:
-        """Hand requests to the waiters at the head of the queue; have the head (re)arm its timer."""
-        now = time.time()
-        head = self._queue[0] if self._queue else None
+        """Grant the head of the queue what the budget allows; have the head (re)arm its timer."""
+        now, head = time.time(), self._queue[0] if self._queue else None
         while self._queue and self._take(now):
             waiter = self._queue.popleft()
             waiter.granted = True
@@ -171,19 +125,12 @@ class RateBudget:
         if self._queue and (self._queue[0] is not head or self.reset != self._armed_for):
             self._queue[0].wake()
 
-    def _timeout(self, waiter: _Waiter) -> float | None:
-        """The head waits for the reset; everyone else until granted (no timer at all)."""
-        if not self._queue or self._queue[0] is not waiter:
-            return None
-        self._armed_for = self.reset
-        return None if self.reset is None else max(0.0, self.reset - time.time())
-
-    def _now_or_queue(self, make_waiter: Callable[[], W], log: Any) -> W | None:
-        """Take a request now (None), or queue and return a new waiter (FIFO: no overtaking)."""
+    def _enqueue(self, loop: asyncio.AbstractEventLoop | None, log: Any) -> _Waiter | None:
+        """Take a request now (None), or queue a waiter (FIFO: no overtaking)."""
         with self._lock:
             if not self._queue and self._take(time.time()):
                 return None
-            waiter = make_waiter()
+            waiter = _Waiter(loop)
             self._queue.append(waiter)
             seconds = None if self.reset is None else self.reset - time.time()
         if seconds is not None and seconds > LOG_WAITS_OVER:
@@ -191,48 +138,50 @@ class RateBudget:
         return waiter
 
     def _granted(self, waiter: _Waiter) -> tuple[bool, float | None]:
-        """After a wake-up: whether the waiter got its request, else the timeout of its next wait."""
+        """After a wake-up: whether granted, else the next wait's timeout (only the head has one)."""
         with self._lock:
             if not waiter.granted:
                 self._grant()
-            return waiter.granted, None if waiter.granted else self._timeout(waiter)
-
-    def _leave(self, waiter: _Waiter) -> None:
-        """A waiter gave up (cancelled): leave the queue, or hand back the request it was granted."""
-        with self._lock:
-            if waiter.granted:
-                self.in_flight -= 1
-            else:
-                self._queue.remove(waiter)
-            self._grant()
-
-    # -- the clients' side ----------------------------------------------------------------------
+            if waiter.granted or self._queue[0] is not waiter:
+                return waiter.granted, None
+            self._armed_for = self.reset
+            return False, None if self.reset is None else max(0.0, self.reset - time.time())
 
     def acquire_blocking(self, log: Any = None) -> None:
         """Wait (blocking this thread) until a request may be sent; pair it with one ``observe``."""
-        started = time.monotonic()
-        waiter = self._now_or_queue(_ThreadWaiter, log)
-        if waiter is None:
-            return
-        granted, timeout = self._granted(waiter)
-        while not granted:
-            waiter.wait(timeout)
+        started, waiter = time.monotonic(), self._enqueue(None, log)
+        if waiter is not None:
             granted, timeout = self._granted(waiter)
-        metrics.rate_budget_wait(time.monotonic() - started)
+            while not granted:
+                waiter.signal.wait(timeout)
+                waiter.signal.clear()
+                granted, timeout = self._granted(waiter)
+            metrics.rate_budget_wait(time.monotonic() - started)
 
     async def acquire(self, log: Any = None) -> None:
         """Wait (not blocking the event loop) until a request may be sent; pair it with one ``observe``."""
-        started = time.monotonic()
-        waiter = self._now_or_queue(_TaskWaiter, log)
+        loop = asyncio.get_running_loop()
+        started, waiter = time.monotonic(), self._enqueue(loop, log)
         if waiter is None:
             return
         try:
             granted, timeout = self._granted(waiter)
             while not granted:
-                await waiter.wait(timeout)
+                timer = loop.call_later(timeout, waiter._set) if timeout is not None else None
+                try:
+                    await waiter.signal
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+                    waiter.signal = loop.create_future()
                 granted, timeout = self._granted(waiter)
-        except BaseException:
-            self._leave(waiter)
+        except BaseException:  # cancelled: leave the queue, or hand back the granted request
+            with self._lock:
+                if waiter.granted:
+                    self.in_flight -= 1
+                else:
+                    self._queue.remove(waiter)
+                self._grant()
             raise
         metrics.rate_budget_wait(time.monotonic() - started)
 
@@ -252,8 +201,7 @@ class RateBudget:
         # Without a Limit header, the most we have seen remaining is the best guess.
         self.limit = seen.limit if seen.limit is not None else max(self.limit or 0, seen.remaining)
         learning = self.remaining == 0 and self.reset is None and not self.in_flight
-        if first or self.remaining is None or learning:
-            # The first answer, or the one request that went out to learn a spent window's state.
+        if first or self.remaining is None or learning:  # the first answer, or the one probing request
             self.remaining, self.reset = seen.remaining, seen.reset
             return
         if seen.reset is not None and (seen.reset <= time.time() or (self.reset and seen.reset < self.reset)):
@@ -271,10 +219,9 @@ def shared_rate_budget(base_url: str, api_key: str) -> RateBudget:
     """The one budget of an API key (at one base URL) in this process."""
     key = hashlib.sha256(f"{base_url}|{api_key}".encode()).hexdigest()
     with _BUDGETS_LOCK:
-        budget = _BUDGETS.get(key)
-        if budget is None:
-            budget = _BUDGETS[key] = RateBudget(label=api_key[-4:])
-        return budget
+        if key not in _BUDGETS:
+            _BUDGETS[key] = RateBudget(label=api_key[-4:])
+        return _BUDGETS[key]
 
 
 def retry_after(status: int, headers: Mapping[str, str], window: RateLimit) -> float | None:
@@ -290,61 +237,43 @@ def retry_after(status: int, headers: Mapping[str, str], window: RateLimit) -> f
     return None
 
 
-def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, (ModelRouteConnectionError, ModelRouteApiError)) and bool(exc.retryable)
-
-
 @dataclass(frozen=True)
 class RetryPolicy:
-    """When to retry a failed request, the same for sync and async calls (tenacity's arguments).
-
-    Only what says it is retryable, at most ``max_retries`` times within ``deadline`` seconds; a
-    stale kept-alive connection at once, the server's ``Retry-After`` when given, else backoff.
-    """
+    """When to retry, the same for sync and async calls: only what says it is retryable, at most
+    ``max_retries`` times within ``deadline`` seconds; a stale kept-alive connection at once, the
+    server's ``Retry-After`` when given, else backoff."""
 
     max_retries: int = 5
     base_wait: float = 0.5
     max_wait: float = 30.0
     deadline: float = 120.0
-    log: Any = field(default=_log, compare=False, repr=False)
 
     def backoff(self, attempt: int) -> float:
         """Capped exponential backoff with full jitter for the ``attempt``-th retry (1-based)."""
         return random.uniform(0, min(self.max_wait, self.base_wait * 2 ** (attempt - 1)))
 
-    def _wait(self, state: tenacity.RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        if getattr(exc, "stale", False) and state.attempt_number == 1:
-            return 0.0
-        hinted = getattr(exc, "retry_after", None)
-        if hinted is not None:  # the server's hint, plus a little jitter so clients do not return at once
-            return float(hinted) + random.uniform(0, min(1.0, 0.1 * float(hinted) + 0.05))
-        return self.backoff(state.attempt_number)
+    def retrying(self, log: Any, asynchronous: bool = False) -> tenacity.BaseRetrying:
+        """A ``tenacity.Retrying`` (or ``AsyncRetrying``) for this policy, logging retries to ``log``."""
 
-    def _stop(self, state: tenacity.RetryCallState) -> bool:
-        upcoming = getattr(state, "upcoming_sleep", 0.0) or 0.0
-        return (
-            state.attempt_number > self.max_retries
-            or (state.seconds_since_start or 0.0) + upcoming > self.deadline
-        )
+        def wait(state: tenacity.RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            if getattr(exc, "stale", False) and state.attempt_number == 1:
+                return 0.0
+            hinted = getattr(exc, "retry_after", None)
+            if hinted is not None:  # the server's hint, with a little jitter
+                return float(hinted) + random.uniform(0, min(1.0, 0.1 * float(hinted) + 0.05))
+            return self.backoff(state.attempt_number)
 
-    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        metrics.retry()
-        self.log.warning(
-            "ModelRoute request failed (%s); retry %d of %d in %.1f s",
-            exc,
-            state.attempt_number,
-            self.max_retries,
-            getattr(state, "upcoming_sleep", 0.0) or 0.0,
-        )
+        def stop(state: tenacity.RetryCallState) -> bool:
+            spent = (state.seconds_since_start or 0.0) + (state.upcoming_sleep or 0.0)
+            return state.attempt_number > self.max_retries or spent > self.deadline
 
-    def args(self) -> dict[str, Any]:
-        """Keyword arguments for ``tenacity.Retrying`` and ``tenacity.AsyncRetrying``."""
-        return {
-            "retry": tenacity.retry_if_exception(_retryable),
-            "wait": self._wait,
-            "stop": self._stop,
-            "before_sleep": self._before_sleep,
-            "reraise": True,
-        }
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            metrics.retry()
+            exc = state.outcome.exception() if state.outcome else None
+            retry = (state.attempt_number, self.max_retries, state.upcoming_sleep)
+            log.warning("ModelRoute request failed (%s); retry %d of %d in %.1f s", exc, *retry)
+
+        retry = tenacity.retry_if_exception(lambda exc: isinstance(exc, _RETRYABLE) and bool(exc.retryable))
+        kind = tenacity.AsyncRetrying if asynchronous else tenacity.Retrying
+        return kind(retry=retry, wait=wait, stop=stop, before_sleep=before_sleep, reraise=True)

@@ -1,44 +1,29 @@
-"""Reaching hosts (TLS, proxies, refused addresses), and files on presigned URLs (without the API key).
-
-``GET /v1/files/{id}/download`` answers in one of three documented readings, all handled by
-:class:`FileDownload`: the file's bytes, the document ``{url, expires_at, content_type, size_bytes}``,
-or a redirect to the presigned URL. Downloads stream and resume; uploads are retried.
-"""
+"""Files on presigned URLs (without the API key), and the checks of the hosts they name. Downloads
+(:class:`FileDownload`: all three readings of ``/download``) stream and resume; uploads are retried."""
 
 from __future__ import annotations
 
-import functools
 import ipaddress
+import itertools
 import json
 import logging
-import os
 import re
-import ssl
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from functools import cached_property
 from typing import IO, Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
-import tenacity
 
 from airflow_provider_modelroute import api, metrics
-from airflow_provider_modelroute.exceptions import (
-    ModelRouteConfigError,
-    ModelRouteConnectionError,
-    ModelRouteTransferError,
-)
-from airflow_provider_modelroute.hooks.transport import USER_AGENT, ConnectionSettings, Transport, api_path
+from airflow_provider_modelroute.exceptions import ModelRouteConnectionError, ModelRouteTransferError
+from airflow_provider_modelroute.hooks.transport import USER_AGENT, Transport, api_path, requests_options
 
 #: The most read from the network at once: a dropped connection loses only the read in progress.
 NETWORK_READ = 1024 * 1024
 #: A URL document is small; a JSON answer larger than this is a file's bytes.
 _MAX_DOCUMENT = 64 * 1024
 _MAX_REDIRECTS = 5
-CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
-_PROXY_VARIABLES = tuple(n for b in ("https_proxy", "http_proxy", "all_proxy") for n in (b, b.upper()))
 _SIGNED_QUERY_RE = re.compile(r"\?[^\s\"']*Signature=[^\s\"']*")
 
 
@@ -51,99 +36,13 @@ def local_address(host: str) -> str | None:
         address = ipaddress.ip_address(host.split("%")[0])
     except ValueError:
         return None
-    if address.is_loopback:
-        return "loopback"
-    return None if address.is_global else "private"
-
-
-@dataclass(frozen=True)
-class Route:
-    """The CA bundle to trust, the client certificate to show, and the proxy to use for one URL."""
-
-    ca_bundle: str
-    client_cert: str | None = None
-    client_key: str | None = None
-    proxy: str | None = None
-
-    def requests_options(self) -> dict[str, Any]:
-        """``verify``/``cert``/``proxies`` for a requests call (whose ``trust_env`` is off)."""
-        cert = (self.client_cert, self.client_key) if self.client_key else self.client_cert
-        proxies = {"http": self.proxy, "https": self.proxy} if self.proxy else {}
-        return {"verify": self.ca_bundle, "cert": cert, "proxies": proxies}
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """The TLS context for aiohttp (cached: loading a CA bundle is slow)."""
-        try:
-            return _ssl_context(self.ca_bundle, self.client_cert, self.client_key)
-        except (ssl.SSLError, OSError) as exc:
-            raise ModelRouteConfigError(
-                f"Cannot load the TLS files (ca_bundle {self.ca_bundle!r}, client_cert "
-                f"{self.client_cert!r}, client_key {self.client_key!r}): {exc}. Fix the connection extras "
-                "or the CA environment variable"
-            ) from None
-
-
-@functools.lru_cache(maxsize=16)
-def _ssl_context(ca_bundle: str, client_cert: str | None, client_key: str | None) -> ssl.SSLContext:
-    if os.path.isdir(ca_bundle):
-        context = ssl.create_default_context(capath=ca_bundle)
-    else:
-        context = ssl.create_default_context(cafile=ca_bundle)
-    if client_cert:
-        context.load_cert_chain(client_cert, client_key)
-    return context
-
-
-def _origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
-    return parts.scheme, (parts.hostname or "").lower(), parts.port or {"https": 443}.get(parts.scheme, 80)
-
-
-def _ca_bundle(settings: ConnectionSettings) -> str:
-    if settings.ca_bundle:
-        return settings.ca_bundle
-    for name in CA_BUNDLE_VARIABLES:
-        path = os.environ.get(name)
-        if path:
-            if not os.path.exists(path):
-                raise ModelRouteConfigError(
-                    f"The environment variable {name} names {path!r}, which does not exist: fix or unset it"
-                )
-            return path
-    import certifi
-
-    return str(certifi.where())
-
-
-def _proxy(url: str) -> str | None:
-    # requests scans the whole environment for proxies: skip that when no proxy variable is set
-    if not any(os.environ.get(name) for name in _PROXY_VARIABLES):
-        return None
-    from requests.utils import get_environ_proxies, select_proxy
-
-    return select_proxy(url, get_environ_proxies(url))
-
-
-def route(settings: ConnectionSettings, url: str) -> Route:
-    """How to reach ``url``, one answer for both HTTP clients (which would read the environment
-    differently) and for API and storage URLs. CA bundle: the extra ``ca_bundle``, else
-    ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` or ``SSL_CERT_FILE``, else certifi's. The client
-    certificate goes to the API host only. Proxy: ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` by
-    scheme, except for hosts ``NO_PROXY`` matches, as requests reads them."""
-    to_api = url == settings.base_url or _origin(url) == _origin(settings.base_url)
-    return Route(
-        ca_bundle=_ca_bundle(settings),
-        client_cert=settings.client_cert if to_api else None,
-        client_key=settings.client_key if to_api else None,
-        proxy=_proxy(url),
-    )
+    return "loopback" if address.is_loopback else None if address.is_global else "private"
 
 
 def check_storage_url(transport: Transport, url: str) -> str:
     """Refuse presigned URLs that are not https, or name a loopback/private address literally (the
     local test server's http://127.0.0.1 URLs pass only with ``allow_insecure_storage_urls``)."""
-    parts = urlsplit(url)
-    shown = api.redact_url(url)
+    parts, shown = urlsplit(url), api.redact_url(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ModelRouteTransferError(f"Refusing storage URL {shown}: not an http(s) URL")
     if transport.settings.allow_insecure_storage_urls:
@@ -164,10 +63,8 @@ class _PresignedQueryFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and any("Signature=" in str(arg) for arg in record.args):
-            record.args = tuple(
-                _SIGNED_QUERY_RE.sub("?<redacted>", arg) if isinstance(arg, str) else arg
-                for arg in record.args
-            )
+            redact = _SIGNED_QUERY_RE.sub
+            record.args = tuple(redact("?<redacted>", a) if isinstance(a, str) else a for a in record.args)
         return True
 
 
@@ -178,26 +75,17 @@ def _strip_authorization(request: requests.PreparedRequest) -> requests.Prepared
 
 
 class StorageClient:
-    """Talks to the storage host behind presigned URLs, with the API's timeouts and retry policy."""
+    """The storage host behind presigned URLs: no API key, the API's timeouts and retry policy."""
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
-
-    def _options(self, url: str) -> dict[str, Any]:
-        settings = self.transport.settings
-        return {"timeout": settings.timeouts, **route(settings, url).requests_options()}
-
-    @cached_property
-    def session(self) -> requests.Session:
-        """A session without the API key, for presigned storage URLs."""
         logger = logging.getLogger("urllib3.connectionpool")
         if not any(isinstance(f, _PresignedQueryFilter) for f in logger.filters):
             logger.addFilter(_PresignedQueryFilter())
-        session = requests.Session()
-        session.trust_env = False  # CA bundle and proxies come from ``route``
-        session.auth = _strip_authorization
-        session.headers["User-Agent"] = USER_AGENT
-        return session
+        self.session = requests.Session()
+        self.session.trust_env = False  # CA bundle and proxies: the transport's
+        self.session.auth = _strip_authorization
+        self.session.headers["User-Agent"] = USER_AGENT
 
     def follow(self, response: requests.Response, url: str) -> str:
         """Where a redirect answer points, checked like any presigned URL; the answer is closed."""
@@ -209,7 +97,7 @@ class StorageClient:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         for _ in range(_MAX_REDIRECTS):
             response = self.session.get(
-                url, headers=headers, stream=True, allow_redirects=False, **self._options(url)
+                url, headers=headers, stream=True, **requests_options(self.transport.settings, url)
             )
             if not response.is_redirect:
                 return response
@@ -218,7 +106,7 @@ class StorageClient:
 
     def put(self, url: str, open_source: Callable[[], IO[bytes]], headers: dict[str, str], name: str) -> None:
         """PUT a file's bytes to a presigned upload URL, retried per the policy (reopened each time)."""
-        options = self._options(url)
+        options = requests_options(self.transport.settings, url)
 
         def put_once() -> None:
             with open_source() as source:
@@ -229,10 +117,11 @@ class StorageClient:
             if response.status_code >= 500:
                 raise ModelRouteConnectionError(f"Upload of {name} got HTTP {response.status_code}")
             if response.status_code >= 300:
-                refused = f"Storage refused the upload of {name} (HTTP {response.status_code})"
-                raise ModelRouteTransferError(refused)
+                raise ModelRouteTransferError(
+                    f"Storage refused the upload of {name} (HTTP {response.status_code})"
+                )
 
-        tenacity.Retrying(**self.transport.retry.args())(put_once)
+        self.transport.retrying(put_once)
 
 
 class FileDownload:
@@ -240,16 +129,14 @@ class FileDownload:
     Opening asks ``/download`` at once, so the size and type are known before the first byte is read."""
 
     def __init__(
-        self, storage: StorageClient, send: Callable[..., requests.Response], file_id: str, chunk_size: int
+        self, storage: StorageClient, send: Callable[..., Any], file_id: str, chunk_size: int
     ) -> None:
         self.file_id, self.chunk_size = file_id, chunk_size
         self._storage, self._send = storage, send
         self._path = api_path("files", file_id, "/download")
-        #: The presigned URL the API gave (document or redirect); None: ask the API (again).
-        self._url: str | None = None
-        self._pending: requests.Response | None = None
+        self._url: str | None = None  # the presigned URL the API gave; None: ask the API (again)
         document: dict[str, Any] = {}
-        self._pending = self._open(0, document)
+        self._pending: requests.Response | None = storage.transport.retrying(self._ask_api, 0, document)
         size = document.get("size_bytes") if document else _announced_size(self._pending)
         self.size_bytes = int(size) if size is not None else None
         content_type = document.get("content_type") or self._pending.headers.get("Content-Type")
@@ -261,7 +148,7 @@ class FileDownload:
         if pending is not None:
             pending.close()
 
-    def _open(self, offset: int, document: dict[str, Any] | None = None) -> requests.Response:
+    def _open(self, offset: int) -> requests.Response:
         """A response whose body holds the file from ``offset`` (200: from the start, 206: from there)."""
         if self._pending is not None and offset == 0:
             pending, self._pending = self._pending, None
@@ -269,28 +156,41 @@ class FileDownload:
         self.close()
         if self._url is not None:
             return self._storage.get(self._url, offset)
-        retrying = tenacity.Retrying(**self._storage.transport.retry.args())
-        return retrying(self._ask_api, offset, {} if document is None else document)
+        return self._storage.transport.retrying(self._ask_api, offset, {})
 
     def _ask_api(self, offset: int, document: dict[str, Any]) -> requests.Response:
+        """Ask ``/download``; the bytes (reading 1), else follow the URL document (2) or redirect (3)."""
         transport = self._storage.transport
         url = transport.url(self._path)
-        headers = {"Accept": "*/*", "Accept-Encoding": "identity"}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
+        headers = {
+            "Accept": "*/*",
+            "Accept-Encoding": "identity",
+            **({"Range": f"bytes={offset}-"} if offset else {}),
+        }
         response = self._send("GET", url, headers=headers, stream=True)
-        if response.is_redirect:  # reading 3
+        if response.is_redirect:
             self._url = self._storage.follow(response, url)
             return self._storage.get(self._url, offset)
         if not 200 <= response.status_code < 300:
             with response:
                 content = response.raw.read(_MAX_DOCUMENT, decode_content=True)
             raise transport.error_from_response(response.status_code, response.headers, content)
-        found = _url_document(response)
-        if found is None:  # reading 1: these are the bytes
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        length = response.headers.get("Content-Length", "0")
+        if content_type != "application/json" or (length.isdigit() and int(length) > _MAX_DOCUMENT):
             return response
-        document.update(found)  # reading 2
-        self._url = check_storage_url(transport, str(found["url"]))
+        head = response.raw.read(_MAX_DOCUMENT + 1, decode_content=True)  # a small JSON body: a document?
+        try:
+            found = json.loads(head) if len(head) <= _MAX_DOCUMENT else None
+        except ValueError:
+            found = None
+        if not api.is_url_document(found):  # a JSON file: iterate it from its first byte
+            rest = response.iter_content
+            response.iter_content = lambda size=1, *_: itertools.chain((head,), rest(size))
+            return response
+        response.close()
+        document.update(found)  # type: ignore[arg-type]
+        self._url = check_storage_url(transport, str(document["url"]))
         return self._storage.get(self._url, offset)
 
     def __iter__(self) -> Iterator[bytes]:
@@ -300,19 +200,24 @@ class FileDownload:
         while True:
             try:
                 with self._open(offset) as response:
-                    url = response.url
-                    if response.status_code == 403:  # expired: the next open asks the API for a fresh URL
+                    url, status = response.url, response.status_code
+                    if status == 403:  # expired: the next open asks the API for a fresh URL
                         self._url = None
                         raise ModelRouteConnectionError("presigned URL expired (HTTP 403)")
-                    if response.status_code >= 500:
-                        raise ModelRouteConnectionError(f"storage answered HTTP {response.status_code}")
-                    if response.status_code not in (200, 206):
+                    if status >= 500:
+                        raise ModelRouteConnectionError(f"storage answered HTTP {status}")
+                    if status not in (200, 206):
                         raise ModelRouteTransferError(
-                            f"Storage answered HTTP {response.status_code} for file {self.file_id}"
+                            f"Storage answered HTTP {status} for file {self.file_id}"
                         )
                     if size is None and offset == 0:
                         size = _announced_size(response)
-                    skip = _bytes_to_skip(response, offset)
+                    skip = offset if status == 200 else 0  # the server ignored Range: drop what we have
+                    start = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+                    if status == 206 and (start is None or int(start[1]) != offset):
+                        raise ModelRouteTransferError(
+                            f"Storage answered a resume from byte {offset} with the wrong range"
+                        )
                     for chunk in response.iter_content(min(self.chunk_size, NETWORK_READ)):
                         if skip >= len(chunk):
                             skip -= len(chunk)
@@ -353,48 +258,3 @@ def _announced_size(response: requests.Response) -> int | None:
         return None
     length = response.headers.get("Content-Length")
     return int(length) if length is not None and length.isdigit() else None
-
-
-def _bytes_to_skip(response: requests.Response, offset: int) -> int:
-    """How many leading bytes of a (resumed) response were already received."""
-    if response.status_code == 200:
-        return offset  # the server ignored Range: drop what we already have
-    start = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
-    if start is None or int(start[1]) != offset:
-        raise ModelRouteTransferError(f"Storage answered a resume from byte {offset} with the wrong range")
-    return 0
-
-
-def _url_document(response: requests.Response) -> dict[str, Any] | None:
-    """The presigned-URL document if ``response`` holds one (reading 2), else None. Only a small JSON
-    body is read; a body that turns out not to be the document is put back."""
-    content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-    length = response.headers.get("Content-Length", "0")
-    if content_type != "application/json" or (length.isdigit() and int(length) > _MAX_DOCUMENT):
-        return None
-    head = response.raw.read(_MAX_DOCUMENT + 1, decode_content=True)
-    try:
-        document = json.loads(head) if len(head) <= _MAX_DOCUMENT else None
-    except ValueError:
-        document = None
-    if api.is_url_document(document):
-        response.close()
-        return dict(document)  # type: ignore[arg-type]
-    response.raw = _Prefixed(head, response.raw)  # a JSON file: iterate it from its first byte
-    return None
-
-
-class _Prefixed:
-    """A raw stream whose first bytes were already read: serves them again, then the rest."""
-
-    def __init__(self, head: bytes, raw: Any) -> None:
-        self._head, self._raw = head, raw
-
-    def stream(self, amt: int, decode_content: bool = True) -> Any:
-        if self._head:
-            yield self._head
-            self._head = b""
-        yield from self._raw.stream(amt, decode_content=decode_content)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._raw, name)

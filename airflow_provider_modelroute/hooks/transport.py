@@ -1,14 +1,11 @@
-"""What every ModelRoute request shares: the connection's settings, TLS and proxies, the error model.
-
-The sync hook (requests), the async hook (aiohttp) and storage transfers all take these from one
-:class:`Transport`, so the paths cannot drift apart. TLS and proxies: ``hooks/storage.py``'s :func:`route`.
-"""
+"""What every ModelRoute request shares (sync, async and storage alike, so they cannot drift apart): the
+connection's settings, TLS and proxies, the error model."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import functools
 import http
 import json
 import logging
@@ -18,6 +15,7 @@ import ssl
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
@@ -42,37 +40,29 @@ if TYPE_CHECKING:
     from airflow_provider_modelroute.version_compat import Connection
 
 USER_AGENT = f"airflow-provider-modelroute/{__version__}"
+CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
+_PROXY_VARIABLES = tuple(n for b in ("https_proxy", "http_proxy", "all_proxy") for n in (b, b.upper()))
 _log = logging.getLogger(__name__)
-#: The API's collections: how an id in each looks, and what to call it in an error.
+#: The API's collections: the prefix of their ids, and what to call an id in an error.
 _IDS = {
-    "executions": (re.compile(r"exec_[A-Za-z0-9_-]{1,128}"), "execution_id", "exec_<uuid>"),
-    "files": (api.FILE_ID_RE, "file_id", "file_<uuid>"),
-    "webhooks/endpoints": (re.compile(r"wh_[A-Za-z0-9_-]{1,128}"), "endpoint_id", "wh_..."),
+    "executions": ("exec_", "execution_id"),
+    "files": ("file_", "file_id"),
+    "webhooks/endpoints": ("wh_", "endpoint_id"),
 }
 
 
 def api_path(collection: str, ident: str, suffix: str = "") -> str:
     """``/{collection}/{ident}{suffix}``, refusing an id that does not look like the API's (never a path)."""
-    pattern, name, shape = _IDS[collection]
-    if not isinstance(ident, str) or not pattern.fullmatch(ident):
-        raise ModelRouteConfigError(f"{name} must look like {shape!r}, got {ident!r}")
+    prefix, name = _IDS[collection]
+    if not isinstance(ident, str) or not re.fullmatch(rf"{prefix}[A-Za-z0-9_-]{{1,128}}", ident):
+        raise ModelRouteConfigError(f"{name} must look like '{prefix}...', got {ident!r}")
     return f"/{collection}/{quote(ident)}{suffix}"
-
-
-def check_execution_request(model: Any, input: Any) -> None:
-    """Refuse a request the API would refuse for its shape alone: no model slug, or input not an object."""
-    if not isinstance(model, str) or not model.strip():
-        raise ModelRouteConfigError("model must be a non-empty model slug, e.g. model='flux-1.1-pro'")
-    if not isinstance(input, dict):
-        raise ModelRouteConfigError(
-            f"input must be a dict (the model's input object), got {type(input).__name__}"
-        )
 
 
 @contextlib.contextmanager
 def read_connection(conn_id: str) -> Iterator[None]:
-    """Around a connection lookup: "not found" says how to create it; any other failure surfaces as
-    itself, naming the connection (a retry may help, so it does not fail the task at once)."""
+    """Around a connection lookup: "not found" says how to create it; any other failure names the
+    connection (a retry may help, so it does not fail the task at once)."""
     try:
         yield
     except AirflowNotFoundException:
@@ -89,70 +79,6 @@ def read_connection(conn_id: str) -> Iterator[None]:
         ) from exc
 
 
-class _Extras:
-    """A connection's extras, read by plain name or the ``extra__modelroute__`` form older UIs store."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn_id = conn.conn_id
-        try:  # Airflow's ``extra_dejson`` turns invalid JSON into {} silently: say so instead
-            self.values = json.loads(conn.extra) if conn.extra else {}
-        except ValueError as exc:
-            raise ModelRouteConfigError(
-                f"Connection {conn.conn_id!r} has extras that are not JSON: {exc}"
-            ) from None
-        if not isinstance(self.values, dict):
-            raise ModelRouteConfigError(f"Connection {conn.conn_id!r} has extras that are not a JSON object")
-
-    def get(self, name: str, default: Any = None) -> Any:
-        value = extra_value(self.values, name)
-        return default if value is None else value
-
-    def number(self, name: str, default: float, minimum: float) -> float:
-        value = self.get(name, default)
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = minimum - 1
-        if number < minimum:
-            raise ModelRouteConfigError(
-                f"Connection {self.conn_id!r}: extra {name!r} must be a number of at least {minimum}, got "
-                f"{value!r}; fix it in the connection's extras"
-            )
-        return number
-
-    def flag(self, name: str) -> bool:
-        value = self.get(name, False)
-        return value.strip().lower() in {"1", "true", "yes", "on"} if isinstance(value, str) else bool(value)
-
-    def path(self, name: str) -> str | None:
-        """A file path extra; it must exist where the task or trigger runs."""
-        value = self.get(name)
-        if value is None:
-            return None
-        path = os.path.expanduser(str(value).strip())
-        if not os.path.exists(path):
-            raise ModelRouteConfigError(
-                f"Connection {self.conn_id!r}: extra {name!r} names {path!r}, which does not exist here: "
-                "install the file on every worker and triggerer, or fix the path"
-            )
-        return path
-
-
-def _base_url(conn: Connection) -> str:
-    """The connection's host as ``scheme://host[:port]`` (a trailing ``/v1`` is dropped)."""
-    if not conn.host:
-        return api.DEFAULT_BASE_URL
-    url = conn.host.strip().rstrip("/")
-    parts = urlsplit(url if "://" in url else f"https://{url}")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ModelRouteConfigError(
-            f"Connection {conn.conn_id!r}: host {conn.host!r} is not a base URL: use e.g. "
-            f"{api.DEFAULT_BASE_URL} (or leave it empty)"
-        )
-    netloc = parts.netloc if not conn.port or parts.port else f"{parts.netloc}:{conn.port}"
-    return f"{parts.scheme}://{netloc}{parts.path}".removesuffix(api.API_PREFIX)
-
-
 @dataclass(frozen=True)
 class ConnectionSettings:
     """Everything the hooks need from an Airflow connection, validated once."""
@@ -160,19 +86,13 @@ class ConnectionSettings:
     base_url: str
     api_key: str = field(repr=False)
     conn_id: str = "modelroute_default"
-    connect_timeout: float = 10.0
-    read_timeout: float = 30.0
+    timeouts: tuple[float, float] = (10.0, 30.0)  # (connect, read) in seconds
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     allow_insecure_storage_urls: bool = False
     dashboard_url: str = api.DEFAULT_DASHBOARD_URL
     ca_bundle: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
-
-    @property
-    def timeouts(self) -> tuple[float, float]:
-        """(connect, read) in seconds."""
-        return self.connect_timeout, self.read_timeout
 
     @classmethod
     def from_connection(cls, conn: Connection) -> ConnectionSettings:
@@ -192,24 +112,65 @@ class ConnectionSettings:
                 conn.conn_id,
                 warning,
             )
-        extras = _Extras(conn)
+        base_url = api.DEFAULT_BASE_URL
+        if conn.host:
+            url = conn.host.strip().rstrip("/")
+            parts = urlsplit(url if "://" in url else f"https://{url}")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ModelRouteConfigError(
+                    f"Connection {conn.conn_id!r}: host {conn.host!r} is not a base URL: use e.g. "
+                    f"{api.DEFAULT_BASE_URL} (or leave it empty)"
+                )
+            netloc = parts.netloc if not conn.port or parts.port else f"{parts.netloc}:{conn.port}"
+            base_url = f"{parts.scheme}://{netloc}{parts.path}".removesuffix(api.API_PREFIX)
+        try:  # Airflow's ``extra_dejson`` turns invalid JSON into {} silently: say so instead
+            values = json.loads(conn.extra) if conn.extra else {}
+        except ValueError as exc:
+            raise ModelRouteConfigError(
+                f"Connection {conn.conn_id!r} has extras that are not JSON: {exc}"
+            ) from None
+        if not isinstance(values, dict):
+            raise ModelRouteConfigError(f"Connection {conn.conn_id!r} has extras that are not a JSON object")
+
+        def number(name: str, default: float, minimum: float) -> float:
+            value = default if extra_value(values, name) is None else extra_value(values, name)
+            with contextlib.suppress(TypeError, ValueError):
+                if float(value) >= minimum:
+                    return float(value)
+            raise ModelRouteConfigError(
+                f"Connection {conn.conn_id!r}: extra {name!r} must be a number of at least {minimum}, got "
+                f"{value!r}; fix it in the connection's extras"
+            )
+
+        def path(name: str) -> str | None:  # it must exist where the task or trigger runs
+            value = extra_value(values, name)
+            found = None if value is None else os.path.expanduser(str(value).strip())
+            if found is not None and not os.path.exists(found):
+                raise ModelRouteConfigError(
+                    f"Connection {conn.conn_id!r}: extra {name!r} names {found!r}, which does not exist "
+                    "here: install the file on every worker and triggerer, or fix the path"
+                )
+            return found
+
+        insecure = extra_value(values, "allow_insecure_storage_urls") or False
         settings = cls(
-            base_url=_base_url(conn),
+            base_url=base_url,
             api_key=api_key,
             conn_id=conn.conn_id,
-            connect_timeout=extras.number("connect_timeout", cls.connect_timeout, 0.001),
-            read_timeout=extras.number("timeout", cls.read_timeout, 0.001),
+            timeouts=(number("connect_timeout", 10.0, 0.001), number("timeout", 30.0, 0.001)),
             retry=RetryPolicy(
-                int(extras.number("max_retries", RetryPolicy.max_retries, 0)),
-                extras.number("retry_base_wait", RetryPolicy.base_wait, 0),
-                extras.number("retry_max_wait", RetryPolicy.max_wait, 0),
-                extras.number("retry_deadline", RetryPolicy.deadline, 0),
+                int(number("max_retries", RetryPolicy.max_retries, 0)),
+                number("retry_base_wait", RetryPolicy.base_wait, 0),
+                number("retry_max_wait", RetryPolicy.max_wait, 0),
+                number("retry_deadline", RetryPolicy.deadline, 0),
             ),
-            allow_insecure_storage_urls=extras.flag("allow_insecure_storage_urls"),
-            dashboard_url=str(extras.get("dashboard_url", cls.dashboard_url)).rstrip("/"),
-            ca_bundle=extras.path("ca_bundle"),
-            client_cert=extras.path("client_cert"),
-            client_key=extras.path("client_key"),
+            allow_insecure_storage_urls=insecure.strip().lower() in {"1", "true", "yes", "on"}
+            if isinstance(insecure, str)
+            else bool(insecure),
+            dashboard_url=str(extra_value(values, "dashboard_url") or cls.dashboard_url).rstrip("/"),
+            ca_bundle=path("ca_bundle"),
+            client_cert=path("client_cert"),
+            client_key=path("client_key"),
         )
         if settings.client_key and not settings.client_cert:
             raise ModelRouteConfigError(
@@ -219,10 +180,70 @@ class ConnectionSettings:
         return settings
 
 
-# -- errors ----------------------------------------------------------------------------------------
+_SETTINGS: dict[tuple[Any, ...], ConnectionSettings] = {}
 
-#: SSL errors that are only a dropped connection (retried like any other drop).
-_SSL_DROPS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+
+def connection_settings(conn: Connection) -> ConnectionSettings:
+    """A connection's settings, built once per connection as it stands (a changed connection is read anew)."""
+    key = (conn.conn_id, conn.host, conn.port, conn.password, conn.extra)
+    settings = _SETTINGS.get(key)
+    if settings is None:
+        if len(_SETTINGS) >= 64:  # the UI tests connections under random ids
+            _SETTINGS.clear()
+        settings = _SETTINGS[key] = ConnectionSettings.from_connection(conn)
+    mask_secret(settings.api_key)  # a new task process's masker must know the key too
+    return settings
+
+
+def requests_options(settings: ConnectionSettings, url: str) -> dict[str, Any]:
+    """How requests (its ``trust_env`` off) reaches ``url``, and aiohttp the API: no redirects followed;
+    the client certificate to the API host only; the CA bundle of the extra ``ca_bundle``, else
+    ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` or ``SSL_CERT_FILE``, else certifi's; the proxy of
+    ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` by scheme, unless ``NO_PROXY`` matches (as requests)."""
+    verify = settings.ca_bundle or next(filter(None, map(os.environ.get, CA_BUNDLE_VARIABLES)), None)
+    if verify is None:
+        import certifi
+
+        verify = certifi.where()
+    elif not settings.ca_bundle and not os.path.exists(verify):
+        name = next(n for n in CA_BUNDLE_VARIABLES if os.environ.get(n) == verify)
+        raise ModelRouteConfigError(
+            f"The environment variable {name} names {verify!r}, which does not exist: fix or unset it"
+        )
+    proxy = None
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):  # requests' scan of the environment is slow
+        from requests.utils import get_environ_proxies, select_proxy
+
+        proxy = select_proxy(url, get_environ_proxies(url))
+    origins = {
+        (p.scheme, p.hostname, p.port or (443 if p.scheme == "https" else 80))
+        for p in map(urlsplit, (url, settings.base_url))
+    }
+    cert: Any = settings.client_cert if len(origins) == 1 else None
+    cert = (cert, settings.client_key) if cert and settings.client_key else cert
+    options = {"timeout": settings.timeouts, "allow_redirects": False, "cert": cert, "verify": verify}
+    return {**options, "proxies": {"http": proxy, "https": proxy}}
+
+
+@functools.lru_cache(maxsize=16)  # loading a CA bundle is slow
+def ssl_context(verify: str, cert: str | tuple[str, str] | None) -> ssl.SSLContext:
+    """aiohttp's TLS context from requests' ``verify`` and ``cert`` options: both clients trust the same."""
+    try:
+        directory = os.path.isdir(verify)
+        context = ssl.create_default_context(
+            cafile=None if directory else verify, capath=verify if directory else None
+        )
+        if cert:
+            context.load_cert_chain(*((cert,) if isinstance(cert, str) else cert))
+        return context
+    except (ssl.SSLError, OSError) as exc:
+        raise ModelRouteConfigError(
+            f"Cannot load the TLS files (CA bundle {verify!r}, client certificate {cert!r}): {exc}. Fix the "
+            "connection extras 'ca_bundle', 'client_cert' and 'client_key', or the CA environment variable"
+        ) from None
+
+
+_SSL_DROPS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)  # retried like any drop
 #: The server closed a kept-alive connection as we reused it: retry at once.
 _STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 _STALE_NAMES = frozenset({"ServerDisconnectedError", "RemoteDisconnected"})
@@ -231,24 +252,14 @@ _DECODING_ERRORS = frozenset({"ContentEncodingError", "ContentDecodingError", "D
 _USERINFO_RE = re.compile(r"(\w+://)[^/@\s'\"]+@")
 
 
-def _causes(exc: BaseException) -> Iterator[BaseException]:
+def _causes(exc: BaseException) -> list[BaseException]:
     """An exception and everything it wraps (causes, contexts, and the wrapped errors of clients)."""
-    seen: set[int] = set()
-    stack = [exc]
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        wrapped = (
-            current.__cause__,
-            current.__context__,
-            getattr(current, "reason", None),
-            getattr(current, "certificate_error", None),
-            *current.args,
-        )
-        stack.extend(e for e in wrapped if isinstance(e, BaseException))
+    found = [exc]
+    for current in found:  # grows as it goes
+        wrapped = (current.__cause__, current.__context__, *current.args)
+        wrapped += (getattr(current, "reason", None), getattr(current, "certificate_error", None))
+        found += [e for e in wrapped if isinstance(e, BaseException) and all(e is not f for f in found)]
+    return found
 
 
 def _proxy_refusal(exc: BaseException) -> int | None:
@@ -260,14 +271,6 @@ def _proxy_refusal(exc: BaseException) -> int | None:
     return int(match[1]) if match else None
 
 
-def _scrub(text: str, url: str) -> str:
-    """An error text without the URL's query (a presigned signature) or a proxy URL's password."""
-    query = urlsplit(url).query
-    if query:
-        text = text.replace(url, api.redact_url(url)).replace(query, "<redacted>")
-    return _USERINFO_RE.sub(r"\1<redacted>@", text)
-
-
 class Transport:
     """One connection's way to the API: URLs, headers, pacing, response parsing and the retry policy."""
 
@@ -276,19 +279,22 @@ class Transport:
         self.log = log
         self.rate_limit = RateLimit()
         self.budget = shared_rate_budget(settings.base_url, settings.api_key)
-        self.retry = dataclasses.replace(settings.retry, log=log)
-        self.headers = {
-            "Authorization": f"Bearer {settings.api_key}",
-            "Accept": "application/json",
-            "User-Agent": USER_AGENT,
-        }
+        self.retry = settings.retry
+        self.retrying, self.async_retrying = settings.retry.retrying(log), settings.retry.retrying(log, True)
+        self.headers = {"Authorization": f"Bearer {settings.api_key}", "Accept": "application/json"}
+        self.headers["User-Agent"] = USER_AGENT
+
+    @cached_property
+    def api_options(self) -> dict[str, Any]:
+        """The options of requests calls to the API (aiohttp's TLS and proxy are derived from them)."""
+        return requests_options(self.settings, self.settings.base_url)
 
     def url(self, path: str) -> str:
         return f"{self.settings.base_url}{api.API_PREFIX}{path}"
 
     @contextlib.contextmanager
     def exchange(
-        self, method: str, url: str, errors: type[BaseException] | tuple[type[BaseException], ...]
+        self, method: str, url: str, errors: type[BaseException]
     ) -> Iterator[Callable[[Mapping[str, str]], None]]:
         """Around one request the budget granted: the client's ``errors`` become the error model, and
         the budget learns from the answer's headers (pass them to the yielded function)."""
@@ -322,17 +328,15 @@ class Transport:
     def error_from_response(
         self, status: int, headers: Mapping[str, str], content: bytes
     ) -> ModelRouteApiError:
+        """The API error an answer that is not 2xx means."""
         body: Any = None
         with contextlib.suppress(ValueError):
             body = json.loads(content) if content else None
         err = body.get("error") if isinstance(body, dict) else None
         if not isinstance(err, dict):
-            try:
-                err = {"message": http.HTTPStatus(status).phrase}
-            except ValueError:
-                err = {"message": "unexpected response"}
-        code = str(err.get("code") or f"HTTP_{status}")
-        message = str(err.get("message") or "")
+            phrase = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else None
+            err = {"message": phrase or "unexpected response"}
+        code, message = str(err.get("code") or f"HTTP_{status}"), str(err.get("message") or "")
         if code == "UNAUTHORIZED" or status in (401, 403):
             message += f" (the API key of connection {self.settings.conn_id!r})"
         retryable, details = err.get("retryable"), err.get("details")
@@ -347,22 +351,21 @@ class Transport:
         )
 
     def transport_error(self, exc: BaseException, method: str, url: str) -> ModelRouteError:
-        """Classify a failure without an HTTP answer; the text never carries a presigned signature.
-
-        Resets, timeouts and dropped or stale connections are retried (a connection the server
-        closed while idle at once). What a retry cannot fix fails at once, naming the fix: an
-        untrusted certificate or failed handshake, a proxy refusing us, a body that does not
-        decompress.
-        """
-        detail = _scrub(str(exc), url)
-        if (
-            isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not detail
-        ):  # aiohttp's timeouts say nothing
-            connect, read = self.settings.timeouts
-            detail = f"no complete answer within {connect:g} s (connect) + {read:g} s (read)"
+        """Classify a failure without an HTTP answer; the text never carries a presigned signature or
+        a proxy password. Drops, resets and timeouts are retried (a stale kept-alive connection at
+        once); an untrusted certificate, a failed handshake, a refusing proxy or a corrupt compressed
+        body fail at once, naming the fix."""
+        detail, query = str(exc), urlsplit(url).query
+        if query:
+            detail = detail.replace(url, api.redact_url(url)).replace(query, "<redacted>")
+        detail = _USERINFO_RE.sub(r"\1<redacted>@", detail)
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not detail:  # aiohttp's say nothing
+            detail = "no complete answer within {:g} s (connect) + {:g} s (read)".format(
+                *self.settings.timeouts
+            )
         text = f"ModelRoute {method} {api.redact_url(url)} failed: {type(exc).__name__}: {detail}"
         metrics.request(method, url, None)
-        causes = list(_causes(exc))
+        causes = _causes(exc)
         conn = f"connection {self.settings.conn_id!r}"
         if any(isinstance(c, ssl.SSLCertVerificationError) for c in causes):
             return ModelRouteConfigError(
@@ -381,13 +384,13 @@ class Transport:
                 f"{text}. The proxy refused the request (HTTP {proxy_status}): check the proxy URL and "
                 "its credentials in HTTPS_PROXY, or add the host to NO_PROXY"
             )
-        error = ModelRouteConnectionError(text)
         if any(isinstance(c, zlib.error) or type(c).__name__ in _DECODING_ERRORS for c in causes):
             error = ModelRouteConnectionError(
                 f"{text}. The response's compressed body is corrupt (a proxy rewriting responses?); "
                 "not retried"
             )
             error.retryable = False
-        elif any(isinstance(c, _STALE) or type(c).__name__ in _STALE_NAMES for c in causes):
-            error.stale = True
+            return error
+        error = ModelRouteConnectionError(text)
+        error.stale = any(isinstance(c, _STALE) or type(c).__name__ in _STALE_NAMES for c in causes)
         return error

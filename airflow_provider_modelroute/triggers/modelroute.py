@@ -1,8 +1,5 @@
-"""ModelRouteExecutionTrigger: wait for an execution without holding a worker slot.
-
-Non-deferrable waits run the same trigger in a private event loop on the worker, so the provider
-has one poll loop.
-"""
+"""ModelRouteExecutionTrigger: wait for an execution without holding a worker slot (non-deferrable
+waits run it in a private event loop on the worker: the provider has one poll loop)."""
 
 from __future__ import annotations
 
@@ -24,12 +21,8 @@ CANCEL_TIMEOUT = 15.0
 
 
 def poll_grid(poll_interval: float, pollers: int) -> float:
-    """Width of the grid of the loop's clock that pauses end on, or 0 for none.
-
-    Polls due at about the same time then share one wake-up of a mostly idle triggerer. The grid is
-    at most 0.5 s and a tenth of the interval, with about ten polls per point (no bursts); below
-    50 ms polls share wake-ups anyway.
-    """
+    """Width of the grid of the loop's clock that pauses end on (polls due together share a wake-up):
+    at most 0.5 s, a tenth of the interval, about ten polls per point; 0 (none) below 50 ms."""
     grid = min(0.5, poll_interval / 10, 10 * poll_interval / max(1, pollers))
     return grid if grid >= 0.05 else 0.0
 
@@ -75,23 +68,14 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         self.webhook_route = webhook_route
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "execution_id": self.execution_id,
-                "modelroute_conn_id": self.modelroute_conn_id,
-                "poll_interval": self.poll_interval,
-                "deadline": self.deadline,
-                "cancel_on_kill": self.cancel_on_kill,
-                "try_number": self.try_number,
-                "webhook_route": self.webhook_route,
-            },
-        )
+        names = ("execution_id", "modelroute_conn_id", "poll_interval", "deadline", "cancel_on_kill")
+        kwargs = {name: getattr(self, name) for name in (*names, "try_number", "webhook_route")}
+        return f"{type(self).__module__}.{type(self).__qualname__}", kwargs
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         try:
             event = await self._delivered()
-            if event is not None:  # webhook mode: the receiver recorded the end before we deferred
+            if event is not None:
                 self.log.info(
                     "ModelRoute execution %s ended before the task deferred (webhook)", self.execution_id
                 )
@@ -107,22 +91,13 @@ class ModelRouteExecutionTrigger(BaseTrigger):
             event["try_number"] = self.try_number
         yield TriggerEvent(event)
 
-    def _seconds_left(self) -> float:
-        return float("inf") if self.deadline is None else self.deadline - time.time()
-
-    async def _sleep(self, seconds: float) -> None:
-        await asyncio.sleep(max(0.0, min(seconds, self._seconds_left())))
-
     def _next_poll(self, pollers: int = 1) -> float:
-        """The pause before the next poll: jittered (widely in webhook mode, to spread the safety
-        net), then ending on the nearest point of the loop's poll grid."""
+        """The pause before the next poll: jittered (widely in webhook mode, to spread the safety net),
+        ending on the nearest point of the loop's poll grid, and not past the deadline."""
         spread = 0.25 if self.webhook_route is not None else 0.1
         pause = self.poll_interval * random.uniform(1 - spread, 1 + spread)
-        grid = poll_grid(self.poll_interval, pollers)
-        if not grid:
-            return pause
-        now = asyncio.get_running_loop().time()
-        return max(0.0, round((now + pause) / grid) * grid - now)
+        grid, now = poll_grid(self.poll_interval, pollers), asyncio.get_running_loop().time()
+        return max(0.0, round((now + pause) / grid) * grid - now) if grid else pause
 
     async def _delivered(self) -> dict[str, Any] | None:
         """Webhook mode: the event the receiver recorded for this task, if any (None otherwise)."""
@@ -137,13 +112,15 @@ class ModelRouteExecutionTrigger(BaseTrigger):
             return None
 
     async def _poll(self) -> dict[str, Any]:
-        if self.webhook_route is not None:  # the first delivery is likelier than a poll to end the wait
-            await self._sleep(self._next_poll())
-        failures = 0
-        reported_unknown: set[str] = set()
-        first_poll = time.monotonic()
+        # In webhook mode the first delivery is likelier than a poll to end the wait: pause first.
+        pause = self._next_poll() if self.webhook_route is not None else 0.0
+        failures, unknown, started = 0, set[str](), time.monotonic()
         async with ModelRouteAsyncHook(self.modelroute_conn_id) as client:
-            while self._seconds_left() > 0:
+            while True:
+                left = float("inf") if self.deadline is None else self.deadline - time.time()
+                await asyncio.sleep(max(0.0, min(pause, left)))
+                if left <= pause:
+                    return {"status": "timeout"}
                 try:
                     execution = await client.get_execution(self.execution_id)
                 except ModelRouteError as exc:
@@ -152,33 +129,25 @@ class ModelRouteExecutionTrigger(BaseTrigger):
                         raise
                     self.log.warning(
                         "Polling ModelRoute execution %s failed (%d of %d in a row): %s",
-                        self.execution_id,
-                        failures,
-                        MAX_CONSECUTIVE_FAILURES,
-                        exc,
+                        *(self.execution_id, failures, MAX_CONSECUTIVE_FAILURES, exc),
                     )
-                    await self._sleep(max(client.transport.retry.backoff(failures), self.poll_interval))
+                    pause = max(client.transport.retry.backoff(failures), self.poll_interval)
                     continue
-                failures = 0
-                status = str(execution.get("status"))
+                failures, status = 0, str(execution.get("status"))
                 if api.is_terminal(status):
                     self.log.info("ModelRoute execution %s is %s", self.execution_id, status)
-                    metrics.poll_to_terminal(time.monotonic() - first_poll, status)
+                    metrics.poll_to_terminal(time.monotonic() - started, status)
                     return {"status": "done", "execution": api.execution_summary(execution)}
-                if not api.is_known_status(status) and status not in reported_unknown:
-                    reported_unknown.add(status)
+                if not api.is_known_status(status) and status not in unknown:
+                    unknown.add(status)
                     self.log.warning(
                         "ModelRoute execution %s has unknown status %r; waiting", self.execution_id, status
                     )
-                await self._sleep(self._next_poll(client.sharing))
-        return {"status": "timeout"}
+                pause = self._next_poll(client.sharing)
 
     async def on_kill(self) -> None:
-        """Cancel the execution when a user kills the deferred task (called by Airflow 3.3+).
-
-        Not when a webhook delivered its end: the receiver resumed the task, and Airflow then stops
-        this trigger through ``on_kill`` (it logs that as a user action).
-        """
+        """Cancel the execution when a user kills the deferred task (Airflow 3.3+); not when a webhook
+        delivered its end (the receiver resumed the task, and Airflow stops this trigger through here)."""
         delivered = await self._delivered()
         if delivered is not None:
             self.log.info(
@@ -188,23 +157,22 @@ class ModelRouteExecutionTrigger(BaseTrigger):
                 delivered.get("execution", {}).get("status"),
                 delivered.get("webhook_event_id"),
             )
-            return
-        if not self.cancel_on_kill:
-            return
-        try:
-            async with ModelRouteAsyncHook(self.modelroute_conn_id) as client:
-                result = await asyncio.wait_for(client.cancel_execution(self.execution_id), CANCEL_TIMEOUT)
-        except Exception as exc:
-            self.log.warning(
-                "The task was killed but cancelling ModelRoute execution %s failed (%s): it may still be "
-                "running and billing; cancel it in the ModelRoute dashboard.",
-                self.execution_id,
-                exc,
-            )
-            return
-        if result is None:
-            self.log.info(
-                "The task was killed; ModelRoute execution %s had already finished", self.execution_id
-            )
-        else:
-            self.log.info("The task was killed; cancelled ModelRoute execution %s", self.execution_id)
+        elif self.cancel_on_kill:
+            try:
+                async with ModelRouteAsyncHook(self.modelroute_conn_id) as client:
+                    result = await asyncio.wait_for(
+                        client.cancel_execution(self.execution_id), CANCEL_TIMEOUT
+                    )
+            except Exception as exc:
+                self.log.warning(
+                    "The task was killed but cancelling ModelRoute execution %s failed (%s): it may still be "
+                    "running and billing; cancel it in the ModelRoute dashboard.",
+                    *(self.execution_id, exc),
+                )
+                return
+            if result is None:
+                self.log.info(
+                    "The task was killed; ModelRoute execution %s had already finished", self.execution_id
+                )
+            else:
+                self.log.info("The task was killed; cancelled ModelRoute execution %s", self.execution_id)
