@@ -18,19 +18,13 @@ from airflow_provider_modelroute.version_compat import task_state_store
 if TYPE_CHECKING:
     from airflow_provider_modelroute.version_compat import Context
 
-#: Where the operator keeps its execution across tries (Airflow 3.3+ task state store).
-STATE_KEY = "modelroute_execution"
-
 
 def resume_point(context: Context, base: str) -> tuple[int, int]:
-    """The key generation to start from, and how many generations' keys earlier tries may have sent.
-
-    Without a task state store (before Airflow 3.3): each try sends at most one new key.
-    """
+    """The key generation to start from, and how many keys earlier tries may have sent (one new per try)."""
     store = task_state_store(context)
     if store is None:
         return 0, max(int(context["ti"].try_number) - 1, 0)
-    state = store.get(STATE_KEY)
+    state = store.get("modelroute_execution")
     if isinstance(state, dict) and state.get("base") == base:
         return int(state["generation"]), int(state["generation"]) + 1
     return 0, 0
@@ -40,7 +34,9 @@ def save_generation(context: Context, base: str, generation: int, execution_id: 
     """Keep the task instance's key generation and execution for its next try (Airflow 3.3+)."""
     store = task_state_store(context)
     if store is not None:
-        store.set(STATE_KEY, {"base": base, "generation": generation, "execution_id": execution_id})
+        store.set(
+            "modelroute_execution", {"base": base, "generation": generation, "execution_id": execution_id}
+        )
 
 
 def wait(
@@ -68,36 +64,28 @@ def wait(
 
 
 def is_foreign_event(context: Context, event: Any, execution_id: str | None = None) -> bool:
-    """True when the event belongs to an earlier try or another execution: the task starts over.
-
-    Airflow 3.0 resumes a retry with the event that ended the try before; Airflow on SQLite reuses
-    trigger ids, so a late trigger can resume a newer task. ``execution_id`` defaults to XCom's.
-    """
-    if not isinstance(event, dict):
-        return False
+    """True when the event is an earlier try's (Airflow 3.0 resumes retries with it) or another execution's
+    (Airflow on SQLite reuses trigger ids): the task starts over. ``execution_id`` defaults to XCom's."""
     ti = context["ti"]
     if isinstance(event.get("try_number"), int) and ti.try_number > event["try_number"]:
         return True
-    if event.get("execution_id") is None:
-        return False
+    claimed = event.get("execution_id")
     mine = execution_id or ti.xcom_pull(task_ids=ti.task_id, key="execution_id", map_indexes=ti.map_index)
-    return mine is not None and event["execution_id"] != mine
+    return None not in (claimed, mine) and claimed != mine
 
 
 def execution_from_event(event: Any, *, limit: str, final: bool = False) -> dict[str, Any]:
     """The COMPLETED execution's summary, or raise what the event reports (``final``: without retries)."""
-    status = event.get("status") if isinstance(event, dict) else None
+    status = event.get("status")
+    execution_id = str(event.get("execution_id"))
     if status == "timeout":
-        message = f"it was still running when the wait reached {limit}"
-        raise ModelRouteExecutionTimeout(str(event["execution_id"]), message=message)
+        raise ModelRouteExecutionTimeout(execution_id, f"it was still running when the wait reached {limit}")
     if status == "error":
         error = event.get("error") or {}
         if "http_status" in error:
             raise api_error(**error)
-        raise ModelRouteError(
-            f"Waiting for ModelRoute execution {event['execution_id']} failed: "
-            f"{error.get('code')}: {error.get('message')}"
-        )
+        detail = f"{error.get('code')}: {error.get('message')}"
+        raise ModelRouteError(f"Waiting for ModelRoute execution {execution_id} failed: {detail}")
     if status != "done":
         raise ModelRouteError(f"Unexpected event from ModelRouteExecutionTrigger: {event!r}")
     summary: dict[str, Any] = event["execution"]

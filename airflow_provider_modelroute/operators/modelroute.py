@@ -169,27 +169,8 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
                 return execution
             if status == "FAILED" and api.is_final_failure(execution.get("error")):
                 raise_for_execution(execution)  # a new execution would fail alike: start none
-            self.log.warning(
-                "Execution %s from an earlier try ended %s; starting a new one", execution_id, status
-            )
+            self.log.warning("Execution %s of an earlier try ended %s; starting anew", execution_id, status)
             generation += 1
-
-    def _check_estimate(self, context: Context, execution: dict[str, Any]) -> None:
-        """Log and keep the hold and estimate; over ``max_estimated_cost``: cancel, fail without retries."""
-        estimate = {name: execution[name] for name in api.ESTIMATE_FIELDS if execution.get(name) is not None}
-        self.log.info("ModelRoute execution %s: %s", execution["id"], api.describe_costs(estimate))
-        if estimate:
-            context["ti"].xcom_push(key="cost_estimate", value=estimate)
-        cost, limit = api.amount(execution.get("estimated_cost")), api.amount(self.max_estimated_cost)
-        if cost is not None and limit is not None and cost > limit:
-            outcome = self._cancel(
-                str(execution["id"]), "its estimate is above max_estimated_cost", force=True
-            )
-            raise ModelRouteConfigError(
-                f"ModelRoute execution {execution['id']} has estimated_cost {execution['estimated_cost']}, "
-                f"above max_estimated_cost {self.max_estimated_cost}: {outcome}. Raise max_estimated_cost "
-                "or choose a cheaper model or input."
-            )
 
     def execute(self, context: Context) -> dict[str, Any]:
         from airflow_provider_modelroute.webhooks.mode import WebhookWait
@@ -200,7 +181,19 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
         )
         execution = self.submit(context)
         execution_id = str(execution["id"])
-        self._check_estimate(context, execution)
+        # The cost guard: log and keep the hold and estimate; over max_estimated_cost: cancel, no retries.
+        estimate = {name: execution[name] for name in api.ESTIMATE_FIELDS if execution.get(name) is not None}
+        self.log.info("ModelRoute execution %s: %s", execution_id, api.describe_costs(estimate))
+        if estimate:
+            context["ti"].xcom_push(key="cost_estimate", value=estimate)
+        cost, limit = api.amount(execution.get("estimated_cost")), api.amount(self.max_estimated_cost)
+        if cost is not None and limit is not None and cost > limit:
+            outcome = self._cancel(execution_id, "the estimate is too high", force=True)
+            raise ModelRouteConfigError(
+                f"ModelRoute execution {execution_id} has estimated_cost {execution['estimated_cost']}, "
+                f"above max_estimated_cost {self.max_estimated_cost}: {outcome}. Raise max_estimated_cost "
+                "or choose a cheaper model or input."
+            )
         if not self.wait_for_completion or api.is_terminal(str(execution.get("status"))):
             raise_for_execution(execution)
             return self._result(context, api.execution_summary(execution))
@@ -225,12 +218,10 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
         if deferral.is_foreign_event(context, event):
             self.log.warning("Ignoring an event of an earlier try or another execution: this try re-attaches")
             return self.execute(context)
-        self.execution_id = event.get("execution_id") if isinstance(event, dict) else None
+        self.execution_id = execution_id = event.get("execution_id")
         limits = [f"timeout={self.timeout:g} s (this operator's `timeout` parameter)"] if self.timeout else []
         if self.execution_timeout:
-            limits.append(
-                f"execution_timeout={self.execution_timeout.total_seconds():g} s (less a margin to cancel)"
-            )
+            limits.append(f"execution_timeout={self.execution_timeout.total_seconds():g} s less a margin")
         try:
             return self._result(context, deferral.execution_from_event(event, limit=" or ".join(limits)))
         except ModelRouteError as exc:
@@ -240,11 +231,9 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
             ti = context["ti"]
             retried = ti.try_number <= ti.max_tries and not isinstance(exc, AirflowFailException)
             if retried and not (timed_out and self.restart_on_timeout):
-                self.log.warning(
-                    "Execution %s is left running: the next try re-attaches to it", self.execution_id
-                )
+                self.log.warning("Execution %s keeps running: the next try re-attaches to it", execution_id)
             else:
-                self._cancel(self.execution_id, "no later try will wait for it")
+                self._cancel(execution_id, "no later try will wait for it")
             raise
 
     def _result(self, context: Context, summary: dict[str, Any]) -> dict[str, Any]:
@@ -273,12 +262,7 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
 
     def _key_base(self, ti: Any) -> str:
         """This task instance's idempotency key base: the same on every try of the same request."""
-        request = {
-            "model": self.model,
-            "input": self.input,
-            "metadata": self.metadata,
-            "webhook": self.webhook_url,
-        }
+        request = dict(model=self.model, input=self.input, metadata=self.metadata, webhook=self.webhook_url)
         return api.idempotency_key_base(ti.dag_id, ti.run_id, ti.task_id, ti.map_index, request=request)
 
     def on_kill(self) -> None:
@@ -289,8 +273,7 @@ class ModelRouteCancelExecutionOperator(ModelRouteHookMixin, BaseOperator):
     """
     Cancel a ModelRoute execution (its hold is released); one already finished is not an error.
 
-    :param execution_id: The ``exec_...`` id, e.g.
-        ``{{ ti.xcom_pull(task_ids='generate', key='execution_id') }}``. (templated)
+    :param execution_id: The ``exec_...`` id, e.g. the execute operator's XCom ``execution_id``. (templated)
     :param modelroute_conn_id: The Airflow connection to ModelRoute.
     """
 
