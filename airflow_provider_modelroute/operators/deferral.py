@@ -64,8 +64,7 @@ def wait(
 
 
 def is_foreign_event(context: Context, event: Any, execution_id: str | None = None) -> bool:
-    """True when the event is an earlier try's (Airflow 3.0 resumes retries with it) or another execution's
-    (Airflow on SQLite reuses trigger ids): the task starts over. ``execution_id`` defaults to XCom's."""
+    """True for an event of an earlier try (Airflow 3.0 retries) or another execution (reused trigger ids)."""
     ti = context["ti"]
     if isinstance(event.get("try_number"), int) and ti.try_number > event["try_number"]:
         return True
