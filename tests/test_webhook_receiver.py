@@ -190,7 +190,11 @@ def test_a_signed_delivery_resumes_the_deferred_task_without_api_calls(
     operator = ModelRouteExecuteOperator(task_id="generate", model="test-image", input={"prompt": "p"})
     pushed = {"execution_id": execution_id}  # what the operator pushed before deferring
     ti_then = SimpleNamespace(
-        try_number=ti.try_number, max_tries=0, task_id="generate", xcom_pull=lambda **kw: pushed[kw["key"]]
+        try_number=ti.try_number,
+        max_tries=0,
+        task_id="generate",
+        map_index=-1,
+        xcom_pull=lambda **kw: pushed[kw["key"]],
     )
     context: Any = {"ti": ti_then}
     result = operator.execute_complete(context, after.event)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.exceptions import ModelRouteExecutionTimeout, raise_for_execution
 from airflow_provider_modelroute.operators import deferral
-from airflow_provider_modelroute.operators.modelroute import ModelRouteExecutionLink
+from airflow_provider_modelroute.operators.modelroute import ModelRouteExecutionLink, ModelRouteHookMixin
 from airflow_provider_modelroute.version_compat import (
     AirflowSensorTimeout,
     AirflowSkipException,
@@ -20,27 +19,20 @@ from airflow_provider_modelroute.version_compat import (
 )
 
 if TYPE_CHECKING:
-    from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
     from airflow_provider_modelroute.version_compat import Context
 
 
-class ModelRouteExecutionSensor(BaseSensorOperator):
+class ModelRouteExecutionSensor(ModelRouteHookMixin, BaseSensorOperator):
     """
     Wait until a ModelRoute execution is COMPLETED; fail at once if it ends FAILED, CANCELLED or EXPIRED.
 
-    An execution that ended unsuccessfully, or an id ModelRoute does not know, fails the task
-    without Airflow retries: no retry can change them. Works in ``poke``, ``reschedule`` and
-    deferrable mode; ``timeout`` and ``soft_fail`` behave as for any Airflow sensor in all three.
-    Returns (XCom) the execution's summary. The sensor never cancels the execution: it did not
-    start it.
+    Such an end, or an unknown id, fails without retries. Works in poke, reschedule and deferrable mode
+    with the usual ``timeout`` and ``soft_fail``; never cancels the execution (it did not start it).
 
-    :param execution_id: The execution to wait for, e.g. from
-        ``ModelRouteExecuteOperator``'s XCom ``execution_id``. (templated)
+    :param execution_id: The execution to wait for, e.g. the operator's XCom ``execution_id``. (templated)
     :param modelroute_conn_id: The Airflow connection to ModelRoute.
     :param deferrable: Wait in the triggerer instead of holding a worker slot.
-    :param webhook: Webhook mode (Airflow 3.1+, deferrable): the receiver routes the organisation's
-        deliveries to this sensor by execution id; polling slows to a safety net. None (default): on
-        when the connection has a ``webhook_secret`` and ``webhook_receiver_url``.
+    :param webhook: Webhook mode for deferrable waits, as for ``ModelRouteExecuteOperator``.
     """
 
     template_fields: Sequence[str] = ("execution_id",)
@@ -62,12 +54,6 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
         self.deferrable = deferrable
         self.webhook = webhook
 
-    @cached_property
-    def hook(self) -> ModelRouteHook:
-        from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
-
-        return ModelRouteHook(self.modelroute_conn_id)
-
     def poke(self, context: Context) -> PokeReturnValue:
         execution = self.hook.get_execution(self.execution_id)
         status = str(execution.get("status"))
@@ -86,27 +72,19 @@ class ModelRouteExecutionSensor(BaseSensorOperator):
         webhook = WebhookWait.decide(hook=self.hook, requested=self.webhook, deferrable=True, context=context)
         if webhook is not None:  # before the first poke: a delivery after it finds this task
             webhook.announce(context, self.execution_id)
-        first = self.poke(context)  # an execution that is already done needs no deferral
+        first = self.poke(context)  # an execution that is already over needs no deferral
         if first.is_done:
             return first.xcom_value
         deadline = time.time() + float(self.timeout) if self.timeout else None
-        trigger = deferral.make_trigger(
-            self.execution_id,
-            self.modelroute_conn_id,
-            poll_interval=float(self.poke_interval),
-            deadline=deadline,
-            webhook=webhook,
-        )
-        deferral.defer_to_trigger(self, context, trigger)
+        deferral.wait(self, context, self.execution_id, float(self.poke_interval), deadline, webhook)
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        if deferral.is_stale_resume(context, event):
-            self.log.info("Ignoring the event of try %s: this try pokes from the start", event["try_number"])
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        if deferral.is_foreign_event(context, event, self.execution_id):
+            self.log.info("Ignoring an event of an earlier try or another execution: poking from the start")
             return self.execute(context)
-
+        limit = f"timeout={float(self.timeout):g} s (this sensor's `timeout` parameter)"
         try:
-            limit = f"timeout={float(self.timeout):g} s (this sensor's `timeout` parameter)"
-            return deferral.execution_from_event(event, self.execution_id, limit=limit, final=True)
+            return deferral.execution_from_event(event, limit=limit, final=True)
         except ModelRouteExecutionTimeout as exc:
             if self.soft_fail:
                 raise AirflowSkipException(f"Skipping (soft_fail): {exc}") from exc
