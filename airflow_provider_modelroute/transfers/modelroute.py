@@ -220,13 +220,9 @@ class ModelRouteToStorageOperator(_TransferMixin, BaseOperator):
         uri = api.display_uri(path)
         record = {"file_id": download.file_id, "uri": uri, "content_type": download.content_type}
         if identical is not None:
-            self.log.info(
-                "%s already holds file %s (same size and sha256): left untouched", uri, download.file_id
-            )
+            self.log.info("%s already holds file %s (same size and sha256): kept", uri, download.file_id)
             return {**record, "size_bytes": download.size_bytes, "sha256": identical}
-        self.log.info(
-            "Copying ModelRoute file %s (%s bytes) to %s", download.file_id, download.size_bytes, uri
-        )
+        self.log.info("Copying file %s (%s bytes) to %s", download.file_id, download.size_bytes, uri)
         started = time.monotonic()
         no_clobber = self.overwrite == "fail"
         sha256, size = publish(download, path, uri, no_clobber=no_clobber, chunk_size=self.chunk_size)
@@ -282,16 +278,12 @@ class StorageToModelRouteOperator(_TransferMixin, BaseOperator):
         self.modelroute_conn_id = modelroute_conn_id
         self.record: dict[str, Any] | None = None  # kept for OpenLineage
         low, high = api.TTL_DAYS_RANGE
+        ttl_ok = ttl_days is None or _is_whole(ttl_days, low, high)
         _check(
             ("source", source, _is_url(source), f"{_URL} 's3://bucket/in/photo.png'"),
             ("purpose", purpose, purpose in api.UPLOAD_PURPOSES, api.UPLOAD_PURPOSES),
             ("region", region, region is None or region in api.UPLOAD_REGIONS, (*api.UPLOAD_REGIONS, None)),
-            (
-                "ttl_days",
-                ttl_days,
-                ttl_days is None or _is_whole(ttl_days, low, high),
-                f"a whole number of days from {low} to {high}, or None",
-            ),
+            ("ttl_days", ttl_days, ttl_ok, f"a whole number of days from {low} to {high}, or None"),
         )
 
     def execute(self, context: Context) -> str:
