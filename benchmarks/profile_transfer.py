@@ -3,7 +3,7 @@
 Each variant of ``ModelRouteToStorageOperator(...).transfer()`` is paired with ``curl -o`` + fsync of the
 same presigned URL, the two in a random order, each after the same pause (see bench_transfer.py for
 why); a variant's figure is the median of its per-pair ratios. The variants patch
-``transfers/publish.py`` for the duration of one copy: its local write size, its write-behind thread
+``transfers/publish.py`` for the duration of one copy: its local write size, its writer thread
 (replaced by writing inline), its sha256 (replaced by nothing) or fsync.
 Only the shipped operator keeps every guarantee; the others only show what each piece costs.
 
@@ -22,6 +22,7 @@ import tempfile
 import time
 import types
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -34,19 +35,21 @@ MIB = 1024 * 1024
 
 
 class _Inline:
-    """The write-behind thread's interface, writing in the caller's thread."""
+    """The writer thread's executor interface, writing in the caller's thread."""
 
-    def __init__(self, sink: Any) -> None:
-        self.sink = sink
-
-    def write(self, chunk: bytes) -> None:
-        self.sink.write(chunk)
-
-    def close(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def cancel(self) -> None:
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         pass
+
+    def submit(self, write: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.set_result(write(*args))
+        return future
 
 
 class _NoHash:
@@ -59,11 +62,11 @@ class _NoHash:
 
 @contextmanager
 def _patched(module: Any, write_size: int | None, inline: bool, sha256: bool, fsync: bool) -> Iterator[None]:
-    saved = (module._LOCAL_WRITE_SIZE, module._WriteBehind, module.hashlib, os.fsync)
+    saved = (module._LOCAL_WRITE_SIZE, module.ThreadPoolExecutor, module.hashlib, os.fsync)
     if write_size:
         module._LOCAL_WRITE_SIZE = write_size
     if inline:
-        module._WriteBehind = _Inline
+        module.ThreadPoolExecutor = _Inline
     if not sha256:
         module.hashlib = types.SimpleNamespace(sha256=_NoHash)
     if not fsync:
@@ -71,15 +74,15 @@ def _patched(module: Any, write_size: int | None, inline: bool, sha256: bool, fs
     try:
         yield
     finally:
-        module._LOCAL_WRITE_SIZE, module._WriteBehind, module.hashlib, os.fsync = saved
+        module._LOCAL_WRITE_SIZE, module.ThreadPoolExecutor, module.hashlib, os.fsync = saved
 
 
 #: label -> (local write size or None for the shipped one, inline writes, sha256, fsync)
 VARIANTS: dict[str, tuple[int | None, bool, bool, bool]] = {
-    "as shipped (write-behind thread, 128 KiB writes)": (None, False, True, True),
-    "1 MiB writes, no write-behind thread (the operator before issue 15)": (MIB, True, True, True),
+    "as shipped (writer thread, 128 KiB writes)": (None, False, True, True),
+    "1 MiB writes, no writer thread": (MIB, True, True, True),
     "1 MiB writes": (MIB, False, True, True),
-    "no write-behind thread": (None, True, True, True),
+    "no writer thread": (None, True, True, True),
     "no sha256": (None, False, False, True),
     "no fsync (of the file and its directory)": (None, False, True, False),
 }

@@ -659,7 +659,7 @@ _FULL_DISK_COPY = textwrap.dedent(
 def test_a_failed_local_write_fails_the_copy_and_leaves_nothing(
     server: ModelRouteServer, tmp_path: Path
 ) -> None:
-    """The write-behind thread's failure (here: a file size limit, as a full disk would) reaches the task."""
+    """A failed write (here: a file size limit, as a full disk would) in the writer thread fails the copy."""
     _, (file_id,) = produce(server, "test-file", size_bytes=8 * MiB)
     env = {**os.environ, "AIRFLOW_CONN_MODELROUTE_DEFAULT": connection_json(server)}
     done = subprocess.run(

@@ -1,11 +1,6 @@
 """Copy ModelRoute files to any Airflow object storage, and upload files from it to ModelRoute.
 
-Downloads stream chunk by chunk from the presigned URL (the hook resumes with ``Range`` and refreshes
-an expired URL) into the destination while a sha256 is computed; memory does not grow with the file,
-and nothing is published until the byte count matches ``size_bytes`` (see ``publish.py``).
-
-Cheap to import (DAG files import it at every parse): the hook (HTTP clients) and
-``ObjectStoragePath`` (fsspec) are imported only when a task runs.
+Cheap to import: the hook (HTTP clients) and ``ObjectStoragePath`` (fsspec) load when a task runs.
 """
 
 from __future__ import annotations
@@ -24,7 +19,6 @@ from airflow_provider_modelroute.exceptions import (
     raise_for_execution,
 )
 from airflow_provider_modelroute.transfers.publish import (
-    Target,
     check_writable,
     exists_error,
     identical_sha256,
@@ -42,9 +36,8 @@ if TYPE_CHECKING:
     from airflow_provider_modelroute.hooks.modelroute import FileDownload, ModelRouteHook
     from airflow_provider_modelroute.version_compat import Context
 
-#: What ``overwrite`` accepts.
 OVERWRITE_MODES = ("fail", "replace", "skip_if_identical")
-DEFAULT_CHUNK_SIZE = 5 * 1024 * 1024
+_URL = "an object storage URL such as"
 
 
 def open_storage_path(url: str, conn_id: str | None, field: str) -> Any:
@@ -62,29 +55,30 @@ def open_storage_path(url: str, conn_id: str | None, field: str) -> Any:
     return path
 
 
-def _check_choice(name: str, value: Any, choices: Sequence[Any], *, optional: bool = False) -> None:
-    if value not in choices and not (optional and value is None):
-        shown = ", ".join(repr(choice) for choice in choices) + (" (or None)" if optional else "")
-        raise ModelRouteConfigError(f"{name} must be one of {shown}, got {value!r}")
+def _is_deferred(value: Any) -> bool:
+    """True for a value only known when the task runs: a Jinja template or an XComArg."""
+    return value is not None and (not isinstance(value, str) or "{{" in value or "{%" in value)
+
+
+def _is_url(value: Any) -> bool:
+    return _is_deferred(value) or (isinstance(value, str) and bool(value.strip()))
 
 
 def _is_whole(value: Any, low: int, high: float = float("inf")) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def _is_deferred(value: Any) -> bool:
-    """True for a value only known when the task runs: a Jinja template or an XComArg."""
-    if value is None:
-        return False
-    return not isinstance(value, str) or "{{" in value or "{%" in value
+def _check(*arguments: tuple[str, Any, bool, str | Sequence[Any]]) -> None:
+    """Refuse the first argument (name, value, valid, what it must be or its choices) that is not valid."""
+    for name, value, valid, expected in arguments:
+        if not valid:
+            shown = expected if isinstance(expected, str) else "one of " + ", ".join(map(repr, expected))
+            raise ModelRouteConfigError(f"{name} must be {shown}, got {value!r}")
 
 
 class _TransferMixin(OpenLineageMixin):
-    """What both transfers share: the ModelRoute hook, built when the task runs.
-
-    A plain mixin, not a ``BaseOperator``: Airflow reads the operator arguments' defaults from the
-    ``__init__`` of every ``BaseOperator`` subclass in the MRO, and would take ``BaseOperator``'s.
-    """
+    """The ModelRoute hook, built when the task runs (a mixin: Airflow reads defaults from each
+    ``BaseOperator.__init__`` in the MRO)."""
 
     ui_color = "#e3ecfa"
     modelroute_conn_id: str
@@ -100,30 +94,21 @@ class ModelRouteToStorageOperator(_TransferMixin, BaseOperator):
     """
     Copy ModelRoute files (one file, or every output file of an execution) to any object storage.
 
-    The bytes stream from ModelRoute to the destination chunk by chunk, with a sha256 computed on
-    the way; a file is published only once its byte count matches the announced ``size_bytes``, and
-    a failed copy leaves nothing behind at the destination (``publish.py`` says how, per store).
-    The presigned download URL is never logged, returned or put in an error.
+    Each file streams to the destination with its sha256 computed on the way, and is published only
+    once complete (``publish.py``); the presigned URL is never logged, returned or put in an error.
+    Returns one record per file: ``file_id``, ``uri`` (without credentials), ``size_bytes``,
+    ``content_type`` and ``sha256``.
 
-    Returns a list with one record per file: ``file_id``, ``uri`` (the destination, without
-    credentials), ``size_bytes``, ``content_type`` and ``sha256``.
-
-    :param destination: An ``ObjectStoragePath`` URL (``s3://bucket/prefix/``, ``file:///data/out/``,
-        ``gs://...``). A folder (the URL ends with ``/`` or is an existing directory) receives
-        ``{file_id}.{ext}`` with the extension from the content type; any other URL is the file's
-        name, which only works for a single file. (templated)
+    :param destination: An ``ObjectStoragePath`` URL. A folder (ends with ``/`` or is an existing
+        directory) receives ``{file_id}.{ext}``; any other URL names the one file. (templated)
     :param source_file_id: The ``file_...`` id to copy. Give this or ``execution_id``. (templated)
     :param execution_id: Copy every output file of this COMPLETED execution. (templated)
-    :param destination_conn_id: The Airflow connection for the destination store (e.g. an ``aws``
-        connection for ``s3://``); None uses the store's default credentials. (templated)
-    :param overwrite: What to do when a destination object already exists: ``"fail"`` (default:
-        fail, checked for every file before any byte is copied, unless the object already has the
-        same size and sha256, which counts as done so that retries work), ``"replace"`` (always
-        write; atomically), or ``"skip_if_identical"`` (leave an identical object untouched,
-        replace a different one).
+    :param destination_conn_id: The Airflow connection for the destination store; None uses the
+        store's default credentials. (templated)
+    :param overwrite: When the destination exists: ``"fail"`` (unless it already holds the same
+        bytes, so that retries work), ``"replace"`` or ``"skip_if_identical"``.
     :param modelroute_conn_id: The Airflow connection to ModelRoute.
-    :param chunk_size: Bytes read and written at a time; also the upload part size on object stores
-        (at least 5 MiB there). Bounds the memory the copy uses.
+    :param chunk_size: Bytes read and written at a time; also the upload part size on object stores.
     """
 
     template_fields: Sequence[str] = ("source_file_id", "execution_id", "destination", "destination_conn_id")
@@ -138,7 +123,7 @@ class ModelRouteToStorageOperator(_TransferMixin, BaseOperator):
         destination_conn_id: str | None = None,
         overwrite: str = "fail",
         modelroute_conn_id: str = "modelroute_default",
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int = 5 * 1024 * 1024,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -150,29 +135,20 @@ class ModelRouteToStorageOperator(_TransferMixin, BaseOperator):
         self.modelroute_conn_id = modelroute_conn_id
         self.chunk_size = chunk_size
         self.records: list[dict[str, Any]] | None = None  # kept for OpenLineage
-        _check_choice("overwrite", overwrite, OVERWRITE_MODES)
-        if not _is_whole(chunk_size, 1):
-            raise ModelRouteConfigError(f"chunk_size must be a positive number of bytes, got {chunk_size!r}")
-        if not (_is_deferred(source_file_id) or _is_deferred(execution_id)):
-            self._check_source()
-        if not _is_deferred(destination):
-            self._check_destination()
+        self._check_arguments()
 
-    def _check_source(self) -> None:
-        given = [name for name in ("source_file_id", "execution_id") if getattr(self, name)]
-        if len(given) != 1:
-            shown = "neither was given" if not given else "both were given"
+    def _check_arguments(self) -> None:
+        sources = (self.source_file_id, self.execution_id)
+        if not any(map(_is_deferred, sources)) and sum(map(bool, sources)) != 1:
             raise ModelRouteConfigError(
-                f"Give exactly one of source_file_id (a 'file_...' id) or execution_id (an 'exec_...' id "
-                f"to copy all its output files); {shown}"
+                "Give exactly one of source_file_id (a 'file_...' id) or execution_id (an 'exec_...' id "
+                f"to copy all its output files); {'both were' if all(sources) else 'neither was'} given"
             )
-
-    def _check_destination(self) -> None:
-        if not isinstance(self.destination, str) or not self.destination.strip():
-            raise ModelRouteConfigError(
-                "destination must be an object storage URL such as 's3://bucket/prefix/' or "
-                f"'file:///data/out/', got {self.destination!r}"
-            )
+        _check(
+            ("overwrite", self.overwrite, self.overwrite in OVERWRITE_MODES, OVERWRITE_MODES),
+            ("chunk_size", self.chunk_size, _is_whole(self.chunk_size, 1), "a positive number of bytes"),
+            ("destination", self.destination, _is_url(self.destination), f"{_URL} 's3://bucket/out/'"),
+        )
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         self.records = self.transfer()
@@ -180,8 +156,7 @@ class ModelRouteToStorageOperator(_TransferMixin, BaseOperator):
 
     def transfer(self) -> list[dict[str, Any]]:
         """Copy the file(s) and return their records (what ``execute`` does; usable outside a task)."""
-        self._check_source()
-        self._check_destination()
+        self._check_arguments()
         destination = open_storage_path(self.destination, self.destination_conn_id, "destination")
         shown = api.display_uri(destination)
         check_writable(destination, shown, self.destination_conn_id)
@@ -190,9 +165,8 @@ class ModelRouteToStorageOperator(_TransferMixin, BaseOperator):
             for file_id in self._file_ids():
                 downloads.append(self.hook.download_file(file_id, chunk_size=self.chunk_size))
             with storage_errors(shown, self.destination_conn_id):
-                targets = self._targets(destination, downloads)
-                self._compare_existing(targets)
-                return [self._copy(target) for target in targets]
+                plan = self._plan(destination, downloads)
+                return [self._copy(download, path, done) for download, path, done in plan]
         finally:
             for download in downloads:  # the responses opened ahead, when a file was not copied
                 download.close()
@@ -215,76 +189,46 @@ class ModelRouteToStorageOperator(_TransferMixin, BaseOperator):
         self.log.info("Execution %s has %d file(s) to copy", execution_id, len(files))
         return [str(entry["file_id"]) for entry in files]
 
-    def _targets(self, destination: Any, downloads: list[FileDownload]) -> list[Target]:
-        fs, root = destination.fs, destination.path
+    def _plan(
+        self, destination: Any, downloads: list[FileDownload]
+    ) -> list[tuple[FileDownload, Any, str | None]]:
+        """Each file's path and the sha256 of an identical object already there; with "fail", any other
+        object there fails the task before a byte is copied."""
+        fs = destination.fs
         with contextlib.suppress(Exception):
-            fs.invalidate_cache(root)  # a cached listing must not hide objects written since
-        is_folder = self.destination.endswith("/") or fs.isdir(root)
+            fs.invalidate_cache(destination.path)  # a cached listing must not hide objects written since
+        is_folder = self.destination.endswith("/") or fs.isdir(destination.path)
         if not is_folder and len(downloads) > 1:
             raise ModelRouteConfigError(
                 f"destination {api.display_uri(destination)} names a single file, but there are "
                 f"{len(downloads)} files to copy: end destination with '/' to copy them into a folder"
             )
-        targets = []
+        plan = []
         for download in downloads:
-            media_type = download.content_type.split(";")[0].strip().lower()
-            extension = api.CONTENT_TYPE_EXTENSIONS.get(media_type, "bin")
+            extension = api.CONTENT_TYPE_EXTENSIONS.get(download.content_type.lower(), "bin")
             path = destination / f"{download.file_id}.{extension}" if is_folder else destination
-            existing_size = None
-            with contextlib.suppress(FileNotFoundError):
-                info = path.fs.info(path.path)
-                if info.get("type") == "directory":
-                    raise ModelRouteConfigError(
-                        f"destination {api.display_uri(path)} is a directory: end destination with '/' to "
-                        "copy into it"
-                    )
-                existing_size = int(info.get("size") or 0)
-            targets.append(Target(download, path, api.display_uri(path), existing_size))
-        return targets
+            identical = None
+            with contextlib.suppress(FileNotFoundError):  # nothing there yet
+                if self.overwrite != "replace" and fs.info(path.path).get("size") == download.size_bytes:
+                    identical = identical_sha256(download, path, self.chunk_size)
+                if identical is None and self.overwrite == "fail":
+                    raise exists_error(api.display_uri(path))
+            plan.append((download, path, identical))
+        return plan
 
-    def _compare_existing(self, targets: list[Target]) -> None:
-        """Find the destinations that already hold their file; with "fail", refuse before copying any byte.
-
-        An object with the same size and sha256 is the copy's own result (typically from an earlier
-        try that failed on a later file), so it is never a conflict: that keeps retries working.
-        """
-        if self.overwrite == "replace":
-            return
-        present = [target for target in targets if target.existing_size is not None]
-        if self.overwrite == "fail":  # the cheap check first, for every file
-            for target in present:
-                if target.existing_size != target.download.size_bytes:
-                    raise exists_error(target.uri)
-        for target in present:
-            target.identical_sha256 = identical_sha256(target, chunk_size=self.chunk_size, log=self.log)
-            if target.identical_sha256 is None and self.overwrite == "fail":
-                raise exists_error(target.uri)
-
-    def _copy(self, target: Target) -> dict[str, Any]:
-        download = target.download
-        record = {
-            "file_id": download.file_id,
-            "uri": target.uri,
-            "size_bytes": download.size_bytes,
-            "content_type": download.content_type,
-        }
-        if target.identical_sha256 is not None:
-            self.log.info(
-                "%s already holds file %s (same size and sha256): left untouched",
-                target.uri,
-                download.file_id,
-            )
-            return {**record, "sha256": target.identical_sha256}
-        self.log.info(
-            "Copying ModelRoute file %s (%s, %s bytes) to %s",
-            download.file_id,
-            download.content_type,
-            download.size_bytes,
-            target.uri,
-        )
+    def _copy(self, download: FileDownload, path: Any, identical: str | None) -> dict[str, Any]:
+        uri = api.display_uri(path)
+        record = {"file_id": download.file_id, "uri": uri, "content_type": download.content_type}
+        if identical is not None:
+            self.log.info("%s already holds file %s (same size and sha256): kept", uri, download.file_id)
+            return {**record, "size_bytes": download.size_bytes, "sha256": identical}
+        self.log.info("Copying file %s (%s bytes) to %s", download.file_id, download.size_bytes, uri)
+        started = time.monotonic()
         no_clobber = self.overwrite == "fail"
-        sha256, size = publish(target, no_clobber=no_clobber, chunk_size=self.chunk_size, log=self.log)
+        sha256, size = publish(download, path, uri, no_clobber=no_clobber, chunk_size=self.chunk_size)
         metrics.bytes_transferred("download", size)
+        rate = size / max(time.monotonic() - started, 1e-6) / 1e6
+        self.log.info("Copied file %s to %s (%.1f MB/s); sha256 %s", download.file_id, uri, rate, sha256)
         return {**record, "size_bytes": size, "sha256": sha256}
 
 
@@ -292,20 +236,17 @@ class StorageToModelRouteOperator(_TransferMixin, BaseOperator):
     """
     Upload a file from any object storage to ModelRoute, for use as an execution input.
 
-    The file streams from the source (it is re-opened for each upload attempt, so a dropped upload
-    is retried), and its ``file_...`` id is the task's return value, ready for templating:
-    ``input={"image": "{{ ti.xcom_pull(task_ids='upload') }}"}``. The full record (``file_id``,
-    ``content_type``, ``size_bytes``, ``filename``, ``source``) is pushed under the XCom key ``file``.
+    The source is re-opened for each upload attempt. Returns the ``file_...`` id, e.g. for
+    ``input={"image": "{{ ti.xcom_pull(task_ids='upload') }}"}``; the full record (``file_id``,
+    ``content_type``, ``size_bytes``, ``filename``, ``source``) goes to the XCom key ``file``.
 
-    :param source: An ``ObjectStoragePath`` URL of the file (``s3://bucket/in/photo.png``,
-        ``file:///data/photo.png``). (templated)
+    :param source: An ``ObjectStoragePath`` URL of the file (``s3://bucket/in/photo.png``). (templated)
     :param source_conn_id: The Airflow connection for the source store; None uses the store's
         default credentials. (templated)
     :param filename: The file name to give ModelRoute. Default: the source's name. (templated)
     :param content_type: The file's MIME type. Default: guessed from the file name. (templated)
-    :param purpose: ``"INPUT"`` (default: a file for an execution's input) or ``"UPLOAD"``.
-    :param region: Where ModelRoute stores the file: ``"US"``, ``"EU"`` or ``"APAC"``. Default: the
-        account's (``US``).
+    :param purpose: ``"INPUT"`` (default) or ``"UPLOAD"``.
+    :param region: ``"US"``, ``"EU"`` or ``"APAC"``. Default: the account's (``US``).
     :param ttl_days: Days until the file expires, 1-365. Default: the organization's.
     :param modelroute_conn_id: The Airflow connection to ModelRoute.
     """
@@ -336,18 +277,14 @@ class StorageToModelRouteOperator(_TransferMixin, BaseOperator):
         self.ttl_days = ttl_days
         self.modelroute_conn_id = modelroute_conn_id
         self.record: dict[str, Any] | None = None  # kept for OpenLineage
-        if not _is_deferred(source) and (not isinstance(source, str) or not source.strip()):
-            raise ModelRouteConfigError(
-                f"source must be an object storage URL such as 's3://bucket/in/photo.png', got {source!r}"
-            )
-        _check_choice("purpose", purpose, api.UPLOAD_PURPOSES)
-        _check_choice("region", region, api.UPLOAD_REGIONS, optional=True)
         low, high = api.TTL_DAYS_RANGE
-        if ttl_days is not None and not _is_whole(ttl_days, low, high):
-            raise ModelRouteConfigError(
-                f"ttl_days must be a whole number of days from {low} to {high} (or None: the organization's "
-                f"default), got {ttl_days!r}"
-            )
+        ttl_ok = ttl_days is None or _is_whole(ttl_days, low, high)
+        _check(
+            ("source", source, _is_url(source), f"{_URL} 's3://bucket/in/photo.png'"),
+            ("purpose", purpose, purpose in api.UPLOAD_PURPOSES, api.UPLOAD_PURPOSES),
+            ("region", region, region is None or region in api.UPLOAD_REGIONS, (*api.UPLOAD_REGIONS, None)),
+            ("ttl_days", ttl_days, ttl_ok, f"a whole number of days from {low} to {high}, or None"),
+        )
 
     def execute(self, context: Context) -> str:
         self.record = record = self.upload()
@@ -380,9 +317,7 @@ class StorageToModelRouteOperator(_TransferMixin, BaseOperator):
             region=self.region,
             ttl_days=self.ttl_days,
         )
-        elapsed = max(time.monotonic() - started, 1e-6)
         metrics.bytes_transferred("upload", size)
-        self.log.info(
-            "Uploaded %s as ModelRoute file %s (%.1f MB/s)", shown, result["file_id"], size / elapsed / 1e6
-        )
+        rate = size / max(time.monotonic() - started, 1e-6) / 1e6
+        self.log.info("Uploaded %s as ModelRoute file %s (%.1f MB/s)", shown, result["file_id"], rate)
         return {**result, "filename": filename, "source": shown}
