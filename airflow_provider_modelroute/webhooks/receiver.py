@@ -30,6 +30,7 @@ from airflow.providers.common.compat.sdk import AirflowPlugin
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.get_provider_info import CONN_TYPE
+from airflow_provider_modelroute.utils import assets
 from airflow_provider_modelroute.version_compat import (
     AIRFLOW_V_3_1_PLUS,
     AirflowNotFoundException,
@@ -54,6 +55,7 @@ SECRET_CACHE_SECONDS = 30.0
 RESUME_GRACE = 5.0
 RESUMED = "resumed"
 RECORDED = "recorded for the task's trigger"
+NO_TASK = "ignored: no task waits for this execution"
 #: Final events; one implies its status when the execution document leaves it out.
 _FINAL_EVENTS = ("execution.completed", "execution.failed", "execution.cancelled")
 _TRIGGER_MODULE = "airflow_provider_modelroute."  # only this provider's triggers are resumed
@@ -242,10 +244,12 @@ async def receive(request: Request) -> JSONResponse:
         if not isinstance(outcome, str):  # deferred just now: resume a little later (see RESUME_GRACE)
             await asyncio.sleep(min(outcome, RESUME_GRACE))
             outcome = str(await run_in_threadpool(apply_event, event, route, 0.0))
+        if outcome == NO_TASK and event.event_type == "execution.completed":  # started outside Airflow
+            outcome = await run_in_threadpool(assets.record_outside_execution, conn_id, event) or outcome
     except Exception:
         log.exception("Could not apply ModelRoute webhook %s; ModelRoute delivers it again", event.event_id)
         return _answer(503, "the database is busy; deliver again later")
-    if outcome in (RESUMED, RECORDED):  # not "ignored": the same event may come by a routable URL
+    if outcome in (RESUMED, RECORDED, assets.RECORDED):  # not "ignored": a routable copy may follow
         seen_events.put(event.event_id)
     log.info(
         "ModelRoute webhook %s (%s, %s): %s", event.event_id, event.event_type, event.execution_id, outcome
@@ -286,7 +290,7 @@ def _apply(session: Any, event: WebhookEvent, route: mode.TaskRoute | None, grac
 
     route = route or _find_waiting(session, event.execution_id)
     if route is None:
-        return "ignored: no task waits for this execution"
+        return NO_TASK
     locked = select(TaskInstance).filter_by(**dataclasses.asdict(route)).with_for_update(of=TaskInstance)
     ti = session.scalars(locked).one_or_none()
     if ti is None:
