@@ -24,7 +24,7 @@ import pytest
 
 from airflow_provider_modelroute import api
 from tests.airflow_versions import AIRFLOW_V_3_1_PLUS
-from tests.drills.harness import EXAMPLE_DAG, EXAMPLE_DAG_FILE, REPO, wait_for
+from tests.drills.harness import EXAMPLE_DAG, EXAMPLE_DAG_FILE, REPO, serve, wait_for
 from tests.drills.test_webhook_drills import CONN_ID, WebhookStack
 
 pytestmark = [
@@ -56,24 +56,10 @@ class AssetStack(WebhookStack):
 
 @pytest.fixture(scope="module")
 def stack(request: pytest.FixtureRequest) -> Iterator[AssetStack]:
-    failed_before = request.session.testsfailed
-    stack = AssetStack(Path(tempfile.mkdtemp(prefix="modelroute-asset-drills-")))
-    print(f"\nAsset drill stack: AIRFLOW_HOME {stack.home}")
-    try:
-        stack.start()
-        assert stack.api is not None
-        for dag_id in (EXAMPLE_DAG, ON_NEW_IMAGES, LAND_OUTSIDE):
-            stack.api.unpause(dag_id)
-    except BaseException:
-        print(f"\nThe drill stack did not start; its home is kept at {stack.home}\n{stack.tails(60)}")
-        stack.stop()
-        raise
-    yield stack
-    stack.stop()
-    if request.session.testsfailed == failed_before:
-        stack.cleanup()
-    else:
-        print(f"\nAsset drill logs kept in {stack.home}")
+    home = Path(tempfile.mkdtemp(prefix="modelroute-asset-drills-"))
+    yield from serve(
+        AssetStack(home), lambda: request.session.testsfailed, (EXAMPLE_DAG, ON_NEW_IMAGES, LAND_OUTSIDE)
+    )
 
 
 def query(stack: AssetStack, sql: str, *args: Any) -> list[tuple[Any, ...]]:
