@@ -912,7 +912,7 @@ def start_stack(stack: AirflowStack, unpause: Iterable[str]) -> None:
 
 def serve(stack: S, failed: Callable[[], int], unpause: Iterable[str]) -> Iterator[S]:
     """A module fixture's body: start the stack, yield it, stop it; its home is removed unless a test
-    failed meanwhile (``failed()``: the session's failure count)."""
+    failed meanwhile (``failed()``: how many tests have failed so far)."""
     failed_before = failed()
     start_stack(stack, unpause)
     yield stack
