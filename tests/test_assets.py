@@ -159,14 +159,15 @@ def test_a_completed_outside_execution_records_its_model_asset_once(
 def test_no_scheduled_dag_or_a_bad_signature_records_nothing(outside: ModelRouteServer, client: Any) -> None:
     unscheduled = completed(outside, "test-file", size_bytes=10)
     scheduled = completed(outside, "test-image", prompt="forged")
-    failed = delivery(outside, scheduled, event_type="execution.failed", event_id="evt_failed")
+    failed = json.loads(delivery(outside, scheduled, event_type="execution.failed", event_id="evt_failed"))
+    failed["data"]["status"] = "FAILED"
     before = asset_events(f"modelroute://{OUTSIDE_CONN}/", prefix=True)
 
     plain = post(client, delivery(outside, unscheduled, event_id="evt_plain"), conn_id=OUTSIDE_CONN)
     forged = post(
         client, delivery(outside, scheduled, event_id="evt_forged"), conn_id=OUTSIDE_CONN, secret="whsec_x"
     )
-    not_completed = post(client, failed, conn_id=OUTSIDE_CONN)
+    not_completed = post(client, json.dumps(failed).encode(), conn_id=OUTSIDE_CONN)
 
     assert plain.json() == {"outcome": receiver.NO_TASK}
     assert forged.status_code == 401

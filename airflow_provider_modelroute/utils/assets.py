@@ -33,31 +33,30 @@ def record_landed_files(context: Any, execution_id: str | None, records: list[di
             context["outlet_events"][outlet].extra = {"execution_id": execution_id, "files": files}
 
 
-def record_outside_execution(conn_id: str, event: Any) -> str | None:
-    """Record a completed execution on its model's ``modelroute://`` asset if a DAG is scheduled on it
+def record_outside_execution(conn_id: str, execution: dict[str, Any], event_id: str) -> str | None:
+    """Record a COMPLETED execution on its model's ``modelroute://`` asset if a DAG is scheduled on it
     (None: none is). Runs in the api-server (Airflow 3.1+); a repeated delivery records nothing more."""
     from airflow.assets.manager import AssetManager
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
-    execution = event.execution
-    uri = model_asset_uri(conn_id, str(execution.get("model")))
+    if execution.get("status") != api.ExecutionStatus.COMPLETED.value or "model" not in execution:
+        return None
+    uri = model_asset_uri(conn_id, str(execution["model"]))
     extra = {
-        "execution_id": event.execution_id,
+        "execution_id": execution["id"],
         "file_ids": [entry["file_id"] for entry in api.result_files(execution)],
-        "status": execution.get("status"),
-        "model": execution.get("model"),
-        "webhook_event_id": event.event_id,
+        "status": execution["status"],
+        "model": execution["model"],
+        "webhook_event_id": event_id,
     }
     with create_session() as session:
         found = session.scalars(select(AssetModel).where(AssetModel.uri == uri)).unique()
         scheduled = [asset for asset in found if asset.scheduled_dags]
-        if not scheduled or "model" not in execution:
-            return None
         for asset in scheduled:
             recent = select(AssetEvent.extra).where(AssetEvent.asset_id == asset.id)
             extras = session.scalars(recent.order_by(AssetEvent.id.desc()).limit(100))
-            if not any(seen.get("webhook_event_id") == event.event_id for seen in extras):
+            if not any(seen.get("webhook_event_id") == event_id for seen in extras):
                 AssetManager().register_asset_change(asset=asset, extra=extra, session=session)
-    return RECORDED
+    return RECORDED if scheduled else None

@@ -244,8 +244,11 @@ async def receive(request: Request) -> JSONResponse:
         if not isinstance(outcome, str):  # deferred just now: resume a little later (see RESUME_GRACE)
             await asyncio.sleep(min(outcome, RESUME_GRACE))
             outcome = str(await run_in_threadpool(apply_event, event, route, 0.0))
-        if outcome == NO_TASK and event.event_type == "execution.completed":  # started outside Airflow
-            outcome = await run_in_threadpool(assets.record_outside_execution, conn_id, event) or outcome
+        if outcome == NO_TASK:  # an execution started outside Airflow, maybe: its model's asset
+            recorded = await run_in_threadpool(
+                assets.record_outside_execution, conn_id, event.execution, event.event_id
+            )
+            outcome = recorded or outcome
     except Exception:
         log.exception("Could not apply ModelRoute webhook %s; ModelRoute delivers it again", event.event_id)
         return _answer(503, "the database is busy; deliver again later")
