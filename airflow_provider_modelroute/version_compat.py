@@ -17,6 +17,8 @@ from airflow.providers.common.compat.sdk import (
     AirflowNotFoundException,
     AirflowSensorTimeout,
     AirflowSkipException,
+    Asset,
+    AssetAlias,
     BaseHook,
     BaseOperator,
     BaseOperatorLink,

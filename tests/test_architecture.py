@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "webhooks.mode": 1,
     "triggers": 2,
     "utils": 2,
+    "utils.assets": 2,
     "operators": 3,
     "sensors": 3,
     "transfers": 3,

@@ -38,6 +38,8 @@ def test_examples_import_without_errors(dagbag: Any) -> None:
         "example_modelroute_batch",
         "example_modelroute_image_to_image",
         "example_modelroute_taskflow",
+        "example_modelroute_on_new_images",
+        "example_modelroute_land_outside_executions",
     }
 
 

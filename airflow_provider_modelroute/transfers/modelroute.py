@@ -25,6 +25,7 @@ from airflow_provider_modelroute.transfers.publish import (
     publish,
     storage_errors,
 )
+from airflow_provider_modelroute.utils import assets
 from airflow_provider_modelroute.utils.openlineage_mixin import OpenLineageMixin
 from airflow_provider_modelroute.version_compat import (
     AirflowNotFoundException,
@@ -152,6 +153,7 @@ class ModelRouteToStorageOperator(_TransferMixin, BaseOperator):
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         self.records = self.transfer()
+        assets.record_landed_files(context, self.execution_id, self.records)
         return self.records
 
     def transfer(self) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from airflow.providers.common.compat.sdk import AirflowPlugin
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.get_provider_info import CONN_TYPE, extra_value
+from airflow_provider_modelroute.utils import assets
 from airflow_provider_modelroute.version_compat import AIRFLOW_V_3_1_PLUS, TriggerEvent
 from airflow_provider_modelroute.webhooks import mode
 
@@ -149,6 +150,12 @@ async def receive(request: Request) -> JSONResponse:
         if not isinstance(outcome, str):  # deferred just now: resume a little later (see RESUME_GRACE)
             await asyncio.sleep(min(outcome, RESUME_GRACE))
             outcome = str(await run_in_threadpool(apply_event, event, route, 0.0))
+        if outcome == NO_WAITING_TASK:  # an execution started outside Airflow, maybe: its model's asset
+            execution = event["execution"]
+            outcome = (
+                await run_in_threadpool(assets.record_outside_execution, conn_id, execution, event_id)
+                or outcome
+            )
     except Exception:
         log.exception("Could not apply ModelRoute webhook %s; ModelRoute delivers it again", event_id)
         return _answer(503, "the database is busy; deliver again later")

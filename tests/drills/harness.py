@@ -893,3 +893,34 @@ class AirflowStack:
                 if SIGNATURE_RE.search(line):
                     hits.append(f"{path}:{number}: presigned X-Amz-Signature")
         return hits
+
+
+S = TypeVar("S", bound=AirflowStack)
+
+
+def start_stack(stack: AirflowStack, unpause: Iterable[str]) -> None:
+    """Start the stack and unpause the DAGs (triggered runs of a paused DAG never start); if it does not
+    start, stop what did and keep its home."""
+    print(f"\nDrill stack: AIRFLOW_HOME {stack.home}")
+    try:
+        stack.start()
+        assert stack.api is not None
+        for dag_id in unpause:
+            stack.api.unpause(dag_id)
+    except BaseException:
+        print(f"\nThe drill stack did not start; its home is kept at {stack.home}\n{stack.tails(60)}")
+        stack.stop()
+        raise
+
+
+def serve(stack: S, failed: Callable[[], int], unpause: Iterable[str]) -> Iterator[S]:
+    """A module fixture's body: start the stack, yield it, stop it; its home is removed unless a test
+    failed meanwhile (``failed()``: how many tests have failed so far)."""
+    failed_before = failed()
+    start_stack(stack, unpause)
+    yield stack
+    stack.stop()
+    if failed() == failed_before:
+        stack.cleanup()
+    else:
+        print(f"\nDrill logs kept in {stack.home}")

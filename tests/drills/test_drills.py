@@ -37,6 +37,7 @@ from tests.drills.harness import (
     AirflowStack,
     DrillError,
     RunResult,
+    start_stack,
     wait_for,
 )
 
@@ -104,19 +105,10 @@ def write_results() -> None:
 def stack(request: pytest.FixtureRequest) -> Iterator[AirflowStack]:
     failed_before = request.session.testsfailed
     stack = AirflowStack()
-    print(f"\nDrill stack: AIRFLOW_HOME {stack.home}")
-    try:
-        stack.start()
-        TIMINGS["stack start"] = stack.timings["startup"]
-        assert stack.api is not None
-        # Triggered runs of a paused DAG never start. The scheduler creates no scheduled runs
-        # ([scheduler] use_job_schedule is off), so every run in the drills is one a drill triggered.
-        for dag_id in (EXAMPLE_DAG, HELD_DAG, BAD_INPUTS_DAG):
-            stack.api.unpause(dag_id)
-    except BaseException:
-        print(f"\nThe drill stack did not start; its home is kept at {stack.home}\n{stack.tails(60)}")
-        stack.stop()
-        raise
+    # The scheduler creates no scheduled runs ([scheduler] use_job_schedule is off), so every run in
+    # the drills is one a drill triggered.
+    start_stack(stack, (EXAMPLE_DAG, HELD_DAG, BAD_INPUTS_DAG))
+    TIMINGS["stack start"] = stack.timings["startup"]
     yield stack
     stack.stop()
     DB_CONTENTION.update(stack.db_contention())

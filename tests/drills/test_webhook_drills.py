@@ -24,7 +24,7 @@ import pytest
 
 from airflow_provider_modelroute.webhooks.mode import sign
 from tests.airflow_versions import AIRFLOW_V_3_1_PLUS, TRIGGER_ON_KILL_SUPPORTED
-from tests.drills.harness import PYTHON, AirflowStack, DrillError, wait_for
+from tests.drills.harness import PYTHON, AirflowStack, DrillError, serve, wait_for
 
 pytestmark = [
     pytest.mark.drill,
@@ -103,24 +103,8 @@ class WebhookStack(AirflowStack):
 
 @pytest.fixture(scope="module")
 def stack(request: pytest.FixtureRequest) -> Iterator[WebhookStack]:
-    failed_before = request.session.testsfailed
-    stack = WebhookStack(Path(tempfile.mkdtemp(prefix="modelroute-webhook-drills-")))
-    print(f"\nWebhook drill stack: AIRFLOW_HOME {stack.home}")
-    try:
-        stack.start()
-        assert stack.api is not None
-        stack.api.unpause(DAG_ID)
-        stack.api.unpause(FAST_DAG_ID)
-    except BaseException:
-        print(f"\nThe drill stack did not start; its home is kept at {stack.home}\n{stack.tails(60)}")
-        stack.stop()
-        raise
-    yield stack
-    stack.stop()
-    if request.session.testsfailed == failed_before:
-        stack.cleanup()
-    else:
-        print(f"\nWebhook drill logs kept in {stack.home}")
+    home = Path(tempfile.mkdtemp(prefix="modelroute-webhook-drills-"))
+    yield from serve(WebhookStack(home), lambda: request.session.testsfailed, (DAG_ID, FAST_DAG_ID))
 
 
 def triggers_left(stack: WebhookStack) -> int:
