@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,8 @@ def outside(server: ModelRouteServer, monkeypatch: pytest.MonkeyPatch) -> ModelR
     from tests.conftest import _dagbag_module
 
     monkeypatch.setenv(f"AIRFLOW_CONN_{OUTSIDE_CONN.upper()}", connection_json(server, webhook_secret=SECRET))
-    monkeypatch.setattr(receiver, "seen_events", receiver.ExpiringCache(8, 3600.0))
-    monkeypatch.setattr(receiver, "secret_cache", receiver.ExpiringCache(8, 30.0))
+    monkeypatch.setattr(receiver, "seen_events", OrderedDict())
+    monkeypatch.setattr(receiver, "secret_cache", {})
     bag = dag_bag(os.devnull)
     for dag_id, schedule in (
         ("assets_outside_consumer", Asset(f"modelroute://{OUTSIDE_CONN}/test-image")),
@@ -138,7 +139,7 @@ def test_a_completed_outside_execution_records_its_model_asset_once(
     before = asset_events(f"modelroute://{OUTSIDE_CONN}/test-image")
 
     first = post(client, body, conn_id=OUTSIDE_CONN)
-    receiver.seen_events = receiver.ExpiringCache(8, 3600.0)  # another replica gets it again
+    receiver.seen_events = OrderedDict()  # another replica gets it again
     again = post(client, body, conn_id=OUTSIDE_CONN)
 
     assert first.json() == {"outcome": "asset event recorded"}, first.text
