@@ -15,15 +15,21 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute.exceptions import ModelRouteApiError, ModelRouteConfigError, ModelRouteError
+from airflow_provider_modelroute.exceptions import (
+    ModelRouteApiError,
+    ModelRouteConfigError,
+    ModelRouteConnectionError,
+    ModelRouteError,
+    ModelRouteTransferError,
+)
 from airflow_provider_modelroute.get_provider_info import (
     CONN_TYPE,
     connection_form_widgets,
     ui_field_behaviour,
 )
 from airflow_provider_modelroute.hooks.storage import (
+    NO_API_KEY,
     FileDownload,
-    StorageClient,
     check_storage_url,
     local_address,
 )
@@ -32,6 +38,7 @@ from airflow_provider_modelroute.hooks.transport import (
     api_path,
     connection_settings,
     read_connection,
+    requests_options,
     ssl_context,
 )
 from airflow_provider_modelroute.version_compat import BaseHook, aget_connection, mask_secret
@@ -85,14 +92,9 @@ class ModelRouteHook(_ModelRouteBaseHook):
     @cached_property
     def session(self) -> requests.Session:
         session = requests.Session()
-        session.trust_env = False  # CA bundle and proxies: the transport's, as for triggers
+        session.trust_env = False  # CA bundle, proxies, netrc: the transport's, as for triggers
         session.headers.update(self.transport.headers)
         return session
-
-    @cached_property
-    def storage(self) -> StorageClient:
-        """Presigned-URL transfers, without the API key."""
-        return StorageClient(self.transport)
 
     def send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         """One request to the API, paced by the key's rate budget; transport errors in the error model."""
@@ -161,7 +163,7 @@ class ModelRouteHook(_ModelRouteBaseHook):
 
     def download_file(self, file_id: str, *, chunk_size: int = 1024 * 1024) -> FileDownload:
         """Open a file for streaming (any reading of ``/download``): iterate the result for its bytes."""
-        return FileDownload(self.storage, self.send, file_id, chunk_size)
+        return FileDownload(self.transport, self.session, self.send, file_id, chunk_size)
 
     def upload_file(
         self,
@@ -184,8 +186,20 @@ class ModelRouteHook(_ModelRouteBaseHook):
         body = _given(**fields, purpose=purpose, region=region, ttl_days=ttl_days)
         slot = self._request("POST", "/files/upload", body)
         file_id, url = str(slot["file_id"]), check_storage_url(self.transport, str(slot["upload_url"]))
-        headers = {"Content-Length": str(size_bytes), "Content-Type": content_type}
-        self.storage.put(url, open_source, headers, filename)
+        headers = {**NO_API_KEY, "Content-Length": str(size_bytes), "Content-Type": content_type}
+        options = requests_options(self.transport.settings, url)
+
+        def put() -> None:  # retried per the policy, the bytes opened afresh each time
+            with open_source() as source:
+                try:
+                    response = self.session.put(url, data=source, headers=headers, **options)
+                except requests.RequestException as exc:
+                    raise self.transport.transport_error(exc, "PUT", url) from None
+            if response.status_code >= 300:
+                error = ModelRouteConnectionError if response.status_code >= 500 else ModelRouteTransferError
+                raise error(f"Storage answered HTTP {response.status_code} to the upload of {filename}")
+
+        self.transport.retrying(put)
         try:
             confirmed = self._request("POST", "/files/confirm", {"file_id": file_id})
         except ModelRouteApiError as exc:
@@ -218,19 +232,16 @@ class ModelRouteHook(_ModelRouteBaseHook):
     def list_webhook_endpoints(self) -> list[dict[str, Any]]:
         """Every endpoint, with ``is_active``, ``failure_count`` and ``last_success``."""
         document = self._request("GET", _ENDPOINTS)
-        if isinstance(document, dict):  # the docs show neither a bare list nor a wrapped one
-            document = next(
-                (document[k] for k in ("data", "endpoints", "items", "webhooks") if k in document), 0
-            )
-        if not isinstance(document, list):
+        endpoints = document.get("data") if isinstance(document, dict) else document  # the docs show no shape
+        if not isinstance(endpoints, list):
             raise ModelRouteError(f"Unexpected answer listing webhook endpoints: {str(document)[:200]}")
-        return [item for item in document if isinstance(item, dict)]
+        return endpoints
 
     def update_webhook_endpoint(self, endpoint_id: str, **changes: Any) -> dict[str, Any]:
         """Change ``url``, ``description``, ``events``, ``headers`` or ``is_active`` (re-activate it)."""
-        unknown = set(changes) - _UPDATABLE
+        unknown = sorted(set(changes) - _UPDATABLE)
         if unknown:
-            raise ModelRouteConfigError(f"Cannot update {sorted(unknown)}; updatable: {sorted(_UPDATABLE)}")
+            raise ModelRouteConfigError(f"Cannot update {unknown}; updatable: {sorted(_UPDATABLE)}")
         return dict(self._request("PATCH", api_path("webhooks/endpoints", endpoint_id), changes))
 
     def delete_webhook_endpoint(self, endpoint_id: str) -> None:
