@@ -34,9 +34,9 @@ from airflow_provider_modelroute.hooks.storage import (
     local_address,
 )
 from airflow_provider_modelroute.hooks.transport import (
+    ConnectionSettings,
     Transport,
     api_path,
-    connection_settings,
     read_connection,
     requests_options,
     ssl_context,
@@ -87,7 +87,7 @@ class ModelRouteHook(_ModelRouteBaseHook):
     def transport(self) -> Transport:
         with read_connection(self.modelroute_conn_id):
             conn = self.get_connection(self.modelroute_conn_id)
-        return Transport(connection_settings(conn), self.log)
+        return Transport(ConnectionSettings.from_connection(conn), self.log)
 
     @cached_property
     def session(self) -> requests.Session:
@@ -291,7 +291,7 @@ class ModelRouteAsyncHook(_ModelRouteBaseHook):
 
         with read_connection(self.modelroute_conn_id):
             conn = await aget_connection(self.modelroute_conn_id)
-        self.transport = Transport(connection_settings(conn), self.log)
+        self.transport = Transport(ConnectionSettings.from_connection(conn), self.log)
         base_url, options = self.transport.settings.base_url, self.transport.api_options
         self._key = (base_url, options["verify"], options["cert"])
         connect, read = options["timeout"]

@@ -1,6 +1,5 @@
-"""When a request may go: pacing by the ``X-RateLimit-*`` headers (one budget per API key per process,
-for threads and event loops alike), and the retry policy. A request that must wait queues and sleeps
-until granted (nothing polls); only the head of the queue holds a timer, to the window's reset."""
+"""When a request may go: one budget per API key per process paced by the ``X-RateLimit-*`` headers
+(waiting requests queue and sleep; only the head holds a timer), and the retry policy."""
 
 from __future__ import annotations
 
@@ -39,8 +38,7 @@ class RateLimit:
 
     @classmethod
     def read(cls, headers: Mapping[str, str]) -> RateLimit | None:
-        """The window the headers describe, or None. Without a ``Reset`` (unix time or delta) the
-        window's end is unknown, so ``Remaining`` paces nothing."""
+        """The window the headers describe, or None; without a ``Reset``, ``Remaining`` paces nothing."""
 
         def as_int(name: str) -> int | None:
             with contextlib.suppress(TypeError, ValueError):
@@ -77,9 +75,8 @@ class _Waiter:
 
 
 class RateBudget:
-    """Hands out what remains of the key's window, then holds everyone until it resets. Until the first
-    answer (or while a spent window's reset is unknown) one request at a time goes out to learn the
-    state; a server without rate-limit headers is not paced. Answers only lower the allowance."""
+    """Hands out what remains of the key's window, then holds everyone until it resets; one request at a
+    time learns an unknown state. A server without rate-limit headers is not paced."""
 
     def __init__(self, label: str = "") -> None:
         self.label = label
@@ -219,9 +216,7 @@ def shared_rate_budget(base_url: str, api_key: str) -> RateBudget:
     """The one budget of an API key (at one base URL) in this process."""
     key = hashlib.sha256(f"{base_url}|{api_key}".encode()).hexdigest()
     with _BUDGETS_LOCK:
-        if key not in _BUDGETS:
-            _BUDGETS[key] = RateBudget(label=api_key[-4:])
-        return _BUDGETS[key]
+        return _BUDGETS.setdefault(key, RateBudget(label=api_key[-4:]))
 
 
 def retry_after(status: int, headers: Mapping[str, str], window: RateLimit) -> float | None:
@@ -239,9 +234,8 @@ def retry_after(status: int, headers: Mapping[str, str], window: RateLimit) -> f
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """When to retry, the same for sync and async calls: only what says it is retryable, at most
-    ``max_retries`` times within ``deadline`` seconds; a stale kept-alive connection at once, the
-    server's ``Retry-After`` when given, else backoff."""
+    """When to retry, sync and async alike: what is retryable, ``max_retries`` times within ``deadline``
+    seconds, after the server's ``Retry-After`` or a backoff (a stale kept-alive connection at once)."""
 
     max_retries: int = 5
     base_wait: float = 0.5

@@ -193,7 +193,7 @@ class FileDownload:
                     raise reason from None
             failures += 1
             metrics.retry()
-            if failures > transport.retry.max_retries:
+            if failures > transport.settings.retry.max_retries:
                 raise ModelRouteTransferError(
                     f"Download of file {self.file_id} stopped at byte {offset} of {size} after "
                     f"{failures} failures in a row: {reason}"
@@ -201,7 +201,7 @@ class FileDownload:
             transport.log.warning(
                 "Download of file %s interrupted at byte %d (%s); resuming", self.file_id, offset, reason
             )
-            time.sleep(transport.retry.backoff(failures))
+            time.sleep(transport.settings.retry.backoff(failures))
 
 
 def _announced_size(response: requests.Response) -> int | None:

@@ -1,5 +1,5 @@
-"""What every ModelRoute request shares (sync, async and storage alike, so they cannot drift apart): the
-connection's settings, TLS and proxies, the error model."""
+"""What every ModelRoute request shares (sync, async and storage alike): the connection's settings,
+TLS and proxies, the error model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import ssl
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,7 +38,6 @@ from airflow_provider_modelroute.version_compat import AirflowNotFoundException,
 if TYPE_CHECKING:
     from airflow_provider_modelroute.version_compat import Connection
 
-USER_AGENT = f"airflow-provider-modelroute/{__version__}"
 CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
 _PROXY_VARIABLES = tuple(n for b in ("https_proxy", "http_proxy", "all_proxy") for n in (b, b.upper()))
 _log = logging.getLogger(__name__)
@@ -61,8 +59,7 @@ def api_path(collection: str, ident: str, suffix: str = "") -> str:
 
 @contextlib.contextmanager
 def read_connection(conn_id: str) -> Iterator[None]:
-    """Around a connection lookup: "not found" says how to create it; any other failure names the
-    connection (a retry may help, so it does not fail the task at once)."""
+    """Around a connection lookup: "not found" says how to create it."""
     try:
         yield
     except AirflowNotFoundException:
@@ -71,12 +68,6 @@ def read_connection(conn_id: str) -> Iterator[None]:
             "its API key field, `password` in JSON) or set modelroute_conn_id to an existing one. If it "
             "exists, Airflow could not read it: its log names the secrets backend's error"
         ) from None
-    except ModelRouteError:
-        raise
-    except Exception as exc:
-        raise ModelRouteError(
-            f"Could not read Airflow connection {conn_id!r}: {type(exc).__name__}: {exc}"
-        ) from exc
 
 
 @dataclass(frozen=True)
@@ -180,26 +171,9 @@ class ConnectionSettings:
         return settings
 
 
-_SETTINGS: dict[tuple[Any, ...], ConnectionSettings] = {}
-
-
-def connection_settings(conn: Connection) -> ConnectionSettings:
-    """A connection's settings, built once per connection as it stands (a changed connection is read anew)."""
-    key = (conn.conn_id, conn.host, conn.port, conn.password, conn.extra)
-    settings = _SETTINGS.get(key)
-    if settings is None:
-        if len(_SETTINGS) >= 64:  # the UI tests connections under random ids
-            _SETTINGS.clear()
-        settings = _SETTINGS[key] = ConnectionSettings.from_connection(conn)
-    mask_secret(settings.api_key)  # a new task process's masker must know the key too
-    return settings
-
-
 def requests_options(settings: ConnectionSettings, url: str) -> dict[str, Any]:
-    """How requests (its ``trust_env`` off) reaches ``url``, and aiohttp the API: no redirects followed;
-    the client certificate to the API host only; the CA bundle of the extra ``ca_bundle``, else
-    ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` or ``SSL_CERT_FILE``, else certifi's; the proxy of
-    ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` by scheme, unless ``NO_PROXY`` matches (as requests)."""
+    """How requests (``trust_env`` off) reaches ``url``, and aiohttp the API: no redirects, the client
+    certificate to the API host only, the CA bundle and proxy as docs/connections.md lists them."""
     verify = settings.ca_bundle or next(filter(None, map(os.environ.get, CA_BUNDLE_VARIABLES)), None)
     if verify is None:
         import certifi
@@ -247,8 +221,6 @@ _SSL_DROPS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)  # r
 #: The server closed a kept-alive connection as we reused it: retry at once.
 _STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 _STALE_NAMES = frozenset({"ServerDisconnectedError", "RemoteDisconnected"})
-#: The clients' names for a body that does not decompress (aiohttp, requests, urllib3).
-_DECODING_ERRORS = frozenset({"ContentEncodingError", "ContentDecodingError", "DecodeError"})
 _USERINFO_RE = re.compile(r"(\w+://)[^/@\s'\"]+@")
 
 
@@ -279,10 +251,9 @@ class Transport:
         self.log = log
         self.rate_limit = RateLimit()
         self.budget = shared_rate_budget(settings.base_url, settings.api_key)
-        self.retry = settings.retry
         self.retrying, self.async_retrying = settings.retry.retrying(log), settings.retry.retrying(log, True)
         self.headers = {"Authorization": f"Bearer {settings.api_key}", "Accept": "application/json"}
-        self.headers["User-Agent"] = USER_AGENT
+        self.headers["User-Agent"] = f"airflow-provider-modelroute/{__version__}"
 
     @cached_property
     def api_options(self) -> dict[str, Any]:
@@ -351,10 +322,9 @@ class Transport:
         )
 
     def transport_error(self, exc: BaseException, method: str, url: str) -> ModelRouteError:
-        """Classify a failure without an HTTP answer; the text never carries a presigned signature or
-        a proxy password. Drops, resets and timeouts are retried (a stale kept-alive connection at
-        once); an untrusted certificate, a failed handshake, a refusing proxy or a corrupt compressed
-        body fail at once, naming the fix."""
+        """Classify a failure without an HTTP answer (never quoting a signature or proxy password): drops
+        and timeouts are retried; an untrusted certificate, a failed handshake or a refusing proxy fail
+        at once, naming the fix."""
         detail, query = str(exc), urlsplit(url).query
         if query:
             detail = detail.replace(url, api.redact_url(url)).replace(query, "<redacted>")
@@ -384,13 +354,6 @@ class Transport:
                 f"{text}. The proxy refused the request (HTTP {proxy_status}): check the proxy URL and "
                 "its credentials in HTTPS_PROXY, or add the host to NO_PROXY"
             )
-        if any(isinstance(c, zlib.error) or type(c).__name__ in _DECODING_ERRORS for c in causes):
-            error = ModelRouteConnectionError(
-                f"{text}. The response's compressed body is corrupt (a proxy rewriting responses?); "
-                "not retried"
-            )
-            error.retryable = False
-            return error
         error = ModelRouteConnectionError(text)
         error.stale = any(isinstance(c, _STALE) or type(c).__name__ in _STALE_NAMES for c in causes)
         return error
