@@ -1,5 +1,4 @@
-"""ModelRouteHook (tasks, requests) and ModelRouteAsyncHook (triggers, aiohttp), side by side on one
-:class:`~airflow_provider_modelroute.hooks.transport.Transport`. aiohttp is imported lazily."""
+"""ModelRouteHook (tasks, requests) and ModelRouteAsyncHook (triggers, aiohttp, imported lazily)."""
 
 from __future__ import annotations
 
@@ -76,11 +75,9 @@ class _ModelRouteBaseHook(BaseHook):
 
 
 class ModelRouteHook(_ModelRouteBaseHook):
-    """
-    Talk to the ModelRoute API: executions, cancellation, file downloads and uploads, webhook endpoints.
+    """Talk to the ModelRoute API: executions, cancellation, file downloads and uploads, webhook endpoints.
 
-    :param modelroute_conn_id: The Airflow connection: the API key in its password, the base URL in
-        its host (default ``https://api.modelroute.ai``), the extras of the connection form.
+    :param modelroute_conn_id: The Airflow connection (API key in its password, base URL in its host).
     """
 
     @cached_property
@@ -252,8 +249,7 @@ class ModelRouteHook(_ModelRouteBaseHook):
         return dict(self._request("POST", api_path("webhooks/endpoints", endpoint_id, "/test"), {}) or {})
 
     def test_connection(self) -> tuple[bool, str]:
-        """Check the key and base URL by reading a made-up execution: any 4xx but an auth refusal
-        means the key was accepted and the id is unknown."""
+        """Check the key and base URL: reading a made-up execution, any 4xx but an auth refusal is success."""
         try:
             self.get_execution("exec_00000000-0000-0000-0000-000000000000")
         except ModelRouteApiError as exc:
@@ -276,12 +272,8 @@ _SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, 
 
 
 class ModelRouteAsyncHook(_ModelRouteBaseHook):
-    """
-    The calls of triggers (status, cancel) on aiohttp: ``async with ModelRouteAsyncHook(conn_id) as
-    hook``. The hooks of one event loop that talk to one API origin share one aiohttp session.
-
-    :param modelroute_conn_id: The Airflow connection to use.
-    """
+    """The calls of triggers on aiohttp, ``async with ModelRouteAsyncHook(conn_id) as hook``; the hooks of
+    one event loop and API origin share one aiohttp session."""
 
     transport: Transport
     _shared: list[Any] | None = None

@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import tenacity
@@ -220,13 +219,9 @@ def shared_rate_budget(base_url: str, api_key: str) -> RateBudget:
 
 
 def retry_after(status: int, headers: Mapping[str, str], window: RateLimit) -> float | None:
-    """How long the server asks us to wait: ``Retry-After`` (seconds or a date), else a 429's window reset."""
-    value = headers.get("Retry-After")
-    if value:
-        with contextlib.suppress(ValueError):
-            return max(0.0, float(value))
-        with contextlib.suppress(TypeError, ValueError):
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    """How long the server asks us to wait: ``Retry-After`` (seconds), else a 429's window reset."""
+    with contextlib.suppress(TypeError, ValueError):
+        return max(0.0, float(headers.get("Retry-After")))  # type: ignore[arg-type]
     if status == 429 and window.reset is not None:
         return max(0.0, window.reset - time.time())
     return None

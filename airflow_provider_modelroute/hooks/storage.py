@@ -147,7 +147,7 @@ class FileDownload:
 
     def __iter__(self) -> Iterator[bytes]:
         """Yield the file's bytes; resume with Range after a drop, and get a fresh URL once it expires."""
-        transport = self._transport
+        transport, retry = self._transport, self._transport.settings.retry
         offset, failures, url, size = 0, 0, "", self.size_bytes
         while True:
             try:
@@ -156,12 +156,9 @@ class FileDownload:
                     if status == 403:  # expired: the next open asks the API for a fresh URL
                         self._url = None
                         raise ModelRouteConnectionError("presigned URL expired (HTTP 403)")
-                    if status >= 500:
-                        raise ModelRouteConnectionError(f"storage answered HTTP {status}")
                     if status not in (200, 206):
-                        raise ModelRouteTransferError(
-                            f"Storage answered HTTP {status} for file {self.file_id}"
-                        )
+                        error = ModelRouteConnectionError if status >= 500 else ModelRouteTransferError
+                        raise error(f"Storage answered HTTP {status} for file {self.file_id}")
                     if size is None and offset == 0:
                         size = _announced_size(response)
                     skip = offset if status == 200 else 0  # the server ignored Range: drop what we have
@@ -178,12 +175,8 @@ class FileDownload:
                         offset += len(chunk)
                         failures = 0
                         yield chunk
-                if size is None or offset == size:
+                if size is None or offset >= size:  # the announced size is exact
                     return
-                if offset > size:
-                    raise ModelRouteTransferError(
-                        f"File {self.file_id} is larger than its announced {size} bytes"
-                    )
                 reason: Exception = ModelRouteConnectionError(f"body ended at byte {offset} of {size}")
             except ModelRouteConnectionError as exc:
                 reason = exc
@@ -193,7 +186,7 @@ class FileDownload:
                     raise reason from None
             failures += 1
             metrics.retry()
-            if failures > transport.settings.retry.max_retries:
+            if failures > retry.max_retries:
                 raise ModelRouteTransferError(
                     f"Download of file {self.file_id} stopped at byte {offset} of {size} after "
                     f"{failures} failures in a row: {reason}"
@@ -201,7 +194,7 @@ class FileDownload:
             transport.log.warning(
                 "Download of file %s interrupted at byte %d (%s); resuming", self.file_id, offset, reason
             )
-            time.sleep(transport.settings.retry.backoff(failures))
+            time.sleep(retry.backoff(failures))
 
 
 def _announced_size(response: requests.Response) -> int | None:

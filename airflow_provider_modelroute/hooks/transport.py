@@ -59,7 +59,7 @@ def api_path(collection: str, ident: str, suffix: str = "") -> str:
 
 @contextlib.contextmanager
 def read_connection(conn_id: str) -> Iterator[None]:
-    """Around a connection lookup: "not found" says how to create it."""
+    """Around a connection lookup: "not found" says how to create it; other failures name the connection."""
     try:
         yield
     except AirflowNotFoundException:
@@ -68,6 +68,12 @@ def read_connection(conn_id: str) -> Iterator[None]:
             "its API key field, `password` in JSON) or set modelroute_conn_id to an existing one. If it "
             "exists, Airflow could not read it: its log names the secrets backend's error"
         ) from None
+    except ModelRouteError:
+        raise
+    except Exception as exc:
+        raise ModelRouteError(
+            f"Could not read Airflow connection {conn_id!r}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -95,13 +101,11 @@ class ConnectionSettings:
                 "(app.modelroute.ai > Settings > API Keys)."
             )
         mask_secret(api_key)
-        warning = api.api_key_warning(api_key)
-        if warning:
+        if warning := api.api_key_warning(api_key):
             _log.warning(
                 "The API key in connection %r (password field): %s. Sending it anyway; if ModelRoute "
                 "answers UNAUTHORIZED, copy the whole key again.",
-                conn.conn_id,
-                warning,
+                *(conn.conn_id, warning),
             )
         base_url = api.DEFAULT_BASE_URL
         if conn.host:
@@ -115,13 +119,11 @@ class ConnectionSettings:
             netloc = parts.netloc if not conn.port or parts.port else f"{parts.netloc}:{conn.port}"
             base_url = f"{parts.scheme}://{netloc}{parts.path}".removesuffix(api.API_PREFIX)
         try:  # Airflow's ``extra_dejson`` turns invalid JSON into {} silently: say so instead
-            values = json.loads(conn.extra) if conn.extra else {}
-        except ValueError as exc:
+            values = dict(json.loads(conn.extra or "{}"))
+        except (TypeError, ValueError) as exc:
             raise ModelRouteConfigError(
                 f"Connection {conn.conn_id!r} has extras that are not JSON: {exc}"
             ) from None
-        if not isinstance(values, dict):
-            raise ModelRouteConfigError(f"Connection {conn.conn_id!r} has extras that are not a JSON object")
 
         def number(name: str, default: float, minimum: float) -> float:
             value = default if extra_value(values, name) is None else extra_value(values, name)
@@ -155,9 +157,7 @@ class ConnectionSettings:
                 number("retry_max_wait", RetryPolicy.max_wait, 0),
                 number("retry_deadline", RetryPolicy.deadline, 0),
             ),
-            allow_insecure_storage_urls=insecure.strip().lower() in {"1", "true", "yes", "on"}
-            if isinstance(insecure, str)
-            else bool(insecure),
+            allow_insecure_storage_urls=str(insecure).strip().lower() in {"1", "true", "yes", "on"},
             dashboard_url=str(extra_value(values, "dashboard_url") or cls.dashboard_url).rstrip("/"),
             ca_bundle=path("ca_bundle"),
             client_cert=path("client_cert"),
@@ -189,11 +189,7 @@ def requests_options(settings: ConnectionSettings, url: str) -> dict[str, Any]:
         from requests.utils import get_environ_proxies, select_proxy
 
         proxy = select_proxy(url, get_environ_proxies(url))
-    origins = {
-        (p.scheme, p.hostname, p.port or (443 if p.scheme == "https" else 80))
-        for p in map(urlsplit, (url, settings.base_url))
-    }
-    cert: Any = settings.client_cert if len(origins) == 1 else None
+    cert: Any = settings.client_cert if urlsplit(url)[:2] == urlsplit(settings.base_url)[:2] else None
     cert = (cert, settings.client_key) if cert and settings.client_key else cert
     options = {"timeout": settings.timeouts, "allow_redirects": False, "cert": cert, "verify": verify}
     return {**options, "proxies": {"http": proxy, "https": proxy}}
@@ -247,8 +243,7 @@ class Transport:
     """One connection's way to the API: URLs, headers, pacing, response parsing and the retry policy."""
 
     def __init__(self, settings: ConnectionSettings, log: logging.Logger | Any) -> None:
-        self.settings = settings
-        self.log = log
+        self.settings, self.log = settings, log
         self.rate_limit = RateLimit()
         self.budget = shared_rate_budget(settings.base_url, settings.api_key)
         self.retrying, self.async_retrying = settings.retry.retrying(log), settings.retry.retrying(log, True)
