@@ -78,7 +78,7 @@ class FileDownload:
         self,
         transport: Transport,
         session: requests.Session,
-        send: Callable[..., requests.Response],
+        send: Callable[..., Any],
         file_id: str,
         chunk_size: int,
     ) -> None:
