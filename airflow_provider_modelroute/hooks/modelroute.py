@@ -303,9 +303,7 @@ class ModelRouteAsyncHook(_ModelRouteBaseHook):
         if shared is not None:
             shared[1] -= 1
             if shared[1] == 0:  # the last user closes the session
-                sessions = _SESSIONS.get(asyncio.get_running_loop(), {})
-                if sessions.get(self._key) is shared:
-                    del sessions[self._key]
+                _SESSIONS.get(asyncio.get_running_loop(), {}).pop(self._key, None)
                 await shared[0].close()
 
     @property

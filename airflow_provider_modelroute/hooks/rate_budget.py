@@ -18,13 +18,11 @@ from typing import Any
 import tenacity
 
 from airflow_provider_modelroute import api, metrics
-from airflow_provider_modelroute.exceptions import ModelRouteApiError, ModelRouteConnectionError
 
 #: A wait longer than this is logged ("waiting 38 s for the rate window of key ...1a2b").
 LOG_WAITS_OVER = 5.0
 
 _log = logging.getLogger(__name__)
-_RETRYABLE = (ModelRouteConnectionError, ModelRouteApiError)
 
 
 @dataclass
@@ -263,6 +261,6 @@ class RetryPolicy:
             retry = (state.attempt_number, self.max_retries, state.upcoming_sleep)
             log.warning("ModelRoute request failed (%s); retry %d of %d in %.1f s", exc, *retry)
 
-        retry = tenacity.retry_if_exception(lambda exc: isinstance(exc, _RETRYABLE) and bool(exc.retryable))
+        retry = tenacity.retry_if_exception(lambda exc: getattr(exc, "retryable", None) is True)
         kind = tenacity.AsyncRetrying if asynchronous else tenacity.Retrying
         return kind(retry=retry, wait=wait, stop=stop, before_sleep=before_sleep, reraise=True)

@@ -40,8 +40,7 @@ logging.getLogger("urllib3.connectionpool").addFilter(_redact_signatures)
 
 
 def local_address(host: str) -> str | None:
-    """``"loopback"`` (localhost, loopback addresses), ``"private"`` (other literal addresses that are
-    not global) or None; names are not resolved (that is the proxy's or resolver's business)."""
+    """``"loopback"``, ``"private"`` (a non-global literal address) or None: names are never resolved."""
     if host == "localhost" or host.endswith(".localhost"):
         return "loopback"
     try:

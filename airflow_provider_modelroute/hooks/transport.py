@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import http
 import json
 import logging
 import os
@@ -262,8 +261,7 @@ class Transport:
     def exchange(
         self, method: str, url: str, errors: type[BaseException]
     ) -> Iterator[Callable[[Mapping[str, str]], None]]:
-        """Around one request the budget granted: the client's ``errors`` become the error model, and
-        the budget learns from the answer's headers (pass them to the yielded function)."""
+        """Around one granted request: ``errors`` become the error model; pass the answer's headers on."""
         seen: list[RateLimit] = []
 
         def answered(headers: Mapping[str, str]) -> None:
@@ -300,8 +298,7 @@ class Transport:
             body = json.loads(content) if content else None
         err = body.get("error") if isinstance(body, dict) else None
         if not isinstance(err, dict):
-            phrase = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else None
-            err = {"message": phrase or "unexpected response"}
+            err = {"message": "an answer without ModelRoute's error body (a proxy or load balancer?)"}
         code, message = str(err.get("code") or f"HTTP_{status}"), str(err.get("message") or "")
         if code == "UNAUTHORIZED" or status in (401, 403):
             message += f" (the API key of connection {self.settings.conn_id!r})"
@@ -325,9 +322,7 @@ class Transport:
             detail = detail.replace(url, api.redact_url(url)).replace(query, "<redacted>")
         detail = _USERINFO_RE.sub(r"\1<redacted>@", detail)
         if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not detail:  # aiohttp's say nothing
-            detail = "no complete answer within {:g} s (connect) + {:g} s (read)".format(
-                *self.settings.timeouts
-            )
+            detail = "no complete answer within {:g} s (connect) + {:g} s".format(*self.settings.timeouts)
         text = f"ModelRoute {method} {api.redact_url(url)} failed: {type(exc).__name__}: {detail}"
         metrics.request(method, url, None)
         causes = _causes(exc)
