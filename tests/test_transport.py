@@ -20,7 +20,6 @@ import trustme
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.exceptions import (
     ModelRouteConfigError,
-    ModelRouteConnectionError,
     ModelRouteTransferError,
 )
 from airflow_provider_modelroute.hooks.modelroute import ModelRouteAsyncHook, ModelRouteHook
@@ -280,31 +279,6 @@ def test_a_proxy_refusing_the_tunnel_fails_at_once(
 
 
 # -- what is never retried, and what is -----------------------------------------------------------------
-
-_CORRUPT_GZIP = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
-    b"Content-Length: 12\r\n\r\nnot gzip at!"
-)
-
-
-def test_corrupt_compressed_body_is_not_retried(
-    monkeypatch: pytest.MonkeyPatch, server: ModelRouteServer
-) -> None:
-    with CannedServer(_CORRUPT_GZIP) as canned:
-        use(monkeypatch, "mr_canned", canned.base_url, server.api_key)
-        with pytest.raises(ModelRouteConnectionError, match="not retried") as sync_error:
-            ModelRouteHook("mr_canned").get_execution("exec_1")
-        assert sync_error.value.retryable is False
-        assert canned.requests == 1
-
-        async def poll() -> None:
-            async with ModelRouteAsyncHook("mr_canned") as client:
-                await client.get_execution("exec_1")
-
-        with pytest.raises(ModelRouteConnectionError, match="not retried"):
-            asyncio.run(poll())
-        assert canned.requests == 2
-
 
 _EXECUTION = b'{"id": "exec_1", "status": "PROCESSING"}'
 _TRAILING_BYTES = (

@@ -1,5 +1,4 @@
-"""ModelRouteHook (tasks, requests) and ModelRouteAsyncHook (triggers, aiohttp), side by side on one
-:class:`~airflow_provider_modelroute.hooks.transport.Transport`. aiohttp is imported lazily."""
+"""ModelRouteHook (tasks, requests) and ModelRouteAsyncHook (triggers, aiohttp, imported lazily)."""
 
 from __future__ import annotations
 
@@ -15,23 +14,30 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from airflow_provider_modelroute import api
-from airflow_provider_modelroute.exceptions import ModelRouteApiError, ModelRouteConfigError, ModelRouteError
+from airflow_provider_modelroute.exceptions import (
+    ModelRouteApiError,
+    ModelRouteConfigError,
+    ModelRouteConnectionError,
+    ModelRouteError,
+    ModelRouteTransferError,
+)
 from airflow_provider_modelroute.get_provider_info import (
     CONN_TYPE,
     connection_form_widgets,
     ui_field_behaviour,
 )
 from airflow_provider_modelroute.hooks.storage import (
+    NO_API_KEY,
     FileDownload,
-    StorageClient,
     check_storage_url,
     local_address,
 )
 from airflow_provider_modelroute.hooks.transport import (
+    ConnectionSettings,
     Transport,
     api_path,
-    connection_settings,
     read_connection,
+    requests_options,
     ssl_context,
 )
 from airflow_provider_modelroute.version_compat import BaseHook, aget_connection, mask_secret
@@ -69,30 +75,23 @@ class _ModelRouteBaseHook(BaseHook):
 
 
 class ModelRouteHook(_ModelRouteBaseHook):
-    """
-    Talk to the ModelRoute API: executions, cancellation, file downloads and uploads, webhook endpoints.
+    """Talk to the ModelRoute API: executions, cancellation, file downloads and uploads, webhook endpoints.
 
-    :param modelroute_conn_id: The Airflow connection: the API key in its password, the base URL in
-        its host (default ``https://api.modelroute.ai``), the extras of the connection form.
+    :param modelroute_conn_id: The Airflow connection (API key in its password, base URL in its host).
     """
 
     @cached_property
     def transport(self) -> Transport:
         with read_connection(self.modelroute_conn_id):
             conn = self.get_connection(self.modelroute_conn_id)
-        return Transport(connection_settings(conn), self.log)
+        return Transport(ConnectionSettings.from_connection(conn), self.log)
 
     @cached_property
     def session(self) -> requests.Session:
         session = requests.Session()
-        session.trust_env = False  # CA bundle and proxies: the transport's, as for triggers
+        session.trust_env = False  # CA bundle, proxies, netrc: the transport's, as for triggers
         session.headers.update(self.transport.headers)
         return session
-
-    @cached_property
-    def storage(self) -> StorageClient:
-        """Presigned-URL transfers, without the API key."""
-        return StorageClient(self.transport)
 
     def send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         """One request to the API, paced by the key's rate budget; transport errors in the error model."""
@@ -161,7 +160,7 @@ class ModelRouteHook(_ModelRouteBaseHook):
 
     def download_file(self, file_id: str, *, chunk_size: int = 1024 * 1024) -> FileDownload:
         """Open a file for streaming (any reading of ``/download``): iterate the result for its bytes."""
-        return FileDownload(self.storage, self.send, file_id, chunk_size)
+        return FileDownload(self.transport, self.session, self.send, file_id, chunk_size)
 
     def upload_file(
         self,
@@ -184,8 +183,20 @@ class ModelRouteHook(_ModelRouteBaseHook):
         body = _given(**fields, purpose=purpose, region=region, ttl_days=ttl_days)
         slot = self._request("POST", "/files/upload", body)
         file_id, url = str(slot["file_id"]), check_storage_url(self.transport, str(slot["upload_url"]))
-        headers = {"Content-Length": str(size_bytes), "Content-Type": content_type}
-        self.storage.put(url, open_source, headers, filename)
+        headers = {**NO_API_KEY, "Content-Length": str(size_bytes), "Content-Type": content_type}
+        options = requests_options(self.transport.settings, url)
+
+        def put() -> None:  # retried per the policy, the bytes opened afresh each time
+            with open_source() as source:
+                try:
+                    response = self.session.put(url, data=source, headers=headers, **options)
+                except requests.RequestException as exc:
+                    raise self.transport.transport_error(exc, "PUT", url) from None
+            if response.status_code >= 300:
+                error = ModelRouteConnectionError if response.status_code >= 500 else ModelRouteTransferError
+                raise error(f"Storage answered HTTP {response.status_code} to the upload of {filename}")
+
+        self.transport.retrying(put)
         try:
             confirmed = self._request("POST", "/files/confirm", {"file_id": file_id})
         except ModelRouteApiError as exc:
@@ -218,19 +229,16 @@ class ModelRouteHook(_ModelRouteBaseHook):
     def list_webhook_endpoints(self) -> list[dict[str, Any]]:
         """Every endpoint, with ``is_active``, ``failure_count`` and ``last_success``."""
         document = self._request("GET", _ENDPOINTS)
-        if isinstance(document, dict):  # the docs show neither a bare list nor a wrapped one
-            document = next(
-                (document[k] for k in ("data", "endpoints", "items", "webhooks") if k in document), 0
-            )
-        if not isinstance(document, list):
+        endpoints = document.get("data") if isinstance(document, dict) else document  # the docs show no shape
+        if not isinstance(endpoints, list):
             raise ModelRouteError(f"Unexpected answer listing webhook endpoints: {str(document)[:200]}")
-        return [item for item in document if isinstance(item, dict)]
+        return endpoints
 
     def update_webhook_endpoint(self, endpoint_id: str, **changes: Any) -> dict[str, Any]:
         """Change ``url``, ``description``, ``events``, ``headers`` or ``is_active`` (re-activate it)."""
-        unknown = set(changes) - _UPDATABLE
+        unknown = sorted(set(changes) - _UPDATABLE)
         if unknown:
-            raise ModelRouteConfigError(f"Cannot update {sorted(unknown)}; updatable: {sorted(_UPDATABLE)}")
+            raise ModelRouteConfigError(f"Cannot update {unknown}; updatable: {sorted(_UPDATABLE)}")
         return dict(self._request("PATCH", api_path("webhooks/endpoints", endpoint_id), changes))
 
     def delete_webhook_endpoint(self, endpoint_id: str) -> None:
@@ -241,8 +249,7 @@ class ModelRouteHook(_ModelRouteBaseHook):
         return dict(self._request("POST", api_path("webhooks/endpoints", endpoint_id, "/test"), {}) or {})
 
     def test_connection(self) -> tuple[bool, str]:
-        """Check the key and base URL by reading a made-up execution: any 4xx but an auth refusal
-        means the key was accepted and the id is unknown."""
+        """Check the key and base URL: reading a made-up execution, any 4xx but an auth refusal is success."""
         try:
             self.get_execution("exec_00000000-0000-0000-0000-000000000000")
         except ModelRouteApiError as exc:
@@ -265,12 +272,8 @@ _SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, 
 
 
 class ModelRouteAsyncHook(_ModelRouteBaseHook):
-    """
-    The calls of triggers (status, cancel) on aiohttp: ``async with ModelRouteAsyncHook(conn_id) as
-    hook``. The hooks of one event loop that talk to one API origin share one aiohttp session.
-
-    :param modelroute_conn_id: The Airflow connection to use.
-    """
+    """The calls of triggers on aiohttp, ``async with ModelRouteAsyncHook(conn_id) as hook``; the hooks of
+    one event loop and API origin share one aiohttp session."""
 
     transport: Transport
     _shared: list[Any] | None = None
@@ -280,7 +283,7 @@ class ModelRouteAsyncHook(_ModelRouteBaseHook):
 
         with read_connection(self.modelroute_conn_id):
             conn = await aget_connection(self.modelroute_conn_id)
-        self.transport = Transport(connection_settings(conn), self.log)
+        self.transport = Transport(ConnectionSettings.from_connection(conn), self.log)
         base_url, options = self.transport.settings.base_url, self.transport.api_options
         self._key = (base_url, options["verify"], options["cert"])
         connect, read = options["timeout"]
@@ -300,9 +303,7 @@ class ModelRouteAsyncHook(_ModelRouteBaseHook):
         if shared is not None:
             shared[1] -= 1
             if shared[1] == 0:  # the last user closes the session
-                sessions = _SESSIONS.get(asyncio.get_running_loop(), {})
-                if sessions.get(self._key) is shared:
-                    del sessions[self._key]
+                _SESSIONS.get(asyncio.get_running_loop(), {}).pop(self._key, None)
                 await shared[0].close()
 
     @property

@@ -1,6 +1,5 @@
-"""When a request may go: pacing by the ``X-RateLimit-*`` headers (one budget per API key per process,
-for threads and event loops alike), and the retry policy. A request that must wait queues and sleeps
-until granted (nothing polls); only the head of the queue holds a timer, to the window's reset."""
+"""When a request may go: one budget per API key per process paced by the ``X-RateLimit-*`` headers
+(waiting requests queue and sleep; only the head holds a timer), and the retry policy."""
 
 from __future__ import annotations
 
@@ -14,19 +13,16 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import tenacity
 
 from airflow_provider_modelroute import api, metrics
-from airflow_provider_modelroute.exceptions import ModelRouteApiError, ModelRouteConnectionError
 
 #: A wait longer than this is logged ("waiting 38 s for the rate window of key ...1a2b").
 LOG_WAITS_OVER = 5.0
 
 _log = logging.getLogger(__name__)
-_RETRYABLE = (ModelRouteConnectionError, ModelRouteApiError)
 
 
 @dataclass
@@ -39,8 +35,7 @@ class RateLimit:
 
     @classmethod
     def read(cls, headers: Mapping[str, str]) -> RateLimit | None:
-        """The window the headers describe, or None. Without a ``Reset`` (unix time or delta) the
-        window's end is unknown, so ``Remaining`` paces nothing."""
+        """The window the headers describe, or None; without a ``Reset``, ``Remaining`` paces nothing."""
 
         def as_int(name: str) -> int | None:
             with contextlib.suppress(TypeError, ValueError):
@@ -77,9 +72,8 @@ class _Waiter:
 
 
 class RateBudget:
-    """Hands out what remains of the key's window, then holds everyone until it resets. Until the first
-    answer (or while a spent window's reset is unknown) one request at a time goes out to learn the
-    state; a server without rate-limit headers is not paced. Answers only lower the allowance."""
+    """Hands out what remains of the key's window, then holds everyone until it resets; one request at a
+    time learns an unknown state. A server without rate-limit headers is not paced."""
 
     def __init__(self, label: str = "") -> None:
         self.label = label
@@ -219,19 +213,13 @@ def shared_rate_budget(base_url: str, api_key: str) -> RateBudget:
     """The one budget of an API key (at one base URL) in this process."""
     key = hashlib.sha256(f"{base_url}|{api_key}".encode()).hexdigest()
     with _BUDGETS_LOCK:
-        if key not in _BUDGETS:
-            _BUDGETS[key] = RateBudget(label=api_key[-4:])
-        return _BUDGETS[key]
+        return _BUDGETS.setdefault(key, RateBudget(label=api_key[-4:]))
 
 
 def retry_after(status: int, headers: Mapping[str, str], window: RateLimit) -> float | None:
-    """How long the server asks us to wait: ``Retry-After`` (seconds or a date), else a 429's window reset."""
-    value = headers.get("Retry-After")
-    if value:
-        with contextlib.suppress(ValueError):
-            return max(0.0, float(value))
-        with contextlib.suppress(TypeError, ValueError):
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    """How long the server asks us to wait: ``Retry-After`` (seconds), else a 429's window reset."""
+    with contextlib.suppress(TypeError, ValueError):
+        return max(0.0, float(headers.get("Retry-After")))  # type: ignore[arg-type]
     if status == 429 and window.reset is not None:
         return max(0.0, window.reset - time.time())
     return None
@@ -239,9 +227,8 @@ def retry_after(status: int, headers: Mapping[str, str], window: RateLimit) -> f
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """When to retry, the same for sync and async calls: only what says it is retryable, at most
-    ``max_retries`` times within ``deadline`` seconds; a stale kept-alive connection at once, the
-    server's ``Retry-After`` when given, else backoff."""
+    """When to retry, sync and async alike: what is retryable, ``max_retries`` times within ``deadline``
+    seconds, after the server's ``Retry-After`` or a backoff (a stale kept-alive connection at once)."""
 
     max_retries: int = 5
     base_wait: float = 0.5
@@ -274,6 +261,6 @@ class RetryPolicy:
             retry = (state.attempt_number, self.max_retries, state.upcoming_sleep)
             log.warning("ModelRoute request failed (%s); retry %d of %d in %.1f s", exc, *retry)
 
-        retry = tenacity.retry_if_exception(lambda exc: isinstance(exc, _RETRYABLE) and bool(exc.retryable))
+        retry = tenacity.retry_if_exception(lambda exc: getattr(exc, "retryable", None) is True)
         kind = tenacity.AsyncRetrying if asynchronous else tenacity.Retrying
         return kind(retry=retry, wait=wait, stop=stop, before_sleep=before_sleep, reraise=True)

@@ -1,5 +1,5 @@
-"""Files on presigned URLs (without the API key), and the checks of the hosts they name. Downloads
-(:class:`FileDownload`: all three readings of ``/download``) stream and resume; uploads are retried."""
+"""Files on presigned URLs (fetched without the API key) and the checks of the hosts they name.
+:class:`FileDownload` reads all three answers of ``/download``, resumes drops and renews expired URLs."""
 
 from __future__ import annotations
 
@@ -10,26 +10,37 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
 
 from airflow_provider_modelroute import api, metrics
 from airflow_provider_modelroute.exceptions import ModelRouteConnectionError, ModelRouteTransferError
-from airflow_provider_modelroute.hooks.transport import USER_AGENT, Transport, api_path, requests_options
+from airflow_provider_modelroute.hooks.transport import Transport, api_path, requests_options
 
 #: The most read from the network at once: a dropped connection loses only the read in progress.
 NETWORK_READ = 1024 * 1024
 #: A URL document is small; a JSON answer larger than this is a file's bytes.
 _MAX_DOCUMENT = 64 * 1024
-_MAX_REDIRECTS = 5
+#: The headers of a storage request: the API key is taken out of the session's headers.
+NO_API_KEY: dict[str, str | None] = {"Authorization": None}
 _SIGNED_QUERY_RE = re.compile(r"\?[^\s\"']*Signature=[^\s\"']*")
 
 
+def _redact_signatures(record: logging.LogRecord) -> bool:
+    """urllib3's debug lines quote request URLs: keep presigned query strings out of them."""
+    if isinstance(record.args, tuple):
+        redact = _SIGNED_QUERY_RE.sub
+        record.args = tuple(redact("?<redacted>", a) if isinstance(a, str) else a for a in record.args)
+    return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_redact_signatures)
+
+
 def local_address(host: str) -> str | None:
-    """``"loopback"`` (localhost, loopback addresses), ``"private"`` (other literal addresses that are
-    not global) or None; names are not resolved (that is the proxy's or resolver's business)."""
+    """``"loopback"``, ``"private"`` (a non-global literal address) or None: names are never resolved."""
     if host == "localhost" or host.endswith(".localhost"):
         return "loopback"
     try:
@@ -58,85 +69,23 @@ def check_storage_url(transport: Transport, url: str) -> str:
     return url
 
 
-class _PresignedQueryFilter(logging.Filter):
-    """Redacts presigned query strings from urllib3's debug lines, which quote the request URL."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and any("Signature=" in str(arg) for arg in record.args):
-            redact = _SIGNED_QUERY_RE.sub
-            record.args = tuple(redact("?<redacted>", a) if isinstance(a, str) else a for a in record.args)
-        return True
-
-
-def _strip_authorization(request: requests.PreparedRequest) -> requests.PreparedRequest:
-    """requests ``auth`` hook: no credential reaches the storage host (it also stops ``~/.netrc``)."""
-    request.headers.pop("Authorization", None)
-    return request
-
-
-class StorageClient:
-    """The storage host behind presigned URLs: no API key, the API's timeouts and retry policy."""
-
-    def __init__(self, transport: Transport) -> None:
-        self.transport = transport
-        logger = logging.getLogger("urllib3.connectionpool")
-        if not any(isinstance(f, _PresignedQueryFilter) for f in logger.filters):
-            logger.addFilter(_PresignedQueryFilter())
-        self.session = requests.Session()
-        self.session.trust_env = False  # CA bundle and proxies: the transport's
-        self.session.auth = _strip_authorization
-        self.session.headers["User-Agent"] = USER_AGENT
-
-    def follow(self, response: requests.Response, url: str) -> str:
-        """Where a redirect answer points, checked like any presigned URL; the answer is closed."""
-        response.close()
-        return check_storage_url(self.transport, urljoin(url, response.headers["Location"]))
-
-    def get(self, url: str, offset: int) -> requests.Response:
-        """GET a presigned URL from ``offset``, following redirects only to URLs that pass the checks."""
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
-        for _ in range(_MAX_REDIRECTS):
-            response = self.session.get(
-                url, headers=headers, stream=True, **requests_options(self.transport.settings, url)
-            )
-            if not response.is_redirect:
-                return response
-            url = self.follow(response, url)
-        raise ModelRouteTransferError(f"Storage redirected more than {_MAX_REDIRECTS} times")
-
-    def put(self, url: str, open_source: Callable[[], IO[bytes]], headers: dict[str, str], name: str) -> None:
-        """PUT a file's bytes to a presigned upload URL, retried per the policy (reopened each time)."""
-        options = requests_options(self.transport.settings, url)
-
-        def put_once() -> None:
-            with open_source() as source:
-                try:
-                    response = self.session.put(url, data=source, headers=headers, **options)
-                except requests.RequestException as exc:
-                    raise self.transport.transport_error(exc, "PUT", url) from None
-            if response.status_code >= 500:
-                raise ModelRouteConnectionError(f"Upload of {name} got HTTP {response.status_code}")
-            if response.status_code >= 300:
-                raise ModelRouteTransferError(
-                    f"Storage refused the upload of {name} (HTTP {response.status_code})"
-                )
-
-        self.transport.retrying(put_once)
-
-
 class FileDownload:
     """A file being downloaded; iterate it for the bytes (resumes on drops, refreshes an expired URL).
     Opening asks ``/download`` at once, so the size and type are known before the first byte is read."""
 
     def __init__(
-        self, storage: StorageClient, send: Callable[..., Any], file_id: str, chunk_size: int
+        self,
+        transport: Transport,
+        session: requests.Session,
+        send: Callable[..., Any],
+        file_id: str,
+        chunk_size: int,
     ) -> None:
         self.file_id, self.chunk_size = file_id, chunk_size
-        self._storage, self._send = storage, send
-        self._path = api_path("files", file_id, "/download")
+        self._transport, self._session, self._send = transport, session, send
         self._url: str | None = None  # the presigned URL the API gave; None: ask the API (again)
         document: dict[str, Any] = {}
-        self._pending: requests.Response | None = storage.transport.retrying(self._ask_api, 0, document)
+        self._pending: requests.Response | None = transport.retrying(self._ask_api, 0, document)
         size = document.get("size_bytes") if document else _announced_size(self._pending)
         self.size_bytes = int(size) if size is not None else None
         content_type = document.get("content_type") or self._pending.headers.get("Content-Type")
@@ -155,26 +104,29 @@ class FileDownload:
             return pending
         self.close()
         if self._url is not None:
-            return self._storage.get(self._url, offset)
-        return self._storage.transport.retrying(self._ask_api, offset, {})
+            return self._get(self._url, offset)
+        return self._transport.retrying(self._ask_api, offset, {})
+
+    def _get(self, url: str, offset: int) -> requests.Response:
+        """GET a presigned URL (once checked) from ``offset``, without the API key or redirects."""
+        self._url = check_storage_url(self._transport, url)
+        headers = {**NO_API_KEY, "Range": f"bytes={offset}-" if offset else None}  # None: not sent
+        options = requests_options(self._transport.settings, url)
+        return self._session.get(url, headers=headers, stream=True, **options)
 
     def _ask_api(self, offset: int, document: dict[str, Any]) -> requests.Response:
         """Ask ``/download``; the bytes (reading 1), else follow the URL document (2) or redirect (3)."""
-        transport = self._storage.transport
-        url = transport.url(self._path)
-        headers = {
-            "Accept": "*/*",
-            "Accept-Encoding": "identity",
-            **({"Range": f"bytes={offset}-"} if offset else {}),
-        }
+        url = self._transport.url(api_path("files", self.file_id, "/download"))
+        ranged = f"bytes={offset}-" if offset else None
+        headers = {"Accept": "*/*", "Accept-Encoding": "identity", "Range": ranged}
         response = self._send("GET", url, headers=headers, stream=True)
         if response.is_redirect:
-            self._url = self._storage.follow(response, url)
-            return self._storage.get(self._url, offset)
+            response.close()
+            return self._get(urljoin(url, response.headers["Location"]), offset)
         if not 200 <= response.status_code < 300:
             with response:
                 content = response.raw.read(_MAX_DOCUMENT, decode_content=True)
-            raise transport.error_from_response(response.status_code, response.headers, content)
+            raise self._transport.error_from_response(response.status_code, response.headers, content)
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         length = response.headers.get("Content-Length", "0")
         if content_type != "application/json" or (length.isdigit() and int(length) > _MAX_DOCUMENT):
@@ -190,12 +142,11 @@ class FileDownload:
             return response
         response.close()
         document.update(found)  # type: ignore[arg-type]
-        self._url = check_storage_url(transport, str(document["url"]))
-        return self._storage.get(self._url, offset)
+        return self._get(str(document["url"]), offset)
 
     def __iter__(self) -> Iterator[bytes]:
         """Yield the file's bytes; resume with Range after a drop, and get a fresh URL once it expires."""
-        transport = self._storage.transport
+        transport, retry = self._transport, self._transport.settings.retry
         offset, failures, url, size = 0, 0, "", self.size_bytes
         while True:
             try:
@@ -204,12 +155,9 @@ class FileDownload:
                     if status == 403:  # expired: the next open asks the API for a fresh URL
                         self._url = None
                         raise ModelRouteConnectionError("presigned URL expired (HTTP 403)")
-                    if status >= 500:
-                        raise ModelRouteConnectionError(f"storage answered HTTP {status}")
                     if status not in (200, 206):
-                        raise ModelRouteTransferError(
-                            f"Storage answered HTTP {status} for file {self.file_id}"
-                        )
+                        error = ModelRouteConnectionError if status >= 500 else ModelRouteTransferError
+                        raise error(f"Storage answered HTTP {status} for file {self.file_id}")
                     if size is None and offset == 0:
                         size = _announced_size(response)
                     skip = offset if status == 200 else 0  # the server ignored Range: drop what we have
@@ -226,12 +174,8 @@ class FileDownload:
                         offset += len(chunk)
                         failures = 0
                         yield chunk
-                if size is None or offset == size:
+                if size is None or offset >= size:  # the announced size is exact
                     return
-                if offset > size:
-                    raise ModelRouteTransferError(
-                        f"File {self.file_id} is larger than its announced {size} bytes"
-                    )
                 reason: Exception = ModelRouteConnectionError(f"body ended at byte {offset} of {size}")
             except ModelRouteConnectionError as exc:
                 reason = exc
@@ -241,7 +185,7 @@ class FileDownload:
                     raise reason from None
             failures += 1
             metrics.retry()
-            if failures > transport.retry.max_retries:
+            if failures > retry.max_retries:
                 raise ModelRouteTransferError(
                     f"Download of file {self.file_id} stopped at byte {offset} of {size} after "
                     f"{failures} failures in a row: {reason}"
@@ -249,7 +193,7 @@ class FileDownload:
             transport.log.warning(
                 "Download of file %s interrupted at byte %d (%s); resuming", self.file_id, offset, reason
             )
-            time.sleep(transport.retry.backoff(failures))
+            time.sleep(retry.backoff(failures))
 
 
 def _announced_size(response: requests.Response) -> int | None:

@@ -1,18 +1,16 @@
-"""What every ModelRoute request shares (sync, async and storage alike, so they cannot drift apart): the
-connection's settings, TLS and proxies, the error model."""
+"""What every ModelRoute request shares (sync, async and storage alike): the connection's settings,
+TLS and proxies, the error model."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
-import http
 import json
 import logging
 import os
 import re
 import ssl
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,7 +37,6 @@ from airflow_provider_modelroute.version_compat import AirflowNotFoundException,
 if TYPE_CHECKING:
     from airflow_provider_modelroute.version_compat import Connection
 
-USER_AGENT = f"airflow-provider-modelroute/{__version__}"
 CA_BUNDLE_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
 _PROXY_VARIABLES = tuple(n for b in ("https_proxy", "http_proxy", "all_proxy") for n in (b, b.upper()))
 _log = logging.getLogger(__name__)
@@ -61,8 +58,7 @@ def api_path(collection: str, ident: str, suffix: str = "") -> str:
 
 @contextlib.contextmanager
 def read_connection(conn_id: str) -> Iterator[None]:
-    """Around a connection lookup: "not found" says how to create it; any other failure names the
-    connection (a retry may help, so it does not fail the task at once)."""
+    """Around a connection lookup: "not found" says how to create it; other failures name the connection."""
     try:
         yield
     except AirflowNotFoundException:
@@ -104,13 +100,11 @@ class ConnectionSettings:
                 "(app.modelroute.ai > Settings > API Keys)."
             )
         mask_secret(api_key)
-        warning = api.api_key_warning(api_key)
-        if warning:
+        if warning := api.api_key_warning(api_key):
             _log.warning(
                 "The API key in connection %r (password field): %s. Sending it anyway; if ModelRoute "
                 "answers UNAUTHORIZED, copy the whole key again.",
-                conn.conn_id,
-                warning,
+                *(conn.conn_id, warning),
             )
         base_url = api.DEFAULT_BASE_URL
         if conn.host:
@@ -124,13 +118,11 @@ class ConnectionSettings:
             netloc = parts.netloc if not conn.port or parts.port else f"{parts.netloc}:{conn.port}"
             base_url = f"{parts.scheme}://{netloc}{parts.path}".removesuffix(api.API_PREFIX)
         try:  # Airflow's ``extra_dejson`` turns invalid JSON into {} silently: say so instead
-            values = json.loads(conn.extra) if conn.extra else {}
-        except ValueError as exc:
+            values = dict(json.loads(conn.extra or "{}"))
+        except (TypeError, ValueError) as exc:
             raise ModelRouteConfigError(
                 f"Connection {conn.conn_id!r} has extras that are not JSON: {exc}"
             ) from None
-        if not isinstance(values, dict):
-            raise ModelRouteConfigError(f"Connection {conn.conn_id!r} has extras that are not a JSON object")
 
         def number(name: str, default: float, minimum: float) -> float:
             value = default if extra_value(values, name) is None else extra_value(values, name)
@@ -164,9 +156,7 @@ class ConnectionSettings:
                 number("retry_max_wait", RetryPolicy.max_wait, 0),
                 number("retry_deadline", RetryPolicy.deadline, 0),
             ),
-            allow_insecure_storage_urls=insecure.strip().lower() in {"1", "true", "yes", "on"}
-            if isinstance(insecure, str)
-            else bool(insecure),
+            allow_insecure_storage_urls=str(insecure).strip().lower() in {"1", "true", "yes", "on"},
             dashboard_url=str(extra_value(values, "dashboard_url") or cls.dashboard_url).rstrip("/"),
             ca_bundle=path("ca_bundle"),
             client_cert=path("client_cert"),
@@ -180,26 +170,9 @@ class ConnectionSettings:
         return settings
 
 
-_SETTINGS: dict[tuple[Any, ...], ConnectionSettings] = {}
-
-
-def connection_settings(conn: Connection) -> ConnectionSettings:
-    """A connection's settings, built once per connection as it stands (a changed connection is read anew)."""
-    key = (conn.conn_id, conn.host, conn.port, conn.password, conn.extra)
-    settings = _SETTINGS.get(key)
-    if settings is None:
-        if len(_SETTINGS) >= 64:  # the UI tests connections under random ids
-            _SETTINGS.clear()
-        settings = _SETTINGS[key] = ConnectionSettings.from_connection(conn)
-    mask_secret(settings.api_key)  # a new task process's masker must know the key too
-    return settings
-
-
 def requests_options(settings: ConnectionSettings, url: str) -> dict[str, Any]:
-    """How requests (its ``trust_env`` off) reaches ``url``, and aiohttp the API: no redirects followed;
-    the client certificate to the API host only; the CA bundle of the extra ``ca_bundle``, else
-    ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` or ``SSL_CERT_FILE``, else certifi's; the proxy of
-    ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` by scheme, unless ``NO_PROXY`` matches (as requests)."""
+    """How requests (``trust_env`` off) reaches ``url``, and aiohttp the API: no redirects, the client
+    certificate to the API host only, the CA bundle and proxy as docs/connections.md lists them."""
     verify = settings.ca_bundle or next(filter(None, map(os.environ.get, CA_BUNDLE_VARIABLES)), None)
     if verify is None:
         import certifi
@@ -215,11 +188,7 @@ def requests_options(settings: ConnectionSettings, url: str) -> dict[str, Any]:
         from requests.utils import get_environ_proxies, select_proxy
 
         proxy = select_proxy(url, get_environ_proxies(url))
-    origins = {
-        (p.scheme, p.hostname, p.port or (443 if p.scheme == "https" else 80))
-        for p in map(urlsplit, (url, settings.base_url))
-    }
-    cert: Any = settings.client_cert if len(origins) == 1 else None
+    cert: Any = settings.client_cert if urlsplit(url)[:2] == urlsplit(settings.base_url)[:2] else None
     cert = (cert, settings.client_key) if cert and settings.client_key else cert
     options = {"timeout": settings.timeouts, "allow_redirects": False, "cert": cert, "verify": verify}
     return {**options, "proxies": {"http": proxy, "https": proxy}}
@@ -247,8 +216,6 @@ _SSL_DROPS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)  # r
 #: The server closed a kept-alive connection as we reused it: retry at once.
 _STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 _STALE_NAMES = frozenset({"ServerDisconnectedError", "RemoteDisconnected"})
-#: The clients' names for a body that does not decompress (aiohttp, requests, urllib3).
-_DECODING_ERRORS = frozenset({"ContentEncodingError", "ContentDecodingError", "DecodeError"})
 _USERINFO_RE = re.compile(r"(\w+://)[^/@\s'\"]+@")
 
 
@@ -275,14 +242,12 @@ class Transport:
     """One connection's way to the API: URLs, headers, pacing, response parsing and the retry policy."""
 
     def __init__(self, settings: ConnectionSettings, log: logging.Logger | Any) -> None:
-        self.settings = settings
-        self.log = log
+        self.settings, self.log = settings, log
         self.rate_limit = RateLimit()
         self.budget = shared_rate_budget(settings.base_url, settings.api_key)
-        self.retry = settings.retry
         self.retrying, self.async_retrying = settings.retry.retrying(log), settings.retry.retrying(log, True)
         self.headers = {"Authorization": f"Bearer {settings.api_key}", "Accept": "application/json"}
-        self.headers["User-Agent"] = USER_AGENT
+        self.headers["User-Agent"] = f"airflow-provider-modelroute/{__version__}"
 
     @cached_property
     def api_options(self) -> dict[str, Any]:
@@ -296,8 +261,7 @@ class Transport:
     def exchange(
         self, method: str, url: str, errors: type[BaseException]
     ) -> Iterator[Callable[[Mapping[str, str]], None]]:
-        """Around one request the budget granted: the client's ``errors`` become the error model, and
-        the budget learns from the answer's headers (pass them to the yielded function)."""
+        """Around one granted request: ``errors`` become the error model; pass the answer's headers on."""
         seen: list[RateLimit] = []
 
         def answered(headers: Mapping[str, str]) -> None:
@@ -334,8 +298,7 @@ class Transport:
             body = json.loads(content) if content else None
         err = body.get("error") if isinstance(body, dict) else None
         if not isinstance(err, dict):
-            phrase = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else None
-            err = {"message": phrase or "unexpected response"}
+            err = {"message": "an answer without ModelRoute's error body (a proxy or load balancer?)"}
         code, message = str(err.get("code") or f"HTTP_{status}"), str(err.get("message") or "")
         if code == "UNAUTHORIZED" or status in (401, 403):
             message += f" (the API key of connection {self.settings.conn_id!r})"
@@ -351,18 +314,15 @@ class Transport:
         )
 
     def transport_error(self, exc: BaseException, method: str, url: str) -> ModelRouteError:
-        """Classify a failure without an HTTP answer; the text never carries a presigned signature or
-        a proxy password. Drops, resets and timeouts are retried (a stale kept-alive connection at
-        once); an untrusted certificate, a failed handshake, a refusing proxy or a corrupt compressed
-        body fail at once, naming the fix."""
+        """Classify a failure without an HTTP answer (never quoting a signature or proxy password): drops
+        and timeouts are retried; an untrusted certificate, a failed handshake or a refusing proxy fail
+        at once, naming the fix."""
         detail, query = str(exc), urlsplit(url).query
         if query:
             detail = detail.replace(url, api.redact_url(url)).replace(query, "<redacted>")
         detail = _USERINFO_RE.sub(r"\1<redacted>@", detail)
         if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not detail:  # aiohttp's say nothing
-            detail = "no complete answer within {:g} s (connect) + {:g} s (read)".format(
-                *self.settings.timeouts
-            )
+            detail = "no complete answer within {:g} s (connect) + {:g} s".format(*self.settings.timeouts)
         text = f"ModelRoute {method} {api.redact_url(url)} failed: {type(exc).__name__}: {detail}"
         metrics.request(method, url, None)
         causes = _causes(exc)
@@ -384,13 +344,6 @@ class Transport:
                 f"{text}. The proxy refused the request (HTTP {proxy_status}): check the proxy URL and "
                 "its credentials in HTTPS_PROXY, or add the host to NO_PROXY"
             )
-        if any(isinstance(c, zlib.error) or type(c).__name__ in _DECODING_ERRORS for c in causes):
-            error = ModelRouteConnectionError(
-                f"{text}. The response's compressed body is corrupt (a proxy rewriting responses?); "
-                "not retried"
-            )
-            error.retryable = False
-            return error
         error = ModelRouteConnectionError(text)
         error.stale = any(isinstance(c, _STALE) or type(c).__name__ in _STALE_NAMES for c in causes)
         return error

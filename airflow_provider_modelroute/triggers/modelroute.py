@@ -1,5 +1,5 @@
 """ModelRouteExecutionTrigger: wait for an execution without holding a worker slot (non-deferrable
-waits run it in a private event loop on the worker: the provider has one poll loop)."""
+waits run it on the worker: the provider has one poll loop)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ CANCEL_TIMEOUT = 15.0
 
 
 def poll_grid(poll_interval: float, pollers: int) -> float:
-    """Width of the grid of the loop's clock that pauses end on (polls due together share a wake-up):
-    at most 0.5 s, a tenth of the interval, about ten polls per point; 0 (none) below 50 ms."""
+    """The grid of the loop's clock that pauses end on, so that due polls share a wake-up (0: none)."""
     grid = min(0.5, poll_interval / 10, 10 * poll_interval / max(1, pollers))
     return grid if grid >= 0.05 else 0.0
 
@@ -31,21 +30,18 @@ class ModelRouteExecutionTrigger(BaseTrigger):
     """
     Poll a ModelRoute execution until it ends, its deadline passes, or polling keeps failing.
 
-    Yields one event: ``{"status": "done", "execution": <summary>}`` once the execution is terminal
-    (COMPLETED or not), ``{"status": "timeout"}`` at the deadline, or ``{"status": "error", "error":
-    {...}}``. Every event carries ``execution_id`` (and ``try_number``, when given). Requests of one
-    API key share one rate budget; the triggers of one event loop share one HTTP session per origin.
+    Yields one event, ``{"status": "done", "execution": <summary>}`` (terminal, COMPLETED or not),
+    ``{"status": "timeout"}`` or ``{"status": "error", "error": {...}}``, with ``execution_id`` (and
+    ``try_number``, when given).
 
     :param execution_id: The execution to wait for (``exec_...``).
     :param modelroute_conn_id: The Airflow connection to ModelRoute.
-    :param poll_interval: Seconds between polls (jittered by ±10 %, then moved onto ``poll_grid``).
-    :param deadline: Absolute unix time of the timeout event; None waits until the execution ends
-        (ModelRoute itself expires executions that never finish).
+    :param poll_interval: Seconds between polls (jittered by ±10 %).
+    :param deadline: Unix time of the timeout event; None waits until the execution ends.
     :param cancel_on_kill: Cancel the execution when a user kills the deferred task (Airflow 3.3+).
-    :param try_number: The deferring task's try, echoed in the event so that a later try can tell
-        that an event is not its own.
-    :param webhook_route: Webhook mode (``webhooks/mode.py``): the waiting task instance. The event
-        the receiver recorded for it is read first; polling is the slow safety net.
+    :param try_number: The deferring task's try, echoed in the event (a later try can tell it apart).
+    :param webhook_route: Webhook mode: the waiting task instance, whose recorded event is read first;
+        polling is the slow safety net.
     """
 
     def __init__(
@@ -92,8 +88,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
         yield TriggerEvent(event)
 
     def _next_poll(self, pollers: int = 1) -> float:
-        """The pause before the next poll: jittered (widely in webhook mode, to spread the safety net),
-        ending on the nearest point of the loop's poll grid, and not past the deadline."""
+        """The pause before the next poll: jittered (widely in webhook mode), ending on the poll grid."""
         spread = 0.25 if self.webhook_route is not None else 0.1
         pause = self.poll_interval * random.uniform(1 - spread, 1 + spread)
         grid, now = poll_grid(self.poll_interval, pollers), asyncio.get_running_loop().time()
@@ -131,7 +126,7 @@ class ModelRouteExecutionTrigger(BaseTrigger):
                         "Polling ModelRoute execution %s failed (%d of %d in a row): %s",
                         *(self.execution_id, failures, MAX_CONSECUTIVE_FAILURES, exc),
                     )
-                    pause = max(client.transport.retry.backoff(failures), self.poll_interval)
+                    pause = max(client.transport.settings.retry.backoff(failures), self.poll_interval)
                     continue
                 failures, status = 0, str(execution.get("status"))
                 if api.is_terminal(status):
