@@ -13,15 +13,16 @@ from airflow_provider_modelroute.exceptions import (
     api_error,
     raise_for_execution,
 )
-from airflow_provider_modelroute.version_compat import task_state_store
 
 if TYPE_CHECKING:
     from airflow_provider_modelroute.version_compat import Context
+    from airflow_provider_modelroute.webhooks.mode import WebhookWait
 
 
 def resume_point(context: Context, base: str) -> tuple[int, int]:
-    """The key generation to start from, and how many keys earlier tries may have sent (one new per try)."""
-    store = task_state_store(context)
+    """The key generation to start from, and how many keys earlier tries may have sent (one new per try).
+    Airflow 3.3+ keeps them in its retry-durable ``task_state_store``; before, only the try number helps."""
+    store = context.get("task_state_store")
     if store is None:
         return 0, max(int(context["ti"].try_number) - 1, 0)
     state = store.get("modelroute_execution")
@@ -32,15 +33,17 @@ def resume_point(context: Context, base: str) -> tuple[int, int]:
 
 def save_generation(context: Context, base: str, generation: int, execution_id: str) -> None:
     """Keep the task instance's key generation and execution for its next try (Airflow 3.3+)."""
-    store = task_state_store(context)
-    if store is not None:
-        store.set(
-            "modelroute_execution", {"base": base, "generation": generation, "execution_id": execution_id}
-        )
+    if (store := context.get("task_state_store")) is not None:
+        store.set("modelroute_execution", dict(base=base, generation=generation, execution_id=execution_id))
 
 
 def wait(
-    task: Any, context: Context, execution_id: str, poll_interval: float, deadline: float | None, webhook: Any
+    task: Any,
+    context: Context,
+    execution_id: str,
+    poll_interval: float,
+    deadline: float | None,
+    webhook: WebhookWait | None,
 ) -> dict[str, Any]:
     """Wait for the execution's one trigger event: deferred (resuming in ``execute_complete``), or here."""
     from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger

@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
+from decimal import Decimal, InvalidOperation
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,25 @@ class ModelRouteHookMixin:
         from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
 
         return ModelRouteHook(self.modelroute_conn_id)
+
+
+#: The hold and estimate the POST answers: shown as sent (decimal strings), compared as ``Decimal``.
+ESTIMATE_FIELDS = ("hold_amount", "estimated_cost")
+
+
+def _amount(value: Any) -> Decimal | None:
+    """An API amount (string or number) as a Decimal; None when absent or not a number."""
+    try:
+        number = Decimal(str(value).strip())
+    except InvalidOperation:
+        return None
+    return number if number.is_finite() else None
+
+
+def _costs(execution: dict[str, Any]) -> str:
+    """``hold_amount 0.048, estimated_cost 0.040``: the cost fields the execution has."""
+    found = [f"{n} {execution[n]}" for n in (*ESTIMATE_FIELDS, "cost") if execution.get(n) is not None]
+    return ", ".join(found) or "no cost fields"
 
 
 def _seconds(value: float | timedelta, name: str) -> float:
@@ -110,7 +130,6 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        # The request: read when the task runs, so a subclass may set it in execute().
         self.model = model
         self.input = input
         self.metadata = metadata
@@ -124,7 +143,7 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
         self.cancel_on_kill = cancel_on_kill
         self.force_new_execution = force_new_execution
         self.webhook = webhook
-        limit = api.amount(max_estimated_cost)
+        limit = _amount(max_estimated_cost)
         if max_estimated_cost is not None and (limit is None or limit < 0):
             raise ModelRouteConfigError(
                 "max_estimated_cost must be a non-negative amount in the account's currency (e.g. 0.5 or "
@@ -136,16 +155,16 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
         self._webhook: WebhookWait | None = None
 
     def submit(self, context: Context) -> dict[str, Any]:
-        """Start the execution, or find the one an earlier try of this task instance started.
-
-        Keys are ``<base>-g<generation>``; a failed execution under a key an earlier try sent makes the
-        next generation start a new one, unless the failure would repeat.
-        """
+        """Start the execution, or find the one an earlier try of this task instance started (a new key
+        generation after it failed, unless the failure would repeat)."""
         ti = context["ti"]
         if self.force_new_execution:
             base, generation, sent_before = f"airflow-{uuid.uuid4()}", 0, 0
         else:
-            base = self._key_base(ti)
+            request = dict(
+                model=self.model, input=self.input, metadata=self.metadata, webhook=self.webhook_url
+            )
+            base = api.idempotency_key_base(ti, request)
             generation, sent_before = deferral.resume_point(context, base)
         webhook_url = self.webhook_url or (self._webhook.webhook_url if self._webhook else None)
         while True:
@@ -182,11 +201,11 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
         execution = self.submit(context)
         execution_id = str(execution["id"])
         # The cost guard: log and keep the hold and estimate; over max_estimated_cost: cancel, no retries.
-        estimate = {name: execution[name] for name in api.ESTIMATE_FIELDS if execution.get(name) is not None}
-        self.log.info("ModelRoute execution %s: %s", execution_id, api.describe_costs(estimate))
+        estimate = {name: execution[name] for name in ESTIMATE_FIELDS if execution.get(name) is not None}
+        self.log.info("ModelRoute execution %s: %s", execution_id, _costs(estimate))
         if estimate:
             context["ti"].xcom_push(key="cost_estimate", value=estimate)
-        cost, limit = api.amount(execution.get("estimated_cost")), api.amount(self.max_estimated_cost)
+        cost, limit = _amount(execution.get("estimated_cost")), _amount(self.max_estimated_cost)
         if cost is not None and limit is not None and cost > limit:
             outcome = self._cancel(execution_id, "the estimate is too high", force=True)
             raise ModelRouteConfigError(
@@ -238,13 +257,14 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
 
     def _result(self, context: Context, summary: dict[str, Any]) -> dict[str, Any]:
         """The return value, with the estimate from submit time where the last answer lacks it."""
-        missing = [name for name in api.ESTIMATE_FIELDS if summary.get(name) is None]
+        missing = [name for name in ESTIMATE_FIELDS if summary.get(name) is None]
         if missing:
             ti = context["ti"]
             saved = ti.xcom_pull(task_ids=ti.task_id, key="cost_estimate", map_indexes=ti.map_index) or {}
             summary = {**summary, **{name: saved[name] for name in missing if name in saved}}
-        status, costs = summary.get("status"), api.describe_costs(summary)
-        self.log.info("ModelRoute execution %s is %s: %s", summary.get("id"), status, costs)
+        self.log.info(
+            "ModelRoute execution %s is %s: %s", summary.get("id"), summary.get("status"), _costs(summary)
+        )
         self.summary = summary  # also read by OpenLineage
         return summary
 
@@ -259,11 +279,6 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
             outcome = f"could not cancel it ({exc}); cancel it in the ModelRoute dashboard"
         self.log.warning("ModelRoute execution %s: %s; %s", execution_id, reason, outcome)
         return outcome
-
-    def _key_base(self, ti: Any) -> str:
-        """This task instance's idempotency key base: the same on every try of the same request."""
-        request = dict(model=self.model, input=self.input, metadata=self.metadata, webhook=self.webhook_url)
-        return api.idempotency_key_base(ti.dag_id, ti.run_id, ti.task_id, ti.map_index, request=request)
 
     def on_kill(self) -> None:
         self._cancel(self.execution_id, "the task was killed")
