@@ -105,11 +105,7 @@ class ModelRouteExecutionTimeout(ModelRouteExecutionError):
 
 
 def raise_for_execution(execution: dict[str, Any], *, final: bool = False) -> None:
-    """Raise the error of a FAILED / CANCELLED / EXPIRED execution (no-op otherwise).
-
-    ``final``: no retry can help (a sensor watching this one execution); so is a FAILED execution that
-    would fail again with the same input.
-    """
+    """Raise the error of a FAILED / CANCELLED / EXPIRED execution; ``final``: no task retry can help."""
     status = str(execution.get("status"))
     if status not in api.FAILED_STATUSES:
         return

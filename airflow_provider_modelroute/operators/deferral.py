@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import asdict
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +55,8 @@ def wait(
         deadline=deadline,
         cancel_on_kill=getattr(task, "cancel_on_kill", False),  # the sensor never cancels
         try_number=context["ti"].try_number,
-        **(webhook.trigger_kwargs() if webhook is not None else {"poll_interval": poll_interval}),
+        poll_interval=webhook.config.poll_interval if webhook else poll_interval,
+        webhook_route=asdict(webhook.route) if webhook else None,
     )
     if task.deferrable:  # Airflow's own timeout must fire after the trigger's timeout event
         timeout = None if deadline is None else timedelta(seconds=max(deadline - time.time(), 0) + 120)

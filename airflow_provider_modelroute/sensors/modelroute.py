@@ -24,10 +24,9 @@ if TYPE_CHECKING:
 
 class ModelRouteExecutionSensor(ModelRouteHookMixin, BaseSensorOperator):
     """
-    Wait until a ModelRoute execution is COMPLETED; fail at once if it ends FAILED, CANCELLED or EXPIRED.
+    Wait until a ModelRoute execution is COMPLETED; another end or an unknown id fails without retries.
 
-    Such an end, or an unknown id, fails without retries. Works in poke, reschedule and deferrable mode
-    with the usual ``timeout`` and ``soft_fail``; never cancels the execution (it did not start it).
+    Poke, reschedule or deferrable mode with the usual ``timeout`` and ``soft_fail``; it never cancels.
 
     :param execution_id: The execution to wait for, e.g. the operator's XCom ``execution_id``. (templated)
     :param modelroute_conn_id: The Airflow connection to ModelRoute.

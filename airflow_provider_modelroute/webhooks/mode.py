@@ -1,6 +1,5 @@
-"""Webhook mode: the connection's webhook settings, task routes and delivery signatures, and the wait
-(each execution's ``webhook_url`` names its task instance and an HMAC token of that route; the trigger
-reads an event the receiver recorded, and polls only as a safety net)."""
+"""Webhook mode: settings, task routes (each ``webhook_url`` names its task instance, with an HMAC token),
+delivery signatures, and the wait (the trigger reads what the receiver recorded, polling as a safety net)."""
 
 from __future__ import annotations
 
@@ -93,7 +92,6 @@ class TaskRoute:
 
     @classmethod
     def of(cls, ti: Any) -> TaskRoute:
-        """The route of a running task instance (``context["ti"]``)."""
         map_index = -1 if ti.map_index is None else int(ti.map_index)
         return cls(str(ti.dag_id), str(ti.run_id), str(ti.task_id), map_index)
 
@@ -107,19 +105,16 @@ class TaskRoute:
         return cls(*json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))))
 
     def webhook_url(self, receiver: str, secret: str) -> str:
-        """This task instance's per-execution ``webhook_url``: the receiver, the route and its token."""
         route = self.encode()
         return f"{receiver}?{urlencode({'route': route, 'token': route_token(secret, route)})}"
 
 
 def route_token(secret: str, route: str) -> str:
-    """The token that proves a route was written by someone holding the secret: the route signed as a
-    delivery with the timestamp ``route`` (which no delivery can carry)."""
+    """Proof that the secret's holder wrote a route: signed as a delivery stamped ``route`` (none can be)."""
     return sign(secret, "route", route.encode())
 
 
 def token_matches(secret: str, route: str, token: str | None) -> bool:
-    """Constant-time check of a route's token."""
     return bool(token) and hmac.compare_digest(route_token(secret, route).encode(), str(token).encode())
 
 
@@ -161,10 +156,8 @@ class WebhookWait:
     def decide(
         cls, *, hook: Any, requested: bool | None, deferrable: bool, context: Context
     ) -> WebhookWait | None:
-        """The webhook wait for this task, or None to poll; ``requested=True`` fails when it cannot be.
-
-        Call it before submitting: it pushes the empty XCom the receiver records an early event in.
-        """
+        """The webhook wait for this task (decided before the submit), or None to poll; ``requested=True``
+        fails when it cannot be."""
         from airflow_provider_modelroute.version_compat import AIRFLOW_V_3_1_PLUS, AirflowNotFoundException
 
         if requested is False:
@@ -193,20 +186,16 @@ class WebhookWait:
 
     @property
     def webhook_url(self) -> str:
-        """The per-execution ``webhook_url`` to submit with."""
         return self.route.webhook_url(self.config.receiver_url, self.config.secret)
 
     def announce(self, context: Context, execution_id: str) -> None:
         """Mark this task as waiting for ``execution_id``, so organisation-wide deliveries find it."""
         context["ti"].xcom_push(key=waiting_xcom_key(execution_id), value=execution_id)
 
-    def trigger_kwargs(self) -> dict[str, Any]:
-        return {"poll_interval": self.config.poll_interval, "webhook_route": asdict(self.route)}
-
 
 async def delivered_event(route: dict[str, Any], execution_id: str) -> dict[str, Any] | None:
-    """The final event the receiver recorded for this task and execution, if any (one XCom read): async
-    through the triggerer's channel (Airflow 3.3+), else in a worker thread, off the event loop."""
+    """The final event the receiver recorded for this task and execution, if any (one XCom read, off the
+    event loop)."""
     from airflow.providers.common.compat.sdk import XCom
     from airflow.sdk.execution_time import task_runner
 
