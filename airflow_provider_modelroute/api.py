@@ -1,5 +1,4 @@
 """The ModelRoute API contract: statuses, error table, idempotency keys, result shapes (pure Python).
-
 Where the public docs are silent, the reading taken is marked ``ASSUMPTION``."""
 
 from __future__ import annotations
@@ -114,13 +113,10 @@ def is_final_failure(error: dict[str, Any] | None) -> bool:
 def error_hint(code: str | None, http_status: int | None = None) -> str | None:
     """What to do about an error: by its code, else by the answer's HTTP status (None without one).
     ASSUMPTION: an unknown execution id may come back as any 4xx (no documented EXECUTION_NOT_FOUND)."""
-    code = (
-        code
-        if code in ERROR_CODES
-        else {401: "UNAUTHORIZED", 403: "UNAUTHORIZED", 429: "RATE_LIMITED"}.get(http_status or 0)
-    )
-    if code is not None or http_status is None:
-        return ERROR_CODES[code].hint if code else None
+    by_status = {401: "UNAUTHORIZED", 403: "UNAUTHORIZED", 429: "RATE_LIMITED"}
+    spec = ERROR_CODES.get(code or "") or ERROR_CODES.get(by_status.get(http_status or 0, ""))
+    if spec is not None or http_status is None:
+        return spec.hint if spec else None
     if http_status == 404:
         return (
             "check the execution or file id: ModelRoute does not know it, or it belongs to another "
@@ -137,11 +133,9 @@ def error_hint(code: str | None, http_status: int | None = None) -> str | None:
 def idempotency_key_base(ti: Any, request: dict[str, Any]) -> str:
     """The same on every try of a task instance's request (never the try number); keys are
     ``<base>-g<generation>``: the next generation starts a new execution after one failed."""
-    identity = {n: getattr(ti, n) for n in ("dag_id", "run_id", "task_id", "map_index")} | {
-        "request": request
-    }
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-    return f"airflow-{digest[:40]}"
+    identity = {n: getattr(ti, n) for n in ("dag_id", "run_id", "task_id", "map_index")}
+    text = json.dumps({**identity, "request": request}, sort_keys=True, default=str)
+    return f"airflow-{hashlib.sha256(text.encode()).hexdigest()[:40]}"
 
 
 def is_url_document(document: Any) -> bool:

@@ -38,10 +38,7 @@ def setup(hook: Any, public_url: str, replace: bool, test: bool) -> None:
     from sqlalchemy import select
 
     conn_id = hook.modelroute_conn_id
-    try:
-        url = mode.receiver_url(public_url, conn_id)
-    except ValueError as exc:
-        raise ModelRouteConfigError(f"--public-url: {exc}") from None
+    url = mode.receiver_url(public_url, conn_id)
     existing = _endpoints_at(hook, url)
     if existing and not replace:
         raise ModelRouteConfigError(
@@ -95,9 +92,7 @@ def check_receiver(hook: Any) -> bool:
         answer = requests.post(url, data=body, headers=headers, timeout=30)
         outcome = str(answer.json().get("outcome", "")) if answer.content.startswith(b"{") else ""
     except requests.RequestException as exc:
-        print(
-            f"Could not reach the receiver at {url} ({type(exc).__name__}): ModelRoute must reach it there."
-        )
+        print(f"Could not reach the receiver at {url} ({type(exc).__name__}): check the URL.")
         return False
     code = answer.status_code
     if answer.ok:
@@ -109,10 +104,7 @@ def check_receiver(hook: Any) -> bool:
             "Airflow process the same extras; after changing an environment variable, restart the api-server."
         )
     elif code == 404:
-        advice = (
-            "not as the receiver: check the URL, and that the api-server runs Airflow 3.1+ with this "
-            "provider installed (restart it after installing the provider)."
-        )
+        advice = "not as the receiver: check the URL and that the api-server has the provider (Airflow 3.1+)."
     else:
         advice = "see the api-server's log."
     print(f"The receiver at {url} answered {code}{f' ({outcome})' if outcome else ''}: {advice}")
@@ -147,8 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     setup_command.add_argument("--replace", action="store_true", help="re-register it (a new secret)")
     setup_command.add_argument("--no-test", action="store_true", help="skip the test deliveries")
     commands.add_parser("test", help="send the receiver test deliveries and report its answers")
-    commands.add_parser("list", help="list the account's webhook endpoints")
-    commands.add_parser("delete", help="delete a webhook endpoint").add_argument("endpoint_id")
     args = parser.parse_args(argv)
     from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
     from airflow_provider_modelroute.version_compat import AirflowNotFoundException
@@ -158,15 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["_AIRFLOW_PROCESS_CONTEXT"] = "server"
     try:
         hook = ModelRouteHook(args.conn_id)
-        if args.command == "setup":
-            setup(hook, args.public_url, args.replace, test=not args.no_test)
-        elif args.command == "test":
+        if args.command == "test":
             return 0 if check_receiver(hook) else 1
-        elif args.command == "list":
-            print(json.dumps(hook.list_webhook_endpoints(), indent=2))
-        else:
-            hook.delete_webhook_endpoint(args.endpoint_id)
-            print(f"Deleted {args.endpoint_id}")
+        setup(hook, args.public_url, args.replace, test=not args.no_test)
         return 0
     except (ModelRouteError, AirflowNotFoundException) as exc:
         print(f"error: {exc}", file=sys.stderr)

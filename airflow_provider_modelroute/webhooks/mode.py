@@ -43,7 +43,9 @@ def receiver_url(public_base_url: str, conn_id: str) -> str:
     """The receiver's URL for a connection, given the URL where the Airflow api-server is reachable."""
     base = public_base_url.strip().rstrip("/")
     if urlsplit(base).scheme not in ("http", "https") or not urlsplit(base).hostname:
-        raise ValueError(f"{public_base_url!r} is not an http(s) URL, e.g. https://airflow.example.com")
+        raise ModelRouteConfigError(
+            f"The public URL {public_base_url!r} is not an http(s) URL, e.g. https://airflow.example.com"
+        )
     return f"{base}{URL_PREFIX}{WEBHOOK_PATH.format(conn_id=quote(conn_id, safe=''))}"
 
 
@@ -92,8 +94,7 @@ class TaskRoute:
 
     @classmethod
     def of(cls, ti: Any) -> TaskRoute:
-        map_index = -1 if ti.map_index is None else int(ti.map_index)
-        return cls(str(ti.dag_id), str(ti.run_id), str(ti.task_id), map_index)
+        return cls(ti.dag_id, ti.run_id, ti.task_id, -1 if ti.map_index is None else int(ti.map_index))
 
     def encode(self) -> str:
         raw = json.dumps(list(asdict(self).values()), separators=(",", ":")).encode()
@@ -153,23 +154,21 @@ class WebhookWait:
     route: TaskRoute
 
     @classmethod
-    def decide(
-        cls, *, hook: Any, requested: bool | None, deferrable: bool, context: Context
-    ) -> WebhookWait | None:
-        """The webhook wait for this task (decided before the submit), or None to poll; ``requested=True``
-        fails when it cannot be."""
+    def decide(cls, task: Any, deferrable: bool, context: Context) -> WebhookWait | None:
+        """The webhook wait of a task (its ``hook`` and ``webhook``) before its submit, or None to poll;
+        ``webhook=True`` fails when it cannot be."""
         from airflow_provider_modelroute.version_compat import AIRFLOW_V_3_1_PLUS, AirflowNotFoundException
 
-        if requested is False:
+        if task.webhook is False:
             return None
-        conn_id, config = hook.modelroute_conn_id, None
+        conn_id, config = task.modelroute_conn_id, None
         if not deferrable:
             problem = "webhook mode needs deferrable=True (the receiver resumes deferred tasks)"
         elif not AIRFLOW_V_3_1_PLUS:
             problem = "webhook mode needs Airflow 3.1+ (the receiver is an api-server plugin app)"
         else:
             try:
-                config = WebhookConfig.from_extras(conn_id, hook.get_connection(conn_id).extra_dejson)
+                config = WebhookConfig.from_extras(conn_id, task.hook.get_connection(conn_id).extra_dejson)
             except AirflowNotFoundException:  # the submit reports it, naming the fix
                 return None
             problem = (
@@ -177,7 +176,7 @@ class WebhookWait:
                 f"airflow_provider_modelroute.webhooks --conn-id {conn_id} setup --public-url ...`"
             )
         if config is None:
-            if requested:
+            if task.webhook:
                 raise ModelRouteConfigError(f"webhook=True, but {problem}")
             return None
         # Pushed before the submit, so that the trigger's read finds a row (Airflow logs a missing one).
