@@ -89,7 +89,7 @@ def resume_point(context: Context, base: str) -> tuple[int, int]:
     store = context.get("task_state_store")
     if store is None:
         return 0, max(int(context["ti"].try_number) - 1, 0)
-    state = store.get("modelroute_execution")
+    state: Any = store.get("modelroute_execution")
     if isinstance(state, dict) and state.get("base") == base:
         return int(state["generation"]), int(state["generation"]) + 1
     return 0, 0
