@@ -1,11 +1,7 @@
-"""Register the ModelRoute webhook receiver for a connection, and check it.
+"""Register the ModelRoute webhook receiver for a connection (``setup``) and check it (``test``).
 
-    python -m airflow_provider_modelroute.webhooks --conn-id modelroute_default setup \\
-        --public-url https://airflow.example.com
-    python -m airflow_provider_modelroute.webhooks --conn-id modelroute_default test
-
-``setup`` writes the endpoint's one-time secret into a connection stored in the metadata DB;
-for one from an environment variable or a secrets backend it prints the extras to add there.
+``setup`` writes the endpoint's one-time secret into a connection stored in the metadata DB; for one
+from an environment variable or a secrets backend it prints the extras to add there.
 """
 
 from __future__ import annotations
@@ -129,9 +125,7 @@ def check_receiver(hook: Any) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--conn-id", default="modelroute_default", help="the ModelRoute connection")
     commands = parser.add_subparsers(dest="command", required=True)
     setup_command = commands.add_parser("setup", help="register the receiver and store its secret")

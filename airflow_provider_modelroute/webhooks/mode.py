@@ -193,8 +193,7 @@ class WebhookWait:
 
 
 async def delivered_event(route: dict[str, Any], execution_id: str) -> dict[str, Any] | None:
-    """The final event the receiver recorded for this task and execution, if any (one XCom read, off the
-    event loop)."""
+    """The final event the receiver recorded for this task and execution, if any (one XCom read)."""
     from airflow.providers.common.compat.sdk import XCom
     from airflow.sdk.execution_time import task_runner
 
@@ -205,10 +204,6 @@ async def delivered_event(route: dict[str, Any], execution_id: str) -> dict[str,
         from asgiref.sync import sync_to_async
 
         value = await sync_to_async(XCom.get_one, thread_sensitive=False)(**ids)
-    if (
-        isinstance(value, dict)
-        and value.get("execution_id") == execution_id
-        and value.get("status") == "done"
-    ):
+    if isinstance(value, dict) and (value.get("execution_id"), value.get("status")) == (execution_id, "done"):
         return {k: v for k, v in value.items() if k != "try_number"}
     return None
