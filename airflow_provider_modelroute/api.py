@@ -1,7 +1,5 @@
-"""The ModelRoute API contract: statuses, the documented error table, idempotency keys, result shapes.
-
-Pure Python. Where the public docs are silent, the reading taken is marked ``ASSUMPTION``.
-"""
+"""The ModelRoute API contract: statuses, error table, idempotency keys, result shapes (pure Python).
+Where the public docs are silent, the reading taken is marked ``ASSUMPTION``."""
 
 from __future__ import annotations
 
@@ -9,7 +7,6 @@ import enum
 import hashlib
 import json
 import re
-from decimal import Decimal, InvalidOperation
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
@@ -57,7 +54,7 @@ def is_terminal(status: str | None) -> bool:
 
 
 def is_known_status(status: str | None) -> bool:
-    return status in ExecutionStatus._value2member_map_
+    return status in ExecutionStatus.__members__
 
 
 class ErrorSpec(NamedTuple):
@@ -97,12 +94,8 @@ ERROR_CODES = {
 def classify_error(
     code: str | None, http_status: int | None = None, flag: bool | None = None
 ) -> tuple[bool, bool]:
-    """``(retryable, permanent)``: may sending again succeed; can no task retry help.
-
-    Retryable by the docs' table, else the body's flag, else 429 and 5xx (ASSUMPTION: an execution's
-    unlisted error is). Permanent: a documented code but ``INTERNAL_ERROR``, or a 4xx (ASSUMPTION: an
-    unknown execution id may come back as any 4xx).
-    """
+    """``(retryable, permanent)``: by the docs' table, else the body's flag, else 429/5xx retry and other
+    4xx are permanent (ASSUMPTION: an unlisted execution error is retryable)."""
     spec = ERROR_CODES.get(code or "")
     if spec is not None:
         return spec.retryable, not spec.retryable and code != "INTERNAL_ERROR"
@@ -120,13 +113,10 @@ def is_final_failure(error: dict[str, Any] | None) -> bool:
 def error_hint(code: str | None, http_status: int | None = None) -> str | None:
     """What to do about an error: by its code, else by the answer's HTTP status (None without one).
     ASSUMPTION: an unknown execution id may come back as any 4xx (no documented EXECUTION_NOT_FOUND)."""
-    if code in ERROR_CODES:
-        return ERROR_CODES[code].hint
-    if http_status is None:
-        return None
-    by_code = {401: "UNAUTHORIZED", 403: "UNAUTHORIZED", 429: "RATE_LIMITED"}
-    if http_status in by_code:
-        return ERROR_CODES[by_code[http_status]].hint
+    by_status = {401: "UNAUTHORIZED", 403: "UNAUTHORIZED", 429: "RATE_LIMITED"}
+    spec = ERROR_CODES.get(code or "") or ERROR_CODES.get(by_status.get(http_status or 0, ""))
+    if spec is not None or http_status is None:
+        return spec.hint if spec else None
     if http_status == 404:
         return (
             "check the execution or file id: ModelRoute does not know it, or it belongs to another "
@@ -140,14 +130,12 @@ def error_hint(code: str | None, http_status: int | None = None) -> str | None:
     )
 
 
-def idempotency_key_base(
-    dag_id: str, run_id: str, task_id: str, map_index: int, *, request: dict[str, Any]
-) -> str:
-    """The same task instance and request give the same key base on every try (never the try number);
-    keys are ``<base>-g<generation>``: the next generation starts a new execution after one failed."""
-    identity = dict(dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index, request=request)
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-    return f"airflow-{digest[:40]}"
+def idempotency_key_base(ti: Any, request: dict[str, Any]) -> str:
+    """The same on every try of a task instance's request (never the try number); keys are
+    ``<base>-g<generation>``: the next generation starts a new execution after one failed."""
+    identity = {n: getattr(ti, n) for n in ("dag_id", "run_id", "task_id", "map_index")}
+    text = json.dumps({**identity, "request": request}, sort_keys=True, default=str)
+    return f"airflow-{hashlib.sha256(text.encode()).hexdigest()[:40]}"
 
 
 def is_url_document(document: Any) -> bool:
@@ -166,29 +154,6 @@ def rate_limit_reset(value: str | None, now: float) -> float | None:
     return None if number < 0 else number if number >= 1_000_000_000 else now + number
 
 
-#: The hold and estimate the POST answers: shown as sent (decimal strings), compared as ``Decimal``.
-ESTIMATE_FIELDS = ("hold_amount", "estimated_cost")
-
-
-def amount(value: Any) -> Decimal | None:
-    """An API amount (string or number) as a Decimal; None when absent or not a number."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = Decimal(str(value).strip())
-    except InvalidOperation:
-        return None
-    return number if number.is_finite() else None
-
-
-def describe_costs(execution: dict[str, Any]) -> str:
-    """``hold_amount 0.048, estimated_cost 0.040`` (the cost fields the execution has)."""
-    fields = (*ESTIMATE_FIELDS, "cost")
-    return (
-        ", ".join(f"{n} {execution[n]}" for n in fields if execution.get(n) is not None) or "no cost fields"
-    )
-
-
 _FORMAT_CONTENT_TYPES = {
     **{fmt: f"image/{fmt}" for fmt in ("png", "jpeg", "webp", "gif")},
     **{"jpg": "image/jpeg", "mp3": "audio/mpeg", "wav": "audio/wav", "mp4": "video/mp4"},
@@ -198,8 +163,8 @@ CONTENT_TYPE_EXTENSIONS = {v: k for k, v in _FORMAT_CONTENT_TYPES.items() if k !
 
 
 def result_files(document: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The output files (``result.file_id``, ``result.files[]``, ``output.images[]``) of an execution or
-    ``/result`` document, in order, each once, each with ``file_id`` and ``content_type``."""
+    """The output files (``result.file_id``, ``result.files[]``, ``output.images[]``), in order, each once,
+    each with ``file_id`` and ``content_type``."""
     found: dict[str, dict[str, Any]] = {}
 
     def walk(node: Any) -> None:

@@ -68,13 +68,10 @@ class ModelRoutePermanentError(ModelRouteApiError, AirflowFailException):
     """An API error no retry can fix (auth, input, not found, balance, an unlisted 4xx): no retries."""
 
 
-def api_error(
-    code: str, message: str, *, http_status: int | None = None, **kwargs: Any
-) -> ModelRouteApiError:
+def api_error(code: str, message: str, **kwargs: Any) -> ModelRouteApiError:
     """The error of an API error answer: ``ModelRoutePermanentError`` when no retry can fix it."""
-    permanent = api.classify_error(code, http_status, kwargs.get("retryable"))[1]
-    cls = ModelRoutePermanentError if permanent else ModelRouteApiError
-    return cls(code, message, http_status=http_status, **kwargs)
+    permanent = api.classify_error(code, kwargs.get("http_status"), kwargs.get("retryable"))[1]
+    return (ModelRoutePermanentError if permanent else ModelRouteApiError)(code, message, **kwargs)
 
 
 class ModelRouteExecutionError(ModelRouteError):
@@ -105,11 +102,7 @@ class ModelRouteExecutionTimeout(ModelRouteExecutionError):
 
 
 def raise_for_execution(execution: dict[str, Any], *, final: bool = False) -> None:
-    """Raise the error of a FAILED / CANCELLED / EXPIRED execution (no-op otherwise).
-
-    ``final``: no retry can help (a sensor watching this one execution); so is a FAILED execution that
-    would fail again with the same input.
-    """
+    """Raise the error of a FAILED / CANCELLED / EXPIRED execution; ``final``: no task retry can help."""
     status = str(execution.get("status"))
     if status not in api.FAILED_STATUSES:
         return

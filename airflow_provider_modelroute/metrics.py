@@ -1,7 +1,5 @@
-"""The provider's metrics (docs/lineage-and-metrics.md lists them), sent through Airflow's ``Stats``.
-
-Dimensions are part of the name (plain StatsD drops tags) and also tags. A metric never fails a task.
-"""
+"""The provider's metrics (docs/lineage-and-metrics.md), sent through Airflow's ``Stats``: dimensions are in
+the name (plain StatsD drops tags) and also tags. A metric never fails a task."""
 
 from __future__ import annotations
 
@@ -25,9 +23,8 @@ def _send(kind: str, name: str, value: Any, **tags: str) -> None:
 
 
 def request(method: str, target: str, status: int | None) -> None:
-    """Count one API answer (``status``) or connection failure (``status`` None) as
-    ``request.<endpoint>.<outcome>``; ``<endpoint>`` is ``get_executions_result`` for ``GET
-    .../v1/executions/exec_1/result``, ``storage`` for a presigned URL."""
+    """Count an answer (or a connection failure: ``status`` None) as ``request.<endpoint>.<outcome>``, e.g.
+    ``get_executions_result`` for ``GET .../v1/executions/exec_1/result``, ``storage`` for a presigned URL."""
     path, prefix = urlsplit(target).path, f"{api.API_PREFIX}/"
     words = [w for w in path.rpartition(prefix)[2].split("/") if w and not w.startswith(("exec_", "file_"))]
     endpoint = "storage" if "://" in target and prefix not in path else "_".join([method.lower(), *words])

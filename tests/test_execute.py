@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from airflow_provider_modelroute.exceptions import ModelRouteConfigError
-from airflow_provider_modelroute.operators import deferral
 from airflow_provider_modelroute.operators.modelroute import (
     ModelRouteExecuteOperator,
     ModelRouteExecutionLink,
@@ -178,11 +177,21 @@ def test_retry_after_failure_mid_wait_reattaches(
     assert xcom(dr, "generate")["id"] == server.execution_ids()[0]
 
 
+def without_state_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Submit as on Airflow < 3.3, whose context has no ``task_state_store``."""
+    submit = ModelRouteExecuteOperator.submit
+
+    def submit_without_store(self: ModelRouteExecuteOperator, context: Any) -> dict[str, Any]:
+        return submit(self, {k: v for k, v in context.items() if k != "task_state_store"})
+
+    monkeypatch.setattr(ModelRouteExecuteOperator, "submit", submit_without_store)
+
+
 @pytest.fixture(params=["state-store", "no-state-store"])
 def state_store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """With Airflow 3.3's task state store (where there is one), and as on Airflow < 3.3 without it."""
     if request.param == "no-state-store":
-        monkeypatch.setattr(deferral, "task_state_store", lambda context: None)
+        without_state_store(monkeypatch)
     return str(request.param)
 
 
@@ -193,7 +202,7 @@ def test_failed_execution_is_not_replayed_forever(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # as on Airflow < 3.3, without a task state store: only the try number bounds the replays
-    monkeypatch.setattr(deferral, "task_state_store", lambda context: None)
+    without_state_store(monkeypatch)
     server.add_fault(
         "POST /v1/executions", "outcome", count=1, outcome="FAILED", error_code="GENERATION_FAILED"
     )

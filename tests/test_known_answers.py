@@ -94,9 +94,15 @@ def test_the_idempotency_key_of_a_fixed_request() -> None:
     ti = SimpleNamespace(
         dag_id="known_answers", run_id="manual__2026-01-01T00:00:00+00:00", task_id="generate", map_index=-1
     )
-    assert operator._key_base(ti) == "airflow-f1236b14f7b3fb8d0348cc0e7e4f57a616df57ca"
+    request = {
+        "model": operator.model,
+        "input": operator.input,
+        "metadata": operator.metadata,
+        "webhook": None,
+    }
+    assert api.idempotency_key_base(ti, request) == "airflow-f1236b14f7b3fb8d0348cc0e7e4f57a616df57ca"
     ti.map_index = 0
-    assert operator._key_base(ti) != "airflow-f1236b14f7b3fb8d0348cc0e7e4f57a616df57ca"
+    assert api.idempotency_key_base(ti, request) != "airflow-f1236b14f7b3fb8d0348cc0e7e4f57a616df57ca"
 
 
 # --- the error table ----------------------------------------------------------------------------

@@ -153,7 +153,7 @@ def test_execution_webhook_url_names_the_receiver_route_and_token() -> None:
     assert mode.TaskRoute.decode(query["route"]) == route
     assert mode.token_matches(SECRET, query["route"], query["token"])
     assert SECRET not in url
-    with pytest.raises(ValueError, match="http"):
+    with pytest.raises(ModelRouteConfigError, match="http"):
         mode.receiver_url("airflow.example.com", "c")
 
 
@@ -229,7 +229,7 @@ def test_an_event_about_another_execution_is_foreign(
     """A late trigger event landing on a task that got its (reused, SQLite) trigger id is recognised."""
     from types import SimpleNamespace
 
-    from airflow_provider_modelroute.operators.deferral import is_foreign_event
+    from airflow_provider_modelroute.operators.modelroute import is_foreign_event
 
     ti = SimpleNamespace(
         task_id="t", map_index=-1, xcom_pull=lambda **kw: pushed if kw["key"] == "execution_id" else 1

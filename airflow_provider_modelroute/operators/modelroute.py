@@ -1,11 +1,14 @@
-"""Operators that run and cancel ModelRoute executions, and the link to an execution's dashboard page."""
+"""Operators that run and cancel ModelRoute executions, the link to an execution's dashboard page, and how
+the operator and the sensor wait on ModelRouteExecutionTrigger across deferrals and tries."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import timedelta
+from decimal import Decimal, InvalidOperation
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -15,9 +18,9 @@ from airflow_provider_modelroute.exceptions import (
     ModelRouteError,
     ModelRouteExecutionError,
     ModelRouteExecutionTimeout,
+    api_error,
     raise_for_execution,
 )
-from airflow_provider_modelroute.operators import deferral
 from airflow_provider_modelroute.utils.openlineage_mixin import OpenLineageMixin
 from airflow_provider_modelroute.version_compat import (
     AirflowFailException,
@@ -54,11 +57,107 @@ class ModelRouteHookMixin:
         return ModelRouteHook(self.modelroute_conn_id)
 
 
+#: The hold and estimate the POST answers: shown as sent (decimal strings), compared as ``Decimal``.
+ESTIMATE_FIELDS = ("hold_amount", "estimated_cost")
+
+
+def _amount(value: Any) -> Decimal | None:
+    """An API amount (string or number) as a Decimal; None when absent or not a number."""
+    try:
+        number = Decimal(str(value).strip())
+    except InvalidOperation:
+        return None
+    return number if number.is_finite() else None
+
+
+def _costs(execution: dict[str, Any]) -> str:
+    """``hold_amount 0.048, estimated_cost 0.040``: the cost fields the execution has."""
+    found = [f"{n} {execution[n]}" for n in (*ESTIMATE_FIELDS, "cost") if execution.get(n) is not None]
+    return ", ".join(found) or "no cost fields"
+
+
 def _seconds(value: float | timedelta, name: str) -> float:
     seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
     if seconds <= 0:
         raise ModelRouteConfigError(f"{name} must be positive, got {value!r}")
     return seconds
+
+
+def resume_point(context: Context, base: str) -> tuple[int, int]:
+    """The key generation to start from, and how many keys earlier tries may have sent (one new per try).
+    Airflow 3.3+ keeps them in its retry-durable ``task_state_store``; before, only the try number helps."""
+    store = context.get("task_state_store")
+    if store is None:
+        return 0, max(int(context["ti"].try_number) - 1, 0)
+    state: Any = store.get("modelroute_execution")
+    if isinstance(state, dict) and state.get("base") == base:
+        return int(state["generation"]), int(state["generation"]) + 1
+    return 0, 0
+
+
+def save_generation(context: Context, base: str, generation: int, execution_id: str) -> None:
+    """Keep the task instance's key generation and execution for its next try (Airflow 3.3+)."""
+    if (store := context.get("task_state_store")) is not None:
+        store.set("modelroute_execution", dict(base=base, generation=generation, execution_id=execution_id))
+
+
+def wait_for_trigger(
+    task: Any,
+    context: Context,
+    execution_id: str,
+    poll_interval: float,
+    deadline: float | None,
+    webhook: WebhookWait | None,
+) -> dict[str, Any]:
+    """Wait for the execution's one trigger event: deferred (resuming in ``execute_complete``), or here."""
+    import asyncio
+
+    from airflow_provider_modelroute.triggers.modelroute import ModelRouteExecutionTrigger
+
+    trigger = ModelRouteExecutionTrigger(
+        execution_id=execution_id,
+        modelroute_conn_id=task.modelroute_conn_id,
+        deadline=deadline,
+        cancel_on_kill=getattr(task, "cancel_on_kill", False),  # the sensor never cancels
+        try_number=context["ti"].try_number,
+        poll_interval=webhook.config.poll_interval if webhook else poll_interval,
+        webhook_route=asdict(webhook.route) if webhook else None,
+    )
+    if task.deferrable:  # Airflow's own timeout must fire after the trigger's timeout event
+        timeout = None if deadline is None else timedelta(seconds=max(deadline - time.time(), 0) + 120)
+        task.defer(trigger=trigger, method_name="execute_complete", timeout=timeout)
+
+    async def first_event() -> dict[str, Any]:
+        return dict((await anext(trigger.run())).payload)
+
+    return asyncio.run(first_event())
+
+
+def is_foreign_event(context: Context, event: Any, execution_id: str | None = None) -> bool:
+    """True for an event of an earlier try (Airflow 3.0 retries) or another execution (reused trigger ids)."""
+    ti = context["ti"]
+    if isinstance(event.get("try_number"), int) and ti.try_number > event["try_number"]:
+        return True
+    claimed = event.get("execution_id")
+    mine = execution_id or ti.xcom_pull(task_ids=ti.task_id, key="execution_id", map_indexes=ti.map_index)
+    return None not in (claimed, mine) and claimed != mine
+
+
+def execution_from_event(event: Any, *, limit: str, final: bool = False) -> dict[str, Any]:
+    """The COMPLETED execution's summary, or raise what the event reports (``final``: without retries)."""
+    status = event.get("status")
+    execution_id = str(event.get("execution_id"))
+    if status == "timeout":
+        raise ModelRouteExecutionTimeout(execution_id, f"it was still running when the wait reached {limit}")
+    if status == "error":
+        error = event.get("error") or {}
+        if "http_status" in error:
+            raise api_error(**error)
+        detail = f"{error.get('code')}: {error.get('message')}"
+        raise ModelRouteError(f"Waiting for ModelRoute execution {execution_id} failed: {detail}")
+    summary: dict[str, Any] = event["execution"]
+    raise_for_execution(summary, final=final)
+    return summary
 
 
 class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOperator):
@@ -110,7 +209,6 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        # The request: read when the task runs, so a subclass may set it in execute().
         self.model = model
         self.input = input
         self.metadata = metadata
@@ -124,7 +222,7 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
         self.cancel_on_kill = cancel_on_kill
         self.force_new_execution = force_new_execution
         self.webhook = webhook
-        limit = api.amount(max_estimated_cost)
+        limit = _amount(max_estimated_cost)
         if max_estimated_cost is not None and (limit is None or limit < 0):
             raise ModelRouteConfigError(
                 "max_estimated_cost must be a non-negative amount in the account's currency (e.g. 0.5 or "
@@ -136,17 +234,17 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
         self._webhook: WebhookWait | None = None
 
     def submit(self, context: Context) -> dict[str, Any]:
-        """Start the execution, or find the one an earlier try of this task instance started.
-
-        Keys are ``<base>-g<generation>``; a failed execution under a key an earlier try sent makes the
-        next generation start a new one, unless the failure would repeat.
-        """
+        """Start the execution, or find the one an earlier try of this task instance started (a new key
+        generation after it failed, unless the failure would repeat)."""
         ti = context["ti"]
         if self.force_new_execution:
             base, generation, sent_before = f"airflow-{uuid.uuid4()}", 0, 0
         else:
-            base = self._key_base(ti)
-            generation, sent_before = deferral.resume_point(context, base)
+            request = dict(
+                model=self.model, input=self.input, metadata=self.metadata, webhook=self.webhook_url
+            )
+            base = api.idempotency_key_base(ti, request)
+            generation, sent_before = resume_point(context, base)
         webhook_url = self.webhook_url or (self._webhook.webhook_url if self._webhook else None)
         while True:
             answer, replayed = self.hook.submit_execution(
@@ -164,7 +262,7 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
             self.log.info("ModelRoute execution %s is %s; dashboard: %s", execution_id, status, url)
             ti.xcom_push(key="execution_id", value=execution_id)
             ti.xcom_push(key="execution_url", value=url)
-            deferral.save_generation(context, base, generation, execution_id)
+            save_generation(context, base, generation, execution_id)
             if not earlier or status not in api.FAILED_STATUSES:
                 return execution
             if status == "FAILED" and api.is_final_failure(execution.get("error")):
@@ -175,18 +273,15 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
     def execute(self, context: Context) -> dict[str, Any]:
         from airflow_provider_modelroute.webhooks.mode import WebhookWait
 
-        waits = self.deferrable and self.wait_for_completion
-        self._webhook = WebhookWait.decide(
-            hook=self.hook, requested=self.webhook, deferrable=waits, context=context
-        )
+        self._webhook = WebhookWait.decide(self, self.deferrable and self.wait_for_completion, context)
         execution = self.submit(context)
         execution_id = str(execution["id"])
         # The cost guard: log and keep the hold and estimate; over max_estimated_cost: cancel, no retries.
-        estimate = {name: execution[name] for name in api.ESTIMATE_FIELDS if execution.get(name) is not None}
-        self.log.info("ModelRoute execution %s: %s", execution_id, api.describe_costs(estimate))
+        estimate = {name: execution[name] for name in ESTIMATE_FIELDS if execution.get(name) is not None}
+        self.log.info("ModelRoute execution %s: %s", execution_id, _costs(estimate))
         if estimate:
             context["ti"].xcom_push(key="cost_estimate", value=estimate)
-        cost, limit = api.amount(execution.get("estimated_cost")), api.amount(self.max_estimated_cost)
+        cost, limit = _amount(execution.get("estimated_cost")), _amount(self.max_estimated_cost)
         if cost is not None and limit is not None and cost > limit:
             outcome = self._cancel(execution_id, "the estimate is too high", force=True)
             raise ModelRouteConfigError(
@@ -206,7 +301,7 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
         if self._webhook is not None:  # webhook mode is deferrable only
             self._webhook.announce(context, execution_id)
         try:
-            event = deferral.wait(self, context, execution_id, self.poll_interval, deadline, self._webhook)
+            event = wait_for_trigger(self, context, execution_id, self.poll_interval, deadline, self._webhook)
         except BaseException:
             if not self.deferrable:  # killed or timed out by Airflow while waiting here
                 self._cancel(execution_id, "the task was interrupted")
@@ -215,7 +310,7 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Turn the trigger's event into the task's result; cancel what no later try will wait for."""
-        if deferral.is_foreign_event(context, event):
+        if is_foreign_event(context, event):
             self.log.warning("Ignoring an event of an earlier try or another execution: this try re-attaches")
             return self.execute(context)
         self.execution_id = execution_id = event.get("execution_id")
@@ -223,7 +318,7 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
         if self.execution_timeout:
             limits.append(f"execution_timeout={self.execution_timeout.total_seconds():g} s less a margin")
         try:
-            return self._result(context, deferral.execution_from_event(event, limit=" or ".join(limits)))
+            return self._result(context, execution_from_event(event, limit=" or ".join(limits)))
         except ModelRouteError as exc:
             timed_out = isinstance(exc, ModelRouteExecutionTimeout)
             if isinstance(exc, ModelRouteExecutionError) and not timed_out:
@@ -238,13 +333,14 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
 
     def _result(self, context: Context, summary: dict[str, Any]) -> dict[str, Any]:
         """The return value, with the estimate from submit time where the last answer lacks it."""
-        missing = [name for name in api.ESTIMATE_FIELDS if summary.get(name) is None]
+        missing = [name for name in ESTIMATE_FIELDS if summary.get(name) is None]
         if missing:
             ti = context["ti"]
             saved = ti.xcom_pull(task_ids=ti.task_id, key="cost_estimate", map_indexes=ti.map_index) or {}
             summary = {**summary, **{name: saved[name] for name in missing if name in saved}}
-        status, costs = summary.get("status"), api.describe_costs(summary)
-        self.log.info("ModelRoute execution %s is %s: %s", summary.get("id"), status, costs)
+        self.log.info(
+            "ModelRoute execution %s is %s: %s", summary.get("id"), summary.get("status"), _costs(summary)
+        )
         self.summary = summary  # also read by OpenLineage
         return summary
 
@@ -259,11 +355,6 @@ class ModelRouteExecuteOperator(ModelRouteHookMixin, OpenLineageMixin, BaseOpera
             outcome = f"could not cancel it ({exc}); cancel it in the ModelRoute dashboard"
         self.log.warning("ModelRoute execution %s: %s; %s", execution_id, reason, outcome)
         return outcome
-
-    def _key_base(self, ti: Any) -> str:
-        """This task instance's idempotency key base: the same on every try of the same request."""
-        request = dict(model=self.model, input=self.input, metadata=self.metadata, webhook=self.webhook_url)
-        return api.idempotency_key_base(ti.dag_id, ti.run_id, ti.task_id, ti.map_index, request=request)
 
     def on_kill(self) -> None:
         self._cancel(self.execution_id, "the task was killed")

@@ -8,8 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_provider_modelroute import api
 from airflow_provider_modelroute.exceptions import ModelRouteExecutionTimeout, raise_for_execution
-from airflow_provider_modelroute.operators import deferral
-from airflow_provider_modelroute.operators.modelroute import ModelRouteExecutionLink, ModelRouteHookMixin
+from airflow_provider_modelroute.operators.modelroute import (
+    ModelRouteExecutionLink,
+    ModelRouteHookMixin,
+    execution_from_event,
+    is_foreign_event,
+    wait_for_trigger,
+)
 from airflow_provider_modelroute.version_compat import (
     AirflowSensorTimeout,
     AirflowSkipException,
@@ -24,10 +29,9 @@ if TYPE_CHECKING:
 
 class ModelRouteExecutionSensor(ModelRouteHookMixin, BaseSensorOperator):
     """
-    Wait until a ModelRoute execution is COMPLETED; fail at once if it ends FAILED, CANCELLED or EXPIRED.
+    Wait until a ModelRoute execution is COMPLETED; another end or an unknown id fails without retries.
 
-    Such an end, or an unknown id, fails without retries. Works in poke, reschedule and deferrable mode
-    with the usual ``timeout`` and ``soft_fail``; never cancels the execution (it did not start it).
+    Poke, reschedule or deferrable mode with the usual ``timeout`` and ``soft_fail``; it never cancels.
 
     :param execution_id: The execution to wait for, e.g. the operator's XCom ``execution_id``. (templated)
     :param modelroute_conn_id: The Airflow connection to ModelRoute.
@@ -69,22 +73,22 @@ class ModelRouteExecutionSensor(ModelRouteHookMixin, BaseSensorOperator):
             return super().execute(context)
         from airflow_provider_modelroute.webhooks.mode import WebhookWait
 
-        webhook = WebhookWait.decide(hook=self.hook, requested=self.webhook, deferrable=True, context=context)
+        webhook = WebhookWait.decide(self, True, context)
         if webhook is not None:  # before the first poke: a delivery after it finds this task
             webhook.announce(context, self.execution_id)
         first = self.poke(context)  # an execution that is already over needs no deferral
         if first.is_done:
             return first.xcom_value
         deadline = time.time() + float(self.timeout) if self.timeout else None
-        deferral.wait(self, context, self.execution_id, float(self.poke_interval), deadline, webhook)
+        wait_for_trigger(self, context, self.execution_id, float(self.poke_interval), deadline, webhook)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        if deferral.is_foreign_event(context, event, self.execution_id):
+        if is_foreign_event(context, event, self.execution_id):
             self.log.info("Ignoring an event of an earlier try or another execution: poking from the start")
             return self.execute(context)
         limit = f"timeout={float(self.timeout):g} s (this sensor's `timeout` parameter)"
         try:
-            return deferral.execution_from_event(event, limit=limit, final=True)
+            return execution_from_event(event, limit=limit, final=True)
         except ModelRouteExecutionTimeout as exc:
             if self.soft_fail:
                 raise AirflowSkipException(f"Skipping (soft_fail): {exc}") from exc

@@ -1,9 +1,5 @@
-"""OpenLineage for the provider's operators; imported only when the OpenLineage provider asks.
-
-A ModelRoute file is the dataset ``modelroute://<API host>`` + its ``file_...`` id, so the file an
-execution produced and the file a transfer copied are one; storage objects are named as common-io
-names them (``path.namespace`` + ``path.key``).
-"""
+"""OpenLineage for the operators, imported only when the OpenLineage provider asks. A ModelRoute file is
+the dataset ``modelroute://<API host>`` + its ``file_...`` id; storage objects are named as common-io does."""
 
 from __future__ import annotations
 
@@ -60,11 +56,12 @@ def execute_lineage(task: Any) -> OperatorLineage:
     run_facets: dict[str, RunFacet] = {
         "externalQuery": ExternalQueryRunFacet(externalQueryId=execution_id, source="modelroute"),
         "modelroute_execution": ModelRouteExecutionRunFacet(
-            executionId=execution_id,
-            status=summary.get("status"),
-            holdAmount=_text(summary.get("hold_amount")),
-            estimatedCost=_text(summary.get("estimated_cost")),
-            cost=_text(summary.get("cost")),
+            execution_id,
+            summary.get("status"),
+            *(
+                None if summary.get(n) is None else str(summary[n])
+                for n in ("hold_amount", "estimated_cost", "cost")
+            ),
         ),
     }
     return OperatorLineage(
@@ -118,7 +115,3 @@ def _file_references(value: Any) -> list[str]:
         return [value] if api.FILE_ID_RE.fullmatch(value) else []
     items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
     return list(dict.fromkeys(ref for item in items for ref in _file_references(item)))
-
-
-def _text(value: Any) -> str | None:
-    return None if value is None else str(value)

@@ -1,11 +1,7 @@
-"""Register the ModelRoute webhook receiver for a connection, and check it.
+"""Register the ModelRoute webhook receiver for a connection (``setup``) and check it (``test``).
 
-    python -m airflow_provider_modelroute.webhooks --conn-id modelroute_default setup \\
-        --public-url https://airflow.example.com
-    python -m airflow_provider_modelroute.webhooks --conn-id modelroute_default test
-
-``setup`` writes the endpoint's one-time secret into a connection stored in the metadata DB;
-for one from an environment variable or a secrets backend it prints the extras to add there.
+``setup`` writes the endpoint's one-time secret into a connection stored in the metadata DB; for one
+from an environment variable or a secrets backend it prints the extras to add there.
 """
 
 from __future__ import annotations
@@ -38,10 +34,7 @@ def setup(hook: Any, public_url: str, replace: bool, test: bool) -> None:
     from sqlalchemy import select
 
     conn_id = hook.modelroute_conn_id
-    try:
-        url = mode.receiver_url(public_url, conn_id)
-    except ValueError as exc:
-        raise ModelRouteConfigError(f"--public-url: {exc}") from None
+    url = mode.receiver_url(public_url, conn_id)
     existing = _endpoints_at(hook, url)
     if existing and not replace:
         raise ModelRouteConfigError(
@@ -72,40 +65,30 @@ def setup(hook: Any, public_url: str, replace: bool, test: bool) -> None:
         return
     print(
         f'Add these two extras to connection {conn_id!r} where it is defined ({variable}\'s JSON "extra" or '
-        f"URI query, or your secrets backend). The secret is shown only this once:\n{json.dumps(extras)}"
-    )
-    print(
+        f"URI query, or your secrets backend). The secret is shown only this once:\n{json.dumps(extras)}\n"
         f"After changing {variable}, restart the api-server (its receiver answers 404 until then), the "
         f"triggerer and the workers. Then check the receiver: {PROG} --conn-id {conn_id} test"
     )
 
 
 def check_receiver(hook: Any) -> bool:
-    """Send the receiver a delivery signed with the connection's secret and explain its answer; then
-    have ModelRoute send its own test delivery and report, by the endpoint's counters, how it went."""
+    """Send the receiver a delivery signed with the connection's secret and explain its answer; then have
+    ModelRoute send its own test delivery and report, by the endpoint's counters, how it went."""
     import requests
 
-    from airflow_provider_modelroute.version_compat import AirflowNotFoundException
-
     conn_id = hook.modelroute_conn_id
-    try:
-        config = mode.WebhookConfig.from_extras(conn_id, hook.get_connection(conn_id).extra_dejson)
-    except AirflowNotFoundException:
-        raise ModelRouteConfigError(f"Airflow connection {conn_id!r} does not exist") from None
+    config = mode.WebhookConfig.from_extras(conn_id, hook.get_connection(conn_id).extra_dejson)
     if config is None:
         raise ModelRouteConfigError(f"Connection {conn_id!r} has no webhook_secret: run `{PROG} setup` first")
     url, stamp = config.receiver_url, str(int(time.time()))
     body = json.dumps({"id": f"evt_test_{uuid.uuid4().hex}", "type": "webhook.test", "data": {}}).encode()
     headers = {mode.SIGNATURE_HEADER: mode.sign(config.secret, stamp, body), mode.TIMESTAMP_HEADER: stamp}
+    headers["Content-Type"] = "application/json"
     try:
-        answer = requests.post(
-            url, data=body, headers={**headers, "Content-Type": "application/json"}, timeout=30
-        )
+        answer = requests.post(url, data=body, headers=headers, timeout=30)
         outcome = str(answer.json().get("outcome", "")) if answer.content.startswith(b"{") else ""
     except requests.RequestException as exc:
-        print(
-            f"Could not reach the receiver at {url} ({type(exc).__name__}): ModelRoute must reach it there."
-        )
+        print(f"Could not reach the receiver at {url} ({type(exc).__name__}): check the URL.")
         return False
     code = answer.status_code
     if answer.ok:
@@ -117,10 +100,7 @@ def check_receiver(hook: Any) -> bool:
             "Airflow process the same extras; after changing an environment variable, restart the api-server."
         )
     elif code == 404:
-        advice = (
-            "not as the receiver: check the URL, and that the api-server runs Airflow 3.1+ with this "
-            "provider installed (restart it after installing the provider)."
-        )
+        advice = "not as the receiver: check the URL and that the api-server has the provider (Airflow 3.1+)."
     else:
         advice = "see the api-server's log."
     print(f"The receiver at {url} answered {code}{f' ({outcome})' if outcome else ''}: {advice}")
@@ -145,39 +125,28 @@ def check_receiver(hook: Any) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--conn-id", default="modelroute_default", help="the ModelRoute connection")
     commands = parser.add_subparsers(dest="command", required=True)
     setup_command = commands.add_parser("setup", help="register the receiver and store its secret")
     setup_command.add_argument("--public-url", required=True, help="where ModelRoute reaches the api-server")
-    setup_command.add_argument(
-        "--replace", action="store_true", help="re-register the receiver (a new secret)"
-    )
+    setup_command.add_argument("--replace", action="store_true", help="re-register it (a new secret)")
     setup_command.add_argument("--no-test", action="store_true", help="skip the test deliveries")
     commands.add_parser("test", help="send the receiver test deliveries and report its answers")
-    commands.add_parser("list", help="list the account's webhook endpoints")
-    commands.add_parser("delete", help="delete a webhook endpoint").add_argument("endpoint_id")
     args = parser.parse_args(argv)
     from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
+    from airflow_provider_modelroute.version_compat import AirflowNotFoundException
 
     # Read connections from the metadata DB too, as Airflow's own `airflow connections` commands do.
     context = os.environ.get("_AIRFLOW_PROCESS_CONTEXT")
     os.environ["_AIRFLOW_PROCESS_CONTEXT"] = "server"
     try:
         hook = ModelRouteHook(args.conn_id)
-        if args.command == "setup":
-            setup(hook, args.public_url, args.replace, test=not args.no_test)
-        elif args.command == "test":
+        if args.command == "test":
             return 0 if check_receiver(hook) else 1
-        elif args.command == "list":
-            print(json.dumps(hook.list_webhook_endpoints(), indent=2))
-        else:
-            hook.delete_webhook_endpoint(args.endpoint_id)
-            print(f"Deleted {args.endpoint_id}")
+        setup(hook, args.public_url, args.replace, test=not args.no_test)
         return 0
-    except ModelRouteError as exc:
+    except (ModelRouteError, AirflowNotFoundException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -1,6 +1,5 @@
-"""Webhook mode: the connection's webhook settings, task routes and delivery signatures, and the wait
-(each execution's ``webhook_url`` names its task instance and an HMAC token of that route; the trigger
-reads an event the receiver recorded, and polls only as a safety net)."""
+"""Webhook mode: settings, task routes (each ``webhook_url`` names its task instance, with an HMAC token),
+delivery signatures, and the wait (the trigger reads what the receiver recorded, polling as a safety net)."""
 
 from __future__ import annotations
 
@@ -44,7 +43,9 @@ def receiver_url(public_base_url: str, conn_id: str) -> str:
     """The receiver's URL for a connection, given the URL where the Airflow api-server is reachable."""
     base = public_base_url.strip().rstrip("/")
     if urlsplit(base).scheme not in ("http", "https") or not urlsplit(base).hostname:
-        raise ValueError(f"{public_base_url!r} is not an http(s) URL, e.g. https://airflow.example.com")
+        raise ModelRouteConfigError(
+            f"The public URL {public_base_url!r} is not an http(s) URL, e.g. https://airflow.example.com"
+        )
     return f"{base}{URL_PREFIX}{WEBHOOK_PATH.format(conn_id=quote(conn_id, safe=''))}"
 
 
@@ -93,9 +94,7 @@ class TaskRoute:
 
     @classmethod
     def of(cls, ti: Any) -> TaskRoute:
-        """The route of a running task instance (``context["ti"]``)."""
-        map_index = -1 if ti.map_index is None else int(ti.map_index)
-        return cls(str(ti.dag_id), str(ti.run_id), str(ti.task_id), map_index)
+        return cls(ti.dag_id, ti.run_id, ti.task_id, -1 if ti.map_index is None else int(ti.map_index))
 
     def encode(self) -> str:
         raw = json.dumps(list(asdict(self).values()), separators=(",", ":")).encode()
@@ -107,19 +106,16 @@ class TaskRoute:
         return cls(*json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))))
 
     def webhook_url(self, receiver: str, secret: str) -> str:
-        """This task instance's per-execution ``webhook_url``: the receiver, the route and its token."""
         route = self.encode()
         return f"{receiver}?{urlencode({'route': route, 'token': route_token(secret, route)})}"
 
 
 def route_token(secret: str, route: str) -> str:
-    """The token that proves a route was written by someone holding the secret: the route signed as a
-    delivery with the timestamp ``route`` (which no delivery can carry)."""
+    """Proof that the secret's holder wrote a route: signed as a delivery stamped ``route`` (none can be)."""
     return sign(secret, "route", route.encode())
 
 
 def token_matches(secret: str, route: str, token: str | None) -> bool:
-    """Constant-time check of a route's token."""
     return bool(token) and hmac.compare_digest(route_token(secret, route).encode(), str(token).encode())
 
 
@@ -158,25 +154,21 @@ class WebhookWait:
     route: TaskRoute
 
     @classmethod
-    def decide(
-        cls, *, hook: Any, requested: bool | None, deferrable: bool, context: Context
-    ) -> WebhookWait | None:
-        """The webhook wait for this task, or None to poll; ``requested=True`` fails when it cannot be.
-
-        Call it before submitting: it pushes the empty XCom the receiver records an early event in.
-        """
+    def decide(cls, task: Any, deferrable: bool, context: Context) -> WebhookWait | None:
+        """The webhook wait of a task (its ``hook`` and ``webhook``) before its submit, or None to poll;
+        ``webhook=True`` fails when it cannot be."""
         from airflow_provider_modelroute.version_compat import AIRFLOW_V_3_1_PLUS, AirflowNotFoundException
 
-        if requested is False:
+        if task.webhook is False:
             return None
-        conn_id, config = hook.modelroute_conn_id, None
+        conn_id, config = task.modelroute_conn_id, None
         if not deferrable:
             problem = "webhook mode needs deferrable=True (the receiver resumes deferred tasks)"
         elif not AIRFLOW_V_3_1_PLUS:
             problem = "webhook mode needs Airflow 3.1+ (the receiver is an api-server plugin app)"
         else:
             try:
-                config = WebhookConfig.from_extras(conn_id, hook.get_connection(conn_id).extra_dejson)
+                config = WebhookConfig.from_extras(conn_id, task.hook.get_connection(conn_id).extra_dejson)
             except AirflowNotFoundException:  # the submit reports it, naming the fix
                 return None
             problem = (
@@ -184,7 +176,7 @@ class WebhookWait:
                 f"airflow_provider_modelroute.webhooks --conn-id {conn_id} setup --public-url ...`"
             )
         if config is None:
-            if requested:
+            if task.webhook:
                 raise ModelRouteConfigError(f"webhook=True, but {problem}")
             return None
         # Pushed before the submit, so that the trigger's read finds a row (Airflow logs a missing one).
@@ -193,20 +185,15 @@ class WebhookWait:
 
     @property
     def webhook_url(self) -> str:
-        """The per-execution ``webhook_url`` to submit with."""
         return self.route.webhook_url(self.config.receiver_url, self.config.secret)
 
     def announce(self, context: Context, execution_id: str) -> None:
         """Mark this task as waiting for ``execution_id``, so organisation-wide deliveries find it."""
         context["ti"].xcom_push(key=waiting_xcom_key(execution_id), value=execution_id)
 
-    def trigger_kwargs(self) -> dict[str, Any]:
-        return {"poll_interval": self.config.poll_interval, "webhook_route": asdict(self.route)}
-
 
 async def delivered_event(route: dict[str, Any], execution_id: str) -> dict[str, Any] | None:
-    """The final event the receiver recorded for this task and execution, if any (one XCom read): async
-    through the triggerer's channel (Airflow 3.3+), else in a worker thread, off the event loop."""
+    """The final event the receiver recorded for this task and execution, if any (one XCom read)."""
     from airflow.providers.common.compat.sdk import XCom
     from airflow.sdk.execution_time import task_runner
 
@@ -217,10 +204,6 @@ async def delivered_event(route: dict[str, Any], execution_id: str) -> dict[str,
         from asgiref.sync import sync_to_async
 
         value = await sync_to_async(XCom.get_one, thread_sensitive=False)(**ids)
-    if (
-        isinstance(value, dict)
-        and value.get("execution_id") == execution_id
-        and value.get("status") == "done"
-    ):
+    if isinstance(value, dict) and (value.get("execution_id"), value.get("status")) == (execution_id, "done"):
         return {k: v for k, v in value.items() if k != "try_number"}
     return None
