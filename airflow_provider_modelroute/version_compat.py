@@ -58,11 +58,6 @@ async def aget_connection(conn_id: str) -> Connection:
     return await get_async_connection(conn_id)
 
 
-def task_state_store(context: Context) -> Any | None:
-    """The retry-durable per-task store of Airflow 3.3+ (None where Airflow has none)."""
-    return context.get("task_state_store")
-
-
 def xcom_value(ti_key: TaskInstanceKey, key: str) -> Any:
     """Read an XCom value for an operator extra link."""
     from airflow.providers.common.compat.sdk import XCom

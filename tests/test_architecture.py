@@ -64,8 +64,8 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-#: Lines of the package, testing/ aside: a ceiling that only comes down (the aim is 4,000).
-PACKAGE_BUDGET = 5300
+#: Lines of the package, testing/ aside: a ceiling that only comes down.
+PACKAGE_BUDGET = 4000
 
 MODULES = _modules()
 GRAPH = {module: {i for i in _imports(path) if i in MODULES} - {module} for module, path in MODULES.items()}

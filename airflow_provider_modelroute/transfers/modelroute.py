@@ -9,7 +9,6 @@ import contextlib
 import mimetypes
 import time
 from collections.abc import Sequence
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_modelroute import api, metrics
@@ -18,6 +17,7 @@ from airflow_provider_modelroute.exceptions import (
     ModelRouteTransferError,
     raise_for_execution,
 )
+from airflow_provider_modelroute.operators.modelroute import ModelRouteHookMixin
 from airflow_provider_modelroute.transfers.publish import (
     check_writable,
     exists_error,
@@ -34,7 +34,7 @@ from airflow_provider_modelroute.version_compat import (
 )
 
 if TYPE_CHECKING:
-    from airflow_provider_modelroute.hooks.modelroute import FileDownload, ModelRouteHook
+    from airflow_provider_modelroute.hooks.modelroute import FileDownload
     from airflow_provider_modelroute.version_compat import Context
 
 OVERWRITE_MODES = ("fail", "replace", "skip_if_identical")
@@ -77,18 +77,11 @@ def _check(*arguments: tuple[str, Any, bool, str | Sequence[Any]]) -> None:
             raise ModelRouteConfigError(f"{name} must be {shown}, got {value!r}")
 
 
-class _TransferMixin(OpenLineageMixin):
-    """The ModelRoute hook, built when the task runs (a mixin: Airflow reads defaults from each
+class _TransferMixin(ModelRouteHookMixin, OpenLineageMixin):
+    """What both transfers share: the hook and lineage (a mixin: Airflow reads defaults from each
     ``BaseOperator.__init__`` in the MRO)."""
 
     ui_color = "#e3ecfa"
-    modelroute_conn_id: str
-
-    @cached_property
-    def hook(self) -> ModelRouteHook:
-        from airflow_provider_modelroute.hooks.modelroute import ModelRouteHook
-
-        return ModelRouteHook(self.modelroute_conn_id)
 
 
 class ModelRouteToStorageOperator(_TransferMixin, BaseOperator):
