@@ -104,7 +104,8 @@ class ConnectionSettings:
             _log.warning(
                 "The API key in connection %r (password field): %s. Sending it anyway; if ModelRoute "
                 "answers UNAUTHORIZED, copy the whole key again.",
-                *(conn.conn_id, warning),
+                conn.conn_id,
+                warning,
             )
         base_url = api.DEFAULT_BASE_URL
         if conn.host:
@@ -245,9 +246,13 @@ class Transport:
         self.settings, self.log = settings, log
         self.rate_limit = RateLimit()
         self.budget = shared_rate_budget(settings.base_url, settings.api_key)
-        self.retrying, self.async_retrying = settings.retry.retrying(log), settings.retry.retrying(log, True)
-        self.headers = {"Authorization": f"Bearer {settings.api_key}", "Accept": "application/json"}
-        self.headers["User-Agent"] = f"airflow-provider-modelroute/{__version__}"
+        self.retrying = settings.retry.retrying(log)
+        self.async_retrying = settings.retry.retrying(log, asynchronous=True)
+        self.headers = {
+            "Authorization": f"Bearer {settings.api_key}",
+            "Accept": "application/json",
+            "User-Agent": f"airflow-provider-modelroute/{__version__}",
+        }
 
     @cached_property
     def api_options(self) -> dict[str, Any]:
@@ -322,7 +327,8 @@ class Transport:
             detail = detail.replace(url, api.redact_url(url)).replace(query, "<redacted>")
         detail = _USERINFO_RE.sub(r"\1<redacted>@", detail)
         if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not detail:  # aiohttp's say nothing
-            detail = "no complete answer within {:g} s (connect) + {:g} s".format(*self.settings.timeouts)
+            connect, read = self.settings.timeouts
+            detail = f"no complete answer within {connect:g} s (connect) + {read:g} s (read)"
         text = f"ModelRoute {method} {api.redact_url(url)} failed: {type(exc).__name__}: {detail}"
         metrics.request(method, url, None)
         causes = _causes(exc)

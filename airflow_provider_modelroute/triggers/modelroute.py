@@ -124,7 +124,10 @@ class ModelRouteExecutionTrigger(BaseTrigger):
                         raise
                     self.log.warning(
                         "Polling ModelRoute execution %s failed (%d of %d in a row): %s",
-                        *(self.execution_id, failures, MAX_CONSECUTIVE_FAILURES, exc),
+                        self.execution_id,
+                        failures,
+                        MAX_CONSECUTIVE_FAILURES,
+                        exc,
                     )
                     pause = max(client.transport.settings.retry.backoff(failures), self.poll_interval)
                     continue
@@ -162,7 +165,8 @@ class ModelRouteExecutionTrigger(BaseTrigger):
                 self.log.warning(
                     "The task was killed but cancelling ModelRoute execution %s failed (%s): it may still be "
                     "running and billing; cancel it in the ModelRoute dashboard.",
-                    *(self.execution_id, exc),
+                    self.execution_id,
+                    exc,
                 )
                 return
             if result is None:
