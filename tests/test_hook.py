@@ -614,3 +614,40 @@ def test_async_hook_raises_the_same_error_model(server: ModelRouteServer) -> Non
 
     with pytest.raises(ModelRoutePermanentError):
         asyncio.run(run())
+
+
+@pytest.mark.parametrize("wrapper", [None, "data", "endpoints", "items", "webhooks"])
+def test_webhook_endpoints_are_listed_from_a_bare_or_a_wrapped_list(
+    monkeypatch: pytest.MonkeyPatch, wrapper: str | None
+) -> None:
+    """The docs show no shape for ``GET /v1/webhooks/endpoints``: a bare list and the usual wrappers
+    are read alike, from a server that is not the local one."""
+    import http.server
+    import threading
+
+    endpoints = [{"id": "wh_1", "url": "https://example.com/hook", "is_active": True}]
+    body = json.dumps(endpoints if wrapper is None else {wrapper: endpoints, "has_more": False}).encode()
+    paths: list[str] = []
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            paths.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:  # quiet
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer) as answerer:
+        threading.Thread(target=answerer.serve_forever, daemon=True).start()
+        conn = {"conn_type": "modelroute", "host": f"http://127.0.0.1:{answerer.server_port}"}
+        conn["password"] = spec.make_api_key()
+        monkeypatch.setenv("AIRFLOW_CONN_MR_OTHER", json.dumps(conn))
+        try:
+            assert ModelRouteHook("mr_other").list_webhook_endpoints() == endpoints
+        finally:
+            answerer.shutdown()
+    assert paths == ["/v1/webhooks/endpoints"]

@@ -229,10 +229,13 @@ class ModelRouteHook(_ModelRouteBaseHook):
     def list_webhook_endpoints(self) -> list[dict[str, Any]]:
         """Every endpoint, with ``is_active``, ``failure_count`` and ``last_success``."""
         document = self._request("GET", _ENDPOINTS)
-        endpoints = document.get("data") if isinstance(document, dict) else document  # the docs show no shape
+        endpoints = document
+        if isinstance(document, dict):  # the docs show neither a bare list nor a wrapped one: read both
+            wrapped = ("data", "endpoints", "items", "webhooks")
+            endpoints = next((document[key] for key in wrapped if key in document), None)
         if not isinstance(endpoints, list):
             raise ModelRouteError(f"Unexpected answer listing webhook endpoints: {str(document)[:200]}")
-        return endpoints
+        return [item for item in endpoints if isinstance(item, dict)]
 
     def update_webhook_endpoint(self, endpoint_id: str, **changes: Any) -> dict[str, Any]:
         """Change ``url``, ``description``, ``events``, ``headers`` or ``is_active`` (re-activate it)."""
